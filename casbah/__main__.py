@@ -1,0 +1,3 @@
+from casbah.cli import main
+
+main()

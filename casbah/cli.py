@@ -1,0 +1,73 @@
+"""The `casbah` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from casbah.config import ALL_SERVICES, ConfigError, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="casbah")
+def main() -> None:
+    """casbah: content-addressable storage for remote builds (REAPI, Remote Asset)."""
+
+
+@main.command()
+@click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
+              help="Address to serve on (repeatable). Default 127.0.0.1:50051.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the disk storage lives. Default ./casbah-data.")
+@click.option("--quota", metavar="SIZE", help="Disk quota of the default storage, e.g. 20G. Default 20G.")
+@click.option("--instance", "instances", multiple=True, metavar="NAME",
+              help="Extra instance name served from the same storage (repeatable).")
+@click.option("--services", metavar="LIST",
+              help=f"Comma-separated services to serve (default all: {','.join(ALL_SERVICES)}).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config file.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, instances: tuple[str, ...],
+          services: str | None, config_file: str | None, log_level: str) -> None:
+    """Run the REAPI server.  Flags override the config file."""
+    _setup_logging(log_level)
+    from casbah.server.app import StartupError
+    from casbah.server.app import serve as run_server
+
+    overrides = {"listen": list(listen) or None, "data-dir": data_dir, "quota": quota}
+    try:
+        config = load_config(config_file, overrides)
+        config = _apply_instance_flags(config, instances, services)
+        asyncio.run(run_server(config))
+    except (ConfigError, StartupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _apply_instance_flags(config, names: tuple[str, ...], services: str | None):
+    """`--instance` adds names sharing the first instance's storage; `--services` applies to all."""
+    instances = dict(config.instances)
+    template = next(iter(instances.values()))
+    for name in names:
+        instances.setdefault(name, template.model_copy())
+    if services is not None:
+        wanted = [s.strip() for s in services.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - set(ALL_SERVICES))
+        if unknown:
+            raise ConfigError(f"--services: unknown service(s) {unknown}; known: {', '.join(ALL_SERVICES)}")
+        instances = {n: i.model_copy(update={"services": wanted}) for n, i in instances.items()}
+    return config.model_copy(update={"instances": instances})
+
+
+if __name__ == "__main__":
+    main()

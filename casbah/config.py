@@ -1,0 +1,146 @@
+"""Server configuration: a validated YAML file, `${VAR}` expansion, CLI overrides.
+
+The file declares listeners, named storage nodes (shared by reference) and
+instances.  A storage node is a mapping with a `kind` and that kind's options;
+wherever a node is expected, a string names a node of `storages:` instead, so one
+disk store can back several instances or sit under several decorators.  Each
+kind's options are validated by the model its module registers with the loader.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from casbah.errors import InvalidArgument
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = "./casbah-data"
+DEFAULT_QUOTA = "20G"
+ALL_SERVICES = ("capabilities", "cas", "bytestream", "action-cache", "asset", "references")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(InvalidArgument):
+    """A config problem, with the offending key in the message."""
+
+
+def parse_size(value: int | str) -> int:
+    """`20G`, `512MiB`, `1.5T` or a plain byte count.  Units are binary (1K = 1024)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size (examples: 1048576, 512M, 20G, 1.5TiB)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** "bkmgtp".index(unit or "b"))
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of a loaded YAML tree."""
+    if isinstance(value, str):
+        def repl(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where or 'config'}: environment variable ${{{name}}} is not set")
+        return _ENV.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+
+class InstanceConfig(_Model):
+    """One instance name: its CAS storage, its ActionCache, and what it serves."""
+
+    storage: str | dict[str, Any] = "default"
+    action_cache: str | dict[str, Any] | None = Field(default=None, alias="action-cache")
+    services: list[str] = Field(default_factory=lambda: list(ALL_SERVICES))
+    #: Report an ActionCache entry as missing when its outputs are gone from CAS.
+    check_action_results: bool = Field(default=True, alias="check-action-results")
+    read_only: bool = Field(default=False, alias="read-only")
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(ALL_SERVICES))
+        if unknown:
+            raise ValueError(f"unknown service(s) {unknown}; known: {', '.join(ALL_SERVICES)}")
+        return value
+
+
+class ServerConfig(_Model):
+    listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN])
+    data_dir: str = Field(default=DEFAULT_DATA_DIR, alias="data-dir")
+    quota: int | str = DEFAULT_QUOTA
+    #: Largest gRPC message the server accepts or sends.
+    max_message_size: int | str = Field(default="64M", alias="max-message-size")
+    #: Advertised to clients; bounded by what a default 4 MiB client can receive.
+    max_batch_size: int | str = Field(default=4 * 1024 * 1024 - 64 * 1024, alias="max-batch-size")
+    storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    instances: dict[str, InstanceConfig] = Field(default_factory=dict)
+    grace_seconds: float = Field(default=30.0, alias="grace-seconds")
+
+    @field_validator("quota", "max_message_size", "max_batch_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value)
+
+    def with_defaults(self) -> ServerConfig:
+        """Fill in the embedded default: disk under data-dir, one instance ''."""
+        data = Path(self.data_dir)
+        storages = dict(self.storages)
+        storages.setdefault("default", {"kind": "disk", "path": str(data / "cas"), "max-size": self.quota})
+        storages.setdefault(
+            "action-cache", {"kind": "disk", "path": str(data / "ac"), "max-size": "1G", "verify": False}
+        )
+        instances = dict(self.instances) or {"": InstanceConfig()}
+        for inst in instances.values():
+            if inst.action_cache is None:
+                inst.action_cache = "action-cache"
+        return self.model_copy(update={"storages": storages, "instances": instances})
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Load, expand and validate; command-line `overrides` win over the file."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        raw = expand_env(loaded or {})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    try:
+        return ServerConfig.model_validate(raw).with_defaults()
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None

@@ -1,0 +1,116 @@
+"""The one exception hierarchy of casbah and its one mapping to gRPC status codes.
+
+Storage, indexes and services raise these; the servicer wrapper in
+`casbah.server.base` turns them into a gRPC status by `status_code()`.  Keeping the
+table here means a backend never imports grpc to report a miss.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CasbahError(Exception):
+    """Base class: every error casbah reports to a client on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(CasbahError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DigestMismatch(InvalidArgument):
+    """Uploaded data does not hash to (or is not the size of) its digest.
+    Clients must not retry this: the data is wrong, not the server."""
+
+
+class NotFound(CasbahError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class BlobNotFound(NotFound):
+    """Raised by a storage read before any data is produced."""
+
+    def __init__(self, digest: object, detail: str = "") -> None:
+        self.digest = digest
+        super().__init__(f"blob {digest} not found{': ' + detail if detail else ''}")
+
+
+class OutOfRange(CasbahError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class FailedPrecondition(CasbahError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDenied(CasbahError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(CasbahError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(CasbahError):
+    """Quota or limits: the server is healthy but cannot take this now."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(CasbahError):
+    """A backend (remote server, database) cannot be reached; retrying may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(CasbahError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Aborted(CasbahError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unsupported(CasbahError):
+    """The backend cannot do this operation at all (e.g. delete on a remote)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status for any exception: ours by class, anything else INTERNAL."""
+    if isinstance(exc, CasbahError):
+        return exc.code
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[CasbahError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        OutOfRange,
+        FailedPrecondition,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Aborted,
+        Unsupported,
+    )
+}
+
+
+def from_status(code: grpc.StatusCode, message: str) -> CasbahError:
+    """The reverse table, for clients and the remote backend: a remote's status
+    becomes the same exception a local backend would raise."""
+    cls = _BY_CODE.get(code, CasbahError)
+    err = cls(message)
+    if cls is CasbahError:
+        err.code = code
+    return err

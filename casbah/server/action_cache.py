@@ -1,0 +1,126 @@
+"""ActionCache: GetActionResult / UpdateActionResult.
+
+With `check-action-results` (the default) an entry is served only if everything it
+names is still in CAS: output files, stdout/stderr, and every file of every output
+directory's Tree.  Bazel's `--remote_download_minimal` trusts a hit to mean the
+outputs can be fetched later; a hit with evicted outputs fails the build then.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from google.protobuf.message import DecodeError
+
+from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.errors import BlobNotFound, InvalidArgument, NotFound
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.server.base import Instance, Instances, rpc
+from casbah.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+#: Inline stdout/stderr/output files up to this size when the client asks.
+INLINE_LIMIT = 64 * 1024
+
+
+class ActionCacheService(re_grpc.ActionCacheServicer):
+    def __init__(self, instances: Instances) -> None:
+        self.instances = instances
+
+    def _instance(self, name: str) -> Instance:
+        return self.instances.get(name, "action-cache")
+
+    @rpc
+    async def GetActionResult(self, request, context):
+        instance = self._instance(request.instance_name)
+        function = DigestFunction.from_proto(request.digest_function)
+        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        data = await instance.action_cache.get(action)
+        if data is None:
+            raise NotFound(f"no ActionResult for action {action}")
+        result = re_pb2.ActionResult()
+        try:
+            result.ParseFromString(data)
+        except DecodeError:
+            log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
+            raise NotFound(f"ActionResult for action {action} is corrupt") from None
+        if instance.extras.get("check_action_results", True):
+            missing = await missing_outputs(instance.cas, result, function)
+            if missing:
+                raise NotFound(
+                    f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
+                    f"e.g. {missing[0]}"
+                )
+        await _inline(instance.cas, result, request, function)
+        return result
+
+    @rpc
+    async def UpdateActionResult(self, request, context):
+        instance = self._instance(request.instance_name)
+        instance.check_writable("UpdateActionResult")
+        function = DigestFunction.from_proto(request.digest_function)
+        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        await instance.action_cache.put(action, request.action_result.SerializeToString(deterministic=True))
+        return request.action_result
+
+
+def _d(message, function: DigestFunction) -> Digest | None:
+    if not message.hash:
+        return None
+    return make_digest(message.hash, message.size_bytes, function)
+
+
+async def missing_outputs(cas: Storage, result, function: DigestFunction) -> list[Digest]:
+    """Every blob an ActionResult needs that CAS lacks (empty if complete)."""
+    wanted: set[Digest] = set()
+    for f in result.output_files:
+        if (d := _d(f.digest, function)) is not None:
+            wanted.add(d)
+    for message in (result.stdout_digest, result.stderr_digest):
+        if (d := _d(message, function)) is not None:
+            wanted.add(d)
+    trees = [d for od in result.output_directories if (d := _d(od.tree_digest, function)) is not None]
+    wanted.update(trees)
+    wanted = {d for d in wanted if not is_empty_blob(d)}
+    missing = await cas.find_missing(list(wanted)) if wanted else []
+    if missing:
+        return missing
+    files: set[Digest] = set()
+    for tree_digest in trees:
+        if is_empty_blob(tree_digest):
+            continue
+        try:
+            tree = re_pb2.Tree.FromString(await cas.read_bytes(tree_digest))
+        except BlobNotFound:
+            return [tree_digest]
+        except DecodeError:
+            raise InvalidArgument(f"output tree {tree_digest} is not a Tree message") from None
+        for directory in (tree.root, *tree.children):
+            for node in directory.files:
+                if (d := _d(node.digest, function)) is not None and not is_empty_blob(d):
+                    files.add(d)
+    return await cas.find_missing(list(files)) if files else []
+
+
+async def _inline(cas: Storage, result, request, function: DigestFunction) -> None:
+    async def fetch(message) -> bytes | None:
+        d = _d(message, function)
+        if d is None or d.size > INLINE_LIMIT:
+            return None
+        if is_empty_blob(d):
+            return b""
+        try:
+            return await cas.read_bytes(d)
+        except BlobNotFound:
+            return None
+
+    if request.inline_stdout and not result.stdout_raw and (data := await fetch(result.stdout_digest)):
+        result.stdout_raw = data
+    if request.inline_stderr and not result.stderr_raw and (data := await fetch(result.stderr_digest)):
+        result.stderr_raw = data
+    wanted = set(request.inline_output_files)
+    for f in result.output_files:
+        if f.path in wanted and not f.contents and (data := await fetch(f.digest)):
+            f.contents = data

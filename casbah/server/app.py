@@ -1,0 +1,126 @@
+"""Assembles a grpc.aio server from a `ServerConfig` and runs it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from casbah.config import ServerConfig
+from casbah.errors import InvalidArgument
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from casbah.server.action_cache import ActionCacheService
+from casbah.server.base import Instance, Instances
+from casbah.server.bytestream import ByteStreamService
+from casbah.server.capabilities import CapabilitiesService
+from casbah.server.cas import CasService
+from casbah.storage.action_cache import StorageActionCache
+from casbah.storage.loader import StorageLoader, load_builtin_kinds
+
+log = logging.getLogger("casbah.server")
+
+
+class StartupError(Exception):
+    """Something an operator must fix before the server can start (printed, exit 1)."""
+
+
+@dataclass
+class Server:
+    config: ServerConfig
+    instances: Instances
+    grpc_server: grpc.aio.Server
+    ports: list[str] = field(default_factory=list)
+    closers: list = field(default_factory=list)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.grpc_server.stop(self.config.grace_seconds if grace is None else grace)
+        for close in self.closers:
+            await close()
+
+
+def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
+    load_builtin_kinds()
+    loader = StorageLoader(config.storages)
+    instances: dict[str, Instance] = {}
+    for name, inst in config.instances.items():
+        where = f"instances.{name!r}"
+        cas = loader.build(inst.storage, f"{where}.storage")
+        ac_storage = loader.build(inst.action_cache or "action-cache", f"{where}.action-cache")
+        try:
+            action_cache = StorageActionCache(ac_storage)
+        except ValueError as exc:
+            raise InvalidArgument(f"{where}.action-cache: {exc}") from None
+        instances[name] = Instance(
+            name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
+            read_only=inst.read_only, extras={"check_action_results": inst.check_action_results},
+        )
+    return Instances(instances, config.max_batch_size, config.max_message_size), loader
+
+
+async def create_server(config: ServerConfig) -> Server:
+    instances, loader = build_instances(config)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_size),
+        ("grpc.max_send_message_length", config.max_message_size),
+        # grpcio turns SO_REUSEPORT on by default, which lets a second server bind the
+        # same port silently and steal half the connections: a port in use must fail.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    bytestream = ByteStreamService(instances)
+    re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
+    re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
+    re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(instances), server)
+    bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+    result = Server(config, instances, server)
+    for address in config.listen:
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
+        if port == 0:
+            raise StartupError(f"cannot listen on {address} (is another server using the port?)")
+        result.ports.append(address if not address.endswith(":0") else f"{address[:-2]}:{port}")
+    result.closers.append(bytestream.close)
+    for storage in loader.all():
+        result.closers.append(storage.close)
+    return result
+
+
+async def serve(config: ServerConfig) -> None:
+    server = await create_server(config)
+    _warn_quota(config)
+    await server.grpc_server.start()
+    for instance in server.instances:
+        log.info(
+            "instance %r: storage %s, services %s%s", instance.name, instance.cas.describe(),
+            ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
+        )
+    for address in server.ports:
+        print(f"casbah: serving REAPI on grpc://{address} (instances: "
+              f"{', '.join(repr(n) for n in server.instances.names())})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for up to %.0fs", config.grace_seconds)
+    await server.stop()
+    print("casbah: stopped", flush=True)
+
+
+def _warn_quota(config: ServerConfig) -> None:
+    data = Path(config.data_dir)
+    try:
+        free = shutil.disk_usage(data if data.exists() else data.parent).free
+    except OSError:
+        return
+    if config.quota and free < config.quota:
+        log.warning("quota %d bytes exceeds free space on %s (%d bytes): eviction will not save the disk",
+                    config.quota, data, free)

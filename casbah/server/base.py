@@ -1,0 +1,107 @@
+"""What every servicer shares: instance lookup and error translation.
+
+Servicers raise `casbah.errors` exceptions; the `rpc`/`rpc_stream` wrappers turn
+them into gRPC statuses with one table (`casbah.errors.status_code`), and log
+anything unexpected with its traceback before answering INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from casbah.digest import DigestFunction
+from casbah.errors import CasbahError, InvalidArgument, PermissionDenied, Unsupported
+from casbah.storage.action_cache import ActionCache
+from casbah.storage.base import Storage
+
+log = logging.getLogger("casbah.server")
+
+
+@dataclass
+class Instance:
+    """One instance name and what backs it."""
+
+    name: str
+    cas: Storage
+    action_cache: ActionCache
+    services: frozenset[str]
+    read_only: bool = False
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise PermissionDenied(f"instance {self.name!r} is read-only: {what} refused")
+
+
+class Instances:
+    """The instance registry every servicer resolves request names against."""
+
+    def __init__(self, instances: dict[str, Instance], max_batch_size: int, max_message_size: int) -> None:
+        self._by_name = instances
+        self.max_batch_size = max_batch_size
+        self.max_message_size = max_message_size
+
+    def get(self, name: str, service: str | None = None) -> Instance:
+        try:
+            instance = self._by_name[name]
+        except KeyError:
+            served = ", ".join(repr(n) for n in sorted(self._by_name))
+            raise InvalidArgument(f"unknown instance name {name!r}; this server serves {served}") from None
+        if service is not None and service not in instance.services:
+            raise Unsupported(f"instance {name!r} does not serve the {service} service")
+        return instance
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+
+def digest_function(value: int) -> DigestFunction:
+    return DigestFunction.from_proto(value)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, CasbahError):
+        log.debug("%s: %s: %s", method, exc.code.name, exc)
+        await context.abort(exc.code, str(exc))
+    log.exception("%s failed unexpectedly", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(exc).__name__}: {exc}")
+
+
+def rpc(fn: Callable) -> Callable:
+    """Wrap a unary-response handler (unary-unary or stream-unary)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc, fn.__qualname__)
+
+    return wrapper
+
+
+def rpc_stream(fn: Callable) -> Callable:
+    """Wrap a server-streaming handler written as an async generator."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context) -> AsyncIterator:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc, fn.__qualname__)
+
+    return wrapper

@@ -1,0 +1,207 @@
+"""ByteStream: streamed reads and resumable, verified writes of CAS blobs.
+
+A write that spans several messages runs as an *upload session*: a task that
+streams into `Storage.write` from a small queue.  If the client's stream breaks
+before `finish_write`, the session (and the storage write, with its temporary
+file) stays alive for `SESSION_TTL` seconds, so the client can ask
+QueryWriteStatus and resume from `committed_size` on a new stream, as Bazel does.
+A one-message write skips the session and goes to storage in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from casbah import compression
+from casbah.digest import is_empty_blob
+from casbah.errors import InvalidArgument, NotFound, OutOfRange
+from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
+from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from casbah.server.base import Instances, rpc, rpc_stream
+from casbah.server.resource_names import ResourceName, parse_read, parse_write
+from casbah.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+SESSION_TTL = 60.0
+_QUEUE_DEPTH = 8
+_END = None
+
+
+class UploadSession:
+    """One in-progress upload: a queue feeding a running `Storage.write`."""
+
+    def __init__(self, key: tuple, resource: ResourceName, cas: Storage, sessions: dict) -> None:
+        self.key = key
+        self.resource = resource
+        self.committed = 0  # bytes accepted from the client (compressed bytes for compressed writes)
+        self._sessions = sessions
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE_DEPTH)
+        self._expiry: asyncio.TimerHandle | None = None
+        stream = self._drain()
+        if resource.compressor:
+            stream = compression.decompress_stream(stream, resource.digest.size)
+        self.task = asyncio.get_running_loop().create_task(cas.write(resource.digest, stream))
+        sessions[key] = self
+
+    async def _drain(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._queue.get()) is not _END:
+            yield chunk
+
+    async def feed(self, data: bytes | None) -> None:
+        if self.task.done():
+            self.task.result()  # raises what stopped the write
+            raise InvalidArgument(f"upload of {self.resource.digest} is already complete")
+        try:
+            self._queue.put_nowait(data)
+        except asyncio.QueueFull:
+            put = asyncio.ensure_future(self._queue.put(data))
+            await asyncio.wait((put, self.task), return_when=asyncio.FIRST_COMPLETED)
+            if not put.done():
+                put.cancel()
+                self.task.result()
+        if data:
+            self.committed += len(data)
+
+    async def finish(self) -> None:
+        try:
+            await self.feed(_END)
+            await self.task
+        finally:
+            self.close()
+
+    @property
+    def parked(self) -> bool:
+        return self._expiry is not None
+
+    def park(self) -> None:
+        """The client went away mid-upload: keep the session for a resume, for a while."""
+        if self._sessions.get(self.key) is self and not self.task.done():
+            self._expiry = asyncio.get_running_loop().call_later(SESSION_TTL, self.close)
+
+    def resume(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def close(self) -> None:
+        self.resume()
+        if self._sessions.get(self.key) is self:
+            del self._sessions[self.key]
+        if not self.task.done():
+            self.task.cancel()
+
+
+class ByteStreamService(bs_grpc.ByteStreamServicer):
+    def __init__(self, instances: Instances) -> None:
+        self.instances = instances
+        self.sessions: dict[tuple, UploadSession] = {}
+
+    @rpc_stream
+    async def Read(self, request, context) -> AsyncIterator:
+        resource = parse_read(request.resource_name)
+        cas = self.instances.get(resource.instance, "bytestream").cas
+        digest = resource.digest
+        if request.read_limit < 0:
+            raise InvalidArgument(f"read_limit {request.read_limit} is negative")
+        if request.read_offset < 0 or request.read_offset > digest.size:
+            raise OutOfRange(f"read_offset {request.read_offset} is outside blob {digest}")
+        if resource.compressor and request.read_limit:
+            raise InvalidArgument("read_limit must be 0 for compressed reads")
+        if is_empty_blob(digest):
+            if resource.compressor:
+                yield bs_pb2.ReadResponse(data=compression.compress(b""))
+            return
+        stream = await cas.read(digest, request.read_offset, request.read_limit)
+        if resource.compressor:
+            stream = compression.compress_stream(stream)
+        try:
+            async for chunk in stream:
+                yield bs_pb2.ReadResponse(data=chunk)
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    @rpc
+    async def Write(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            raise InvalidArgument("Write stream carried no request")
+        name = first.resource_name
+        resource = parse_write(name)
+        instance = self.instances.get(resource.instance, "bytestream")
+        instance.check_writable("ByteStream.Write")
+        digest = resource.digest
+        key = (resource.instance, resource.upload_id, digest, resource.compressor)
+        session = self.sessions.get(key)
+        if session is None:
+            if is_empty_blob(digest) or await instance.cas.has(digest):
+                # Early return: the blob is there.  -1 for compressed writes (REAPI).
+                return bs_pb2.WriteResponse(committed_size=-1 if resource.compressor else digest.size)
+            if first.write_offset != 0:
+                raise InvalidArgument(f"no upload in progress for {name!r}: write_offset must be 0")
+            if first.finish_write:
+                data = first.data
+                if resource.compressor:
+                    data = compression.decompress(data, digest.size)
+                await instance.cas.write_bytes(digest, data)
+                return bs_pb2.WriteResponse(committed_size=len(first.data))
+            session = UploadSession(key, resource, instance.cas, self.sessions)
+        else:
+            session.resume()
+        try:
+            request = first
+            while True:
+                if request is not first and request.resource_name and request.resource_name != name:
+                    raise InvalidArgument("resource_name changed in the middle of a Write stream")
+                await self._accept(session, request)
+                if request.finish_write:
+                    await session.finish()
+                    return bs_pb2.WriteResponse(committed_size=session.committed)
+                request = await anext(aiter(request_iterator), None)
+                if request is None:
+                    session.park()
+                    raise InvalidArgument(
+                        f"Write stream for {name!r} ended before finish_write at {session.committed} bytes"
+                    )
+        except asyncio.CancelledError:
+            session.park()
+            raise
+        except BaseException:
+            if not session.parked:
+                session.close()
+            raise
+
+    async def _accept(self, session: UploadSession, request) -> None:
+        offset = request.write_offset
+        if offset > session.committed:
+            raise InvalidArgument(
+                f"write_offset {offset} is past the {session.committed} bytes committed for this upload"
+            )
+        data = request.data
+        if offset < session.committed:  # a resume that repeats bytes we have
+            data = data[session.committed - offset :]
+        if data:
+            await session.feed(data)
+
+    @rpc
+    async def QueryWriteStatus(self, request, context):
+        resource = parse_write(request.resource_name)
+        instance = self.instances.get(resource.instance, "bytestream")
+        key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
+        session = self.sessions.get(key)
+        if session is not None:
+            return bs_pb2.QueryWriteStatusResponse(committed_size=session.committed, complete=False)
+        if is_empty_blob(resource.digest) or await instance.cas.has(resource.digest):
+            return bs_pb2.QueryWriteStatusResponse(committed_size=resource.digest.size, complete=True)
+        raise NotFound(f"no upload in progress for {request.resource_name!r}")
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close()
+            with contextlib.suppress(BaseException):
+                await session.task

@@ -1,0 +1,209 @@
+"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import AsyncIterator, Sequence
+
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
+
+from casbah import compression
+from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.errors import InvalidArgument, NotFound, status_code
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.server.base import Instances, rpc, rpc_stream
+from casbah.storage.base import Storage
+
+_HEX_RUN = re.compile(r"[0-9a-f]*")
+_ZSTD = re_pb2.Compressor.ZSTD
+_IDENTITY = re_pb2.Compressor.IDENTITY
+OK = status_pb2.Status()
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 10_000
+
+
+def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
+    """Build validated digests fast: one regex over all hashes instead of one per digest."""
+    hashes = [m.hash for m in messages]
+    joined = "".join(hashes)
+    if len(joined) != 64 * len(hashes) or not _HEX_RUN.fullmatch(joined) or any(len(h) != 64 for h in hashes):
+        for m in messages:
+            make_digest(m.hash, m.size_bytes, function)  # raises with the culprit named
+    digests = [Digest(h, m.size_bytes, function) for h, m in zip(hashes, messages, strict=True)]
+    for d in digests:
+        if d.size < 0:
+            raise InvalidArgument(f"negative size in digest {d}")
+    return digests
+
+
+def error_status(exc: BaseException) -> status_pb2.Status:
+    return status_pb2.Status(code=status_code(exc).value[0], message=str(exc))
+
+
+class CasService(re_grpc.ContentAddressableStorageServicer):
+    def __init__(self, instances: Instances) -> None:
+        self.instances = instances
+
+    def _instance(self, name: str):
+        return self.instances.get(name, "cas")
+
+    @rpc
+    async def FindMissingBlobs(self, request, context):
+        cas = self._instance(request.instance_name).cas
+        function = DigestFunction.from_proto(request.digest_function)
+        digests = digests_from(request.blob_digests, function)
+        wanted = [d for d in digests if d.size or not is_empty_blob(d)]
+        missing = await cas.find_missing(wanted) if wanted else []
+        return re_pb2.FindMissingBlobsResponse(
+            missing_blob_digests=[re_pb2.Digest(hash=d.hash, size_bytes=d.size) for d in missing]
+        )
+
+    def _check_batch_size(self, total: int, what: str) -> None:
+        limit = self.instances.max_batch_size
+        if total > limit:
+            raise InvalidArgument(
+                f"{what} totals {total} bytes, over max_batch_total_size_bytes {limit}: use ByteStream"
+            )
+
+    @rpc
+    async def BatchUpdateBlobs(self, request, context):
+        instance = self._instance(request.instance_name)
+        instance.check_writable("BatchUpdateBlobs")
+        function = DigestFunction.from_proto(request.digest_function)
+        self._check_batch_size(sum(len(r.data) for r in request.requests), "BatchUpdateBlobs request")
+        statuses: list[status_pb2.Status | None] = []
+        todo: list[tuple[Digest, bytes]] = []
+        slots: list[int] = []
+        for r in request.requests:
+            try:
+                digest = make_digest(r.digest.hash, r.digest.size_bytes, function)
+                data = r.data
+                if r.compressor == _ZSTD:
+                    data = compression.decompress(data, digest.size)
+                elif r.compressor != _IDENTITY:
+                    raise InvalidArgument(f"compressor {r.compressor} is not supported in batches (zstd is)")
+            except Exception as exc:
+                statuses.append(error_status(exc))
+                continue
+            if is_empty_blob(digest) and not data:
+                statuses.append(OK)
+                continue
+            slots.append(len(statuses))
+            statuses.append(None)
+            todo.append((digest, data))
+        if todo:
+            results = await instance.cas.write_many(todo)
+            for slot, error in zip(slots, results, strict=True):
+                statuses[slot] = OK if error is None else error_status(error)
+        return re_pb2.BatchUpdateBlobsResponse(
+            responses=[
+                re_pb2.BatchUpdateBlobsResponse.Response(digest=r.digest, status=s)
+                for r, s in zip(request.requests, statuses, strict=True)
+            ]
+        )
+
+    @rpc
+    async def BatchReadBlobs(self, request, context):
+        cas = self._instance(request.instance_name).cas
+        function = DigestFunction.from_proto(request.digest_function)
+        digests = digests_from(request.digests, function)
+        self._check_batch_size(sum(d.size for d in digests), "BatchReadBlobs request")
+        zstd = _ZSTD in request.acceptable_compressors
+        stored = [d for d in digests if not is_empty_blob(d)]
+        found = await cas.read_many(stored) if stored else {}
+        responses = []
+        not_found = status_pb2.Status(code=code_pb2.NOT_FOUND, message="blob not found")
+        for message, digest in zip(request.digests, digests, strict=True):
+            data = b"" if is_empty_blob(digest) else found.get(digest)
+            if data is None:
+                responses.append(re_pb2.BatchReadBlobsResponse.Response(digest=message, status=not_found))
+                continue
+            compressor = _IDENTITY
+            if zstd and len(data) >= 256:
+                packed = compression.compress(data)
+                if len(packed) < len(data):
+                    data, compressor = packed, _ZSTD
+            responses.append(
+                re_pb2.BatchReadBlobsResponse.Response(digest=message, data=data, status=OK, compressor=compressor)
+            )
+        return re_pb2.BatchReadBlobsResponse(responses=responses)
+
+    @rpc_stream
+    async def GetTree(self, request, context) -> AsyncIterator:
+        cas = self._instance(request.instance_name).cas
+        function = DigestFunction.from_proto(request.digest_function)
+        root = make_digest(request.root_digest.hash, request.root_digest.size_bytes, function)
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        skip = _parse_page_token(request.page_token, root)
+        budget = min(self.instances.max_message_size, 4 << 20) - (64 << 10)
+        position = 0
+        page: list = []
+        page_bytes = 0
+        async for directory, size in walk_tree(cas, root):
+            position += 1
+            if position <= skip:
+                continue
+            if page and (len(page) >= page_size or page_bytes + size > budget):
+                yield re_pb2.GetTreeResponse(
+                    directories=page, next_page_token=_page_token(root, position - 1)
+                )
+                page, page_bytes = [], 0
+            page.append(directory)
+            page_bytes += size + 8
+        yield re_pb2.GetTreeResponse(directories=page, next_page_token="")
+
+
+async def walk_tree(cas: Storage, root: Digest) -> AsyncIterator[tuple[object, int]]:
+    """Breadth-first Directory messages of a tree, each once; missing subtrees are skipped.
+
+    One `read_many` per level keeps the number of storage round trips at the
+    tree's depth, not its size.
+    """
+    function = root.function
+    if is_empty_blob(root):
+        yield re_pb2.Directory(), 0
+        return
+    level = [root]
+    seen = {root}
+    first = True
+    while level:
+        found = await cas.read_many([d for d in level if not is_empty_blob(d)])
+        if first and root not in found:
+            raise NotFound(f"root directory {root} not found")
+        first = False
+        next_level: list[Digest] = []
+        for digest in level:
+            data = b"" if is_empty_blob(digest) else found.get(digest)
+            if data is None:
+                continue
+            directory = re_pb2.Directory()
+            try:
+                directory.ParseFromString(data)
+            except DecodeError:
+                raise InvalidArgument(f"blob {digest} is not a Directory message") from None
+            yield directory, len(data)
+            for node in directory.directories:
+                child = make_digest(node.digest.hash, node.digest.size_bytes, function)
+                if child not in seen:
+                    seen.add(child)
+                    next_level.append(child)
+        level = next_level
+
+
+def _page_token(root: Digest, position: int) -> str:
+    return base64.urlsafe_b64encode(f"1:{root.hash}:{position}".encode()).decode()
+
+
+def _parse_page_token(token: str, root: Digest) -> int:
+    if not token:
+        return 0
+    try:
+        version, root_hash, position = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if version != "1" or root_hash != root.hash or not position.isdigit():
+            raise ValueError
+        return int(position)
+    except ValueError:
+        raise InvalidArgument(f"page_token {token!r} was not issued for this tree") from None

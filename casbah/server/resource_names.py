@@ -1,0 +1,88 @@
+"""ByteStream resource names.
+
+Read:  `{instance}/blobs/{fn/}{hash}/{size}` or `{instance}/compressed-blobs/{compressor}/{fn/}{hash}/{size}`
+Write: `{instance}/uploads/{uuid}/blobs/...` or `.../uploads/{uuid}/compressed-blobs/...`, then optional
+`/{metadata}`.  The instance may have several segments, so names are parsed by
+finding the keyword segment, never by position from the start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from casbah.digest import Digest, DigestFunction, make_digest
+from casbah.errors import InvalidArgument
+
+RESERVED = frozenset(
+    {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"}
+)
+COMPRESSORS = frozenset({"zstd", "deflate", "brotli"})
+SERVED_COMPRESSORS = frozenset({"zstd"})
+# Functions whose name appears in the path (the others are implied by hash length).
+_NAMED_FUNCTIONS = {"blake3": DigestFunction.BLAKE3, "sha256": DigestFunction.SHA256}
+_UNSERVED_FUNCTIONS = {"sha256tree", "gitsha1", "sha1", "md5", "sha384", "sha512", "vso", "murmur3"}
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceName:
+    instance: str
+    digest: Digest
+    compressor: str | None  # None = identity
+    upload_id: str | None = None
+
+
+def parse_read(name: str) -> ResourceName:
+    parts = name.split("/")
+    for i, part in enumerate(parts):
+        if part in ("blobs", "compressed-blobs"):
+            return _parse_blob(name, parts[:i], parts[i:], None, allow_metadata=False)
+        if part in RESERVED:
+            break
+    raise InvalidArgument(f"malformed read resource name {name!r}: want [INSTANCE/]blobs/HASH/SIZE")
+
+
+def parse_write(name: str) -> ResourceName:
+    parts = name.split("/")
+    for i, part in enumerate(parts):
+        if part == "uploads":
+            if i + 2 >= len(parts) or not parts[i + 1]:
+                break
+            return _parse_blob(name, parts[:i], parts[i + 2 :], parts[i + 1], allow_metadata=True)
+        if part in RESERVED:
+            break
+    raise InvalidArgument(
+        f"malformed write resource name {name!r}: want [INSTANCE/]uploads/UUID/blobs/HASH/SIZE[/METADATA]"
+    )
+
+
+def _parse_blob(name: str, instance_parts: list[str], rest: list[str], upload_id: str | None,
+                allow_metadata: bool) -> ResourceName:
+    if any(p in RESERVED for p in instance_parts) or any(not p for p in instance_parts):
+        raise InvalidArgument(f"malformed resource name {name!r}: bad instance name")
+    instance = "/".join(instance_parts)
+    compressor = None
+    if rest and rest[0] == "compressed-blobs":
+        if len(rest) < 2:
+            raise InvalidArgument(f"malformed resource name {name!r}: missing compressor")
+        compressor = rest[1]
+        if compressor not in COMPRESSORS:
+            raise InvalidArgument(f"unknown compressor {compressor!r} in resource name {name!r}")
+        if compressor not in SERVED_COMPRESSORS:
+            raise InvalidArgument(f"compressor {compressor!r} is not supported (supported: zstd)")
+        rest = rest[2:]
+    elif not rest or rest[0] != "blobs":
+        raise InvalidArgument(f"malformed resource name {name!r}: expected 'blobs' or 'compressed-blobs'")
+    else:
+        rest = rest[1:]
+    function = DigestFunction.SHA256
+    if rest and rest[0] in _NAMED_FUNCTIONS:
+        function = _NAMED_FUNCTIONS[rest[0]]
+        rest = rest[1:]
+    elif rest and rest[0] in _UNSERVED_FUNCTIONS:
+        raise InvalidArgument(f"digest function {rest[0]!r} is not served (served: sha256, blake3)")
+    if len(rest) < 2 or (len(rest) > 2 and not allow_metadata):
+        raise InvalidArgument(f"malformed resource name {name!r}: expected HASH/SIZE")
+    hash_hex, size = rest[0], rest[1]
+    if not size.isdigit():
+        raise InvalidArgument(f"malformed resource name {name!r}: size {size!r} is not a number")
+    return ResourceName(instance, make_digest(hash_hex, int(size), function), compressor, upload_id)

@@ -1,0 +1,194 @@
+"""The storage interface every backend and decorator implements.
+
+Five abstract operations, all async (the server is grpc.aio) and all streaming:
+
+- `find_missing(digests)`: the bulk existence check behind FindMissingBlobs; it
+  also refreshes the lifetime of the blobs it finds (REAPI asks for that).
+- `read(digest, offset, limit)`: awaiting it raises `BlobNotFound` before any data
+  is produced, so a service can still answer NOT_FOUND; the result is an async
+  iterator of chunks, so no blob is ever held whole in memory.
+- `write(digest, chunks)`: consumes an async stream; the blob becomes visible only
+  after its hash and size have been verified (`DigestMismatch` otherwise, and
+  nothing is stored).
+- `delete(digests)` and `iterate()`: for GC, scrubbing and stats.
+
+Everything else (`has`, bytes helpers, batch helpers) has a default built on those
+five, which a backend overrides when it can do better (one thread hop for a whole
+batch on disk, one pipeline on Redis, one RPC on a remote).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+
+from casbah.digest import Digest, Hasher, is_empty_blob
+from casbah.errors import BlobNotFound, DigestMismatch, OutOfRange
+
+#: Chunk size for streams produced by storage: big enough that per-chunk overhead
+#: (a thread hop, a gRPC message) is small against the copy, small enough to keep
+#: memory bounded with many concurrent streams.
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What `iterate()` yields: enough for GC and stats without reading data."""
+
+    digest: Digest
+    stored_size: int
+    last_access: float
+
+
+class Storage(abc.ABC):
+    """A blob store.  Subclasses set `kind` (the config name)."""
+
+    kind: str = "abstract"
+
+    def __init__(self, *, name: str = "", verify: bool = True) -> None:
+        #: Node name in the config graph, for logs and metrics.
+        self.name = name or self.kind
+        #: False only for key-value use (ActionCache entries are keyed by the
+        #: action digest, not by the hash of the stored bytes).
+        self.verify = verify
+
+    # -- the abstract operations ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        """Digests from `digests` that are absent, in input order."""
+
+    @abc.abstractmethod
+    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        """Open a blob.  Raises BlobNotFound (or OutOfRange) before returning."""
+
+    @abc.abstractmethod
+    async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        """Store a blob from a stream, verified before it becomes visible."""
+
+    @abc.abstractmethod
+    async def delete(self, digests: Sequence[Digest]) -> int:
+        """Remove blobs; returns how many were present."""
+
+    @abc.abstractmethod
+    def iterate(self) -> AsyncIterator[BlobInfo]:
+        """Every stored blob, in no particular order."""
+
+    # -- defaults a backend may override -------------------------------------------
+
+    async def has(self, digest: Digest) -> bool:
+        return not await self.find_missing([digest])
+
+    async def read_bytes(self, digest: Digest) -> bytes:
+        """A whole blob.  Only for blobs known to be small (batch calls, protos)."""
+        stream = await self.read(digest)
+        return b"".join([chunk async for chunk in stream])
+
+    async def write_bytes(self, digest: Digest, data: bytes) -> None:
+        await self.write(digest, _one(data))
+
+    async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        """Small blobs by digest; absent ones are left out of the result."""
+        found: dict[Digest, bytes] = {}
+        for digest in digests:
+            try:
+                found[digest] = await self.read_bytes(digest)
+            except BlobNotFound:
+                pass
+        return found
+
+    async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
+        """Small blobs; one result per blob (None = stored), never raising for one bad blob."""
+        results: list[Exception | None] = []
+        for digest, data in blobs:
+            try:
+                await self.write_bytes(digest, data)
+                results.append(None)
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def stats(self) -> dict[str, int]:
+        """Size/object counts for metrics and the status page; cheap or empty."""
+        return {}
+
+    async def close(self) -> None:
+        """Release files, connections and background tasks."""
+
+    def children(self) -> Iterable[Storage]:
+        """Decorated backends, so tools can walk the graph."""
+        return ()
+
+    def describe(self) -> str:
+        inner = ", ".join(child.describe() for child in self.children())
+        return f"{self.kind}({inner})" if inner else self.kind
+
+    # -- helpers for implementations -----------------------------------------------
+
+    def verifier(self, digest: Digest) -> Verifier:
+        return Verifier(digest) if self.verify else _NoVerifier(digest)
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def empty_stream() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+def check_range(digest: Digest, size: int, offset: int, limit: int) -> int:
+    """Validate offset/limit against a blob of `size` bytes; return bytes to serve."""
+    if offset < 0 or offset > size:
+        raise OutOfRange(f"read offset {offset} is outside blob {digest} of {size} bytes")
+    if limit < 0:
+        raise OutOfRange(f"read limit {limit} is negative")
+    remaining = size - offset
+    return remaining if limit == 0 else min(limit, remaining)
+
+
+class Verifier:
+    """Hashes a stream as it passes and checks it against the digest at the end."""
+
+    __slots__ = ("_hasher", "digest", "received")
+
+    def __init__(self, digest: Digest) -> None:
+        self.digest = digest
+        self._hasher: Hasher = digest.function.hasher()
+        self.received = 0
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.received += len(chunk)
+        if self.received > self.digest.size:
+            raise DigestMismatch(
+                f"upload for {self.digest} has more than the {self.digest.size} bytes its digest names"
+            )
+        self._hasher.update(chunk)
+
+    def finish(self) -> None:
+        if self.received != self.digest.size:
+            raise DigestMismatch(
+                f"upload for {self.digest} has {self.received} bytes, its digest names {self.digest.size}"
+            )
+        actual = self._hasher.hexdigest()
+        if actual != self.digest.hash:
+            raise DigestMismatch(
+                f"upload for {self.digest} hashes to {actual} with {self.digest.function.value}"
+            )
+
+
+class _NoVerifier(Verifier):
+    __slots__ = ()
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self.received += len(chunk)
+
+    def finish(self) -> None:
+        return None
+
+
+def without_empty(digests: Sequence[Digest]) -> list[Digest]:
+    """The empty blob always exists, so backends never need to look it up."""
+    return [d for d in digests if not is_empty_blob(d)]

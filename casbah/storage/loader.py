@@ -1,0 +1,92 @@
+"""Builds storage graphs from config nodes.
+
+Each backend module registers a kind with an options model; a node is either a
+mapping (`kind` + options) or the name of a node under `storages:`.  Named nodes
+are built once and shared.  Every node the loader builds is wrapped in
+`MetricsStorage`, so no backend counts its own requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from casbah.config import ConfigError, format_validation_error
+from casbah.storage.base import Storage
+
+
+class NodeOptions(BaseModel):
+    """Base of every kind's options model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    kind: str
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    options: type[NodeOptions]
+    build: Callable[[Any, StorageLoader, str], Storage]
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register(name: str, options: type[NodeOptions]) -> Callable:
+    """Decorator for a builder `(options, loader, path) -> Storage`."""
+
+    def wrap(build: Callable[[Any, StorageLoader, str], Storage]) -> Callable:
+        KINDS[name] = Kind(name, options, build)
+        return build
+
+    return wrap
+
+
+class StorageLoader:
+    def __init__(self, named: dict[str, dict[str, Any]]) -> None:
+        self._named = named
+        self._built: dict[str, Storage] = {}
+        self._building: set[str] = set()
+
+    def build(self, node: str | dict[str, Any], path: str) -> Storage:
+        if isinstance(node, str):
+            return self._build_named(node, path)
+        if not isinstance(node, dict) or "kind" not in node:
+            raise ConfigError(f"{path}: a storage node needs a 'kind' (or the name of a node in 'storages')")
+        kind = KINDS.get(node["kind"])
+        if kind is None:
+            raise ConfigError(f"{path}.kind: unknown storage kind {node['kind']!r}; known: {', '.join(sorted(KINDS))}")
+        try:
+            options = kind.options.model_validate(node)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, path)) from None
+        from casbah.storage.metrics import MetricsStorage
+
+        return MetricsStorage(kind.build(options, self, path), node_path=path)
+
+    def _build_named(self, name: str, path: str) -> Storage:
+        if name in self._built:
+            return self._built[name]
+        if name not in self._named:
+            raise ConfigError(f"{path}: no storage named {name!r} (defined: {', '.join(sorted(self._named))})")
+        if name in self._building:
+            raise ConfigError(f"{path}: storage {name!r} refers to itself")
+        self._building.add(name)
+        storage = self.build(self._named[name], f"storages.{name}")
+        self._building.discard(name)
+        storage.name = name
+        self._built[name] = storage
+        return storage
+
+    def all(self) -> list[Storage]:
+        return list(self._built.values())
+
+
+def load_builtin_kinds() -> None:
+    """Import every backend module so it registers its kind."""
+    from casbah.storage import disk, memory  # noqa: F401
