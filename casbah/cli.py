@@ -28,7 +28,8 @@ def main() -> None:
 @main.command()
 @click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
               help="Address to serve on (repeatable). Default 127.0.0.1:50051.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the disk storage lives. Default ./casbah-data.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the disk storage lives. Default ./casbah-data.")
 @click.option("--quota", metavar="SIZE", help="Disk quota of the default storage, e.g. 20G. Default 20G.")
 @click.option("--instance", "instances", multiple=True, metavar="NAME",
               help="Extra instance name served from the same storage (repeatable).")

@@ -65,6 +65,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
 
 
+class OriginFetchConfig(_Model):
+    """Opt-in: on an asset miss, download from the origin when a URI matches `allow`."""
+
+    allow: list[str] = Field(min_length=1, description="regular expressions matched against the start of a URI")
+    git: str = "git"
+
+
 class InstanceConfig(_Model):
     """One instance name: its CAS storage, its ActionCache, and what it serves."""
 
@@ -74,6 +81,13 @@ class InstanceConfig(_Model):
     #: Report an ActionCache entry as missing when its outputs are gone from CAS.
     check_action_results: bool = Field(default=True, alias="check-action-results")
     read_only: bool = Field(default=False, alias="read-only")
+    #: Where Remote Asset and ReferenceStorage names live: `sqlite` (persistent, under
+    #: data-dir/assets/), `memory`, or {kind: sqlite, path: FILE}.
+    asset_index: str | dict[str, Any] = Field(default="sqlite", alias="asset-index")
+    #: How an asset miss is answered: `auto` (RPC NOT_FOUND for Bazel, response status
+    #: for everyone else), `status`, or `rpc-error`.
+    asset_miss: str = Field(default="auto", alias="asset-miss", pattern="^(auto|status|rpc-error)$")
+    origin_fetch: OriginFetchConfig | None = Field(default=None, alias="origin-fetch")
 
     @field_validator("services")
     @classmethod

@@ -11,15 +11,23 @@ from pathlib import Path
 
 import grpc
 
-from casbah.config import ServerConfig
+from casbah.assets.index import AssetIndex
+from casbah.assets.memory import MemoryAssetIndex
+from casbah.assets.origin import OriginFetcher
+from casbah.assets.sqlite import SqliteAssetIndex
+from casbah.config import InstanceConfig, ServerConfig
 from casbah.errors import InvalidArgument
+from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
+from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.base import Instance, Instances
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
+from casbah.server.references import ReferenceStorageService
 from casbah.storage.action_cache import StorageActionCache
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
@@ -58,9 +66,28 @@ def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
             raise InvalidArgument(f"{where}.action-cache: {exc}") from None
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
-            read_only=inst.read_only, extras={"check_action_results": inst.check_action_results},
+            read_only=inst.read_only,
+            extras={"check_action_results": inst.check_action_results,
+                    "asset": _asset_settings(config, name, inst, where)},
         )
     return Instances(instances, config.max_batch_size, config.max_message_size), loader
+
+
+def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str) -> AssetSettings:
+    spec = inst.asset_index
+    spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
+    index: AssetIndex
+    if spec.get("kind") == "memory":
+        index = MemoryAssetIndex()
+    elif spec.get("kind") == "sqlite":
+        safe = "default" if not name else "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / f"{safe}.sqlite")
+    else:
+        raise InvalidArgument(f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite)")
+    origin = None
+    if inst.origin_fetch is not None:
+        origin = OriginFetcher(inst.origin_fetch.allow, Path(config.data_dir) / "origin-tmp", inst.origin_fetch.git)
+    return AssetSettings(index=index, origin=origin, miss=inst.asset_miss)
 
 
 async def create_server(config: ServerConfig) -> Server:
@@ -78,6 +105,10 @@ async def create_server(config: ServerConfig) -> Server:
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
     re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(instances), server)
     bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+    fetch = FetchService(instances)
+    ra_grpc.add_FetchServicer_to_server(fetch, server)
+    ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)
+    bst_grpc.add_ReferenceStorageServicer_to_server(ReferenceStorageService(instances, fetch.trees), server)
     result = Server(config, instances, server)
     for address in config.listen:
         try:
@@ -90,6 +121,8 @@ async def create_server(config: ServerConfig) -> Server:
     result.closers.append(bytestream.close)
     for storage in loader.all():
         result.closers.append(storage.close)
+    for instance in instances:
+        result.closers.append(instance.extras["asset"].index.close)
     return result
 
 

@@ -1,0 +1,1 @@
+"""The Remote Asset index: names (URIs + qualifiers) mapped to CAS content."""

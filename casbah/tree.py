@@ -1,0 +1,155 @@
+"""Directory trees as REAPI `Directory` messages: building them from a local
+directory, and checking that a stored tree is complete in CAS.
+
+Server (origin fetch, asset checks) and client (local cache, uploads) share these,
+so a tree committed by one hashes to the same root digest as the other.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.errors import InvalidArgument
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+
+_READ = 1024 * 1024
+
+
+def hash_file(path: str | os.PathLike, function: DigestFunction) -> Digest:
+    h = function.hasher()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_READ):
+            h.update(chunk)
+            size += len(chunk)
+    return Digest(h.hexdigest(), size, function)
+
+
+@dataclass
+class TreeBuild:
+    """A directory turned into Directory messages; nothing is uploaded yet."""
+
+    root: Digest
+    directories: dict[Digest, bytes] = field(default_factory=dict)
+    files: dict[Digest, Path] = field(default_factory=dict)  # one path per distinct content
+    file_count: int = 0
+    total_bytes: int = 0
+
+
+def build_tree(path: str | os.PathLike, function: DigestFunction = DigestFunction.SHA256,
+               hasher: Callable[[Path, DigestFunction], Digest] = hash_file) -> TreeBuild:
+    """Walk `path` into canonical Directory messages (names sorted, as REAPI requires).
+
+    Regular files keep their executable bit, symlinks their target verbatim;
+    anything else (sockets, devices, FIFOs) is refused, naming the path, because
+    it cannot be represented in CAS and silently dropping it would make a
+    different tree.
+    """
+    build = TreeBuild(root=Digest("", 0, function))
+    build.root = _walk(Path(path), function, hasher, build)
+    return build
+
+
+def _walk(path: Path, function: DigestFunction, hasher: Callable, build: TreeBuild) -> Digest:
+    directory = re_pb2.Directory()
+    with os.scandir(path) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        st = entry.stat(follow_symlinks=False)
+        full = Path(entry.path)
+        if stat.S_ISLNK(st.st_mode):
+            directory.symlinks.add(name=entry.name, target=os.readlink(full))
+        elif stat.S_ISDIR(st.st_mode):
+            child = _walk(full, function, hasher, build)
+            directory.directories.add(name=entry.name, digest=re_pb2.Digest(hash=child.hash, size_bytes=child.size))
+        elif stat.S_ISREG(st.st_mode):
+            digest = hasher(full, function)
+            build.files.setdefault(digest, full)
+            build.file_count += 1
+            build.total_bytes += digest.size
+            directory.files.add(
+                name=entry.name, digest=re_pb2.Digest(hash=digest.hash, size_bytes=digest.size),
+                is_executable=bool(st.st_mode & stat.S_IXUSR),
+            )
+        else:
+            raise InvalidArgument(f"{full}: special file (mode {stat.filemode(st.st_mode)}) cannot be stored in CAS")
+    data = directory.SerializeToString(deterministic=True)
+    digest = Digest.of(data, function)
+    build.directories[digest] = data
+    return digest
+
+
+def child_digests(directory: re_pb2.Directory, function: DigestFunction) -> tuple[list[Digest], list[Digest]]:
+    """(subdirectory digests, file digests) of one Directory, validated."""
+    dirs = [make_digest(n.digest.hash, n.digest.size_bytes, function) for n in directory.directories]
+    files = [make_digest(n.digest.hash, n.digest.size_bytes, function) for n in directory.files]
+    return dirs, files
+
+
+async def missing_in_tree(cas, root: Digest) -> list[Digest]:
+    """Digests of the tree under `root` absent from `cas` (empty = complete).
+
+    Reads one level of Directory messages per round trip, then asks for all
+    files at once.
+    """
+    if is_empty_blob(root):
+        return []
+    missing: list[Digest] = []
+    files: set[Digest] = set()
+    seen = {root}
+    level = [root]
+    while level:
+        found = await cas.read_many([d for d in level if not is_empty_blob(d)])
+        next_level: list[Digest] = []
+        for digest in level:
+            if is_empty_blob(digest):
+                continue
+            data = found.get(digest)
+            if data is None:
+                missing.append(digest)
+                continue
+            directory = re_pb2.Directory.FromString(data)
+            dirs, file_digests = child_digests(directory, root.function)
+            files.update(d for d in file_digests if not is_empty_blob(d))
+            for d in dirs:
+                if d not in seen:
+                    seen.add(d)
+                    next_level.append(d)
+        level = next_level
+    if files:
+        missing.extend(await cas.find_missing(list(files)))
+    return missing
+
+
+class CompleteTrees:
+    """Remembers roots recently found complete, so repeated asset fetches of a big
+    tree do not walk it every time.  An entry expires after `ttl` seconds, which
+    bounds how long an eviction can go unnoticed."""
+
+    def __init__(self, max_entries: int = 4096, ttl: float = 300.0) -> None:
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._seen: OrderedDict[Digest, float] = OrderedDict()
+
+    async def missing(self, cas, root: Digest) -> list[Digest]:
+        now = time.monotonic()
+        checked = self._seen.get(root)
+        if checked is not None and now - checked < self.ttl:
+            self._seen.move_to_end(root)
+            return []
+        missing = await missing_in_tree(cas, root)
+        if not missing:
+            self._seen[root] = now
+            self._seen.move_to_end(root)
+            while len(self._seen) > self.max_entries:
+                self._seen.popitem(last=False)
+        else:
+            self._seen.pop(root, None)
+        return missing
