@@ -70,5 +70,13 @@ def _apply_instance_flags(config, names: tuple[str, ...], services: str | None):
     return config.model_copy(update={"instances": instances})
 
 
+def _register_subcommands() -> None:
+    from casbah.cli.asset import asset
+
+    main.add_command(asset)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,129 @@
+"""`casbah asset push|fetch`: Remote Asset calls against any server."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+
+import click
+import grpc
+
+from casbah.client.remote import RemoteSpec, open_channel
+from casbah.digest import Digest, DigestFunction
+from casbah.errors import CasbahError
+from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
+from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
+
+
+def remote_options(fn):
+    """The options every command that talks to a server takes."""
+    options = [
+        click.option("--remote", envvar="CASBAH_REMOTE", required=True, metavar="URL",
+                     help="grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH (env CASBAH_REMOTE)."),
+        click.option("--instance", default="", help="Remote instance name."),
+        click.option("--server-cert", type=click.Path(exists=True), help="CA certificate for grpcs://."),
+        click.option("--client-key", type=click.Path(exists=True), help="Client key for mTLS."),
+        click.option("--client-cert", type=click.Path(exists=True), help="Client certificate for mTLS."),
+        click.option("--token-file", type=click.Path(exists=True), help="File holding a bearer token."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def spec_from(kwargs: dict) -> RemoteSpec:
+    return RemoteSpec(
+        url=kwargs.pop("remote"), instance=kwargs.pop("instance"), server_cert=kwargs.pop("server_cert"),
+        client_key=kwargs.pop("client_key"), client_cert=kwargs.pop("client_cert"),
+        token_file=kwargs.pop("token_file"),
+    )
+
+
+def _qualifiers(values: tuple[str, ...]) -> list[ra_pb2.Qualifier]:
+    out = []
+    for value in values:
+        name, sep, val = value.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{value!r}: want NAME=VALUE", param_hint="--qualifier")
+        out.append(ra_pb2.Qualifier(name=name, value=val))
+    return out
+
+
+@click.group()
+def asset() -> None:
+    """Remote Asset API: name content by URIs and qualifiers."""
+
+
+@asset.command()
+@remote_options
+@click.option("--uri", "uris", multiple=True, required=True, help="URI naming the asset (repeatable).")
+@click.option("--qualifier", "qualifiers", multiple=True, metavar="NAME=VALUE", help="Qualifier (repeatable).")
+@click.option("--directory", is_flag=True, help="Fetch a directory asset (default: a blob).")
+@click.option("--blake3", is_flag=True, help="Use the BLAKE3 digest function.")
+@click.option("--timeout", type=float, help="Seconds the server may spend fetching from the origin.")
+def fetch(uris: tuple[str, ...], qualifiers: tuple[str, ...], directory: bool, blake3: bool,
+          timeout: float | None, **kwargs) -> None:
+    """Print HASH/SIZE of the asset's blob (or root directory); exit 1 on a miss."""
+    spec = spec_from(kwargs)
+    function = DigestFunction.BLAKE3 if blake3 else DigestFunction.SHA256
+    common = {"instance_name": spec.instance, "uris": list(uris), "qualifiers": _qualifiers(qualifiers),
+              "digest_function": function.proto_value}
+    with open_channel(spec) as channel:
+        stub = ra_grpc.FetchStub(channel)
+        try:
+            if directory:
+                request = ra_pb2.FetchDirectoryRequest(**common)
+                if timeout:
+                    request.timeout.FromNanoseconds(int(timeout * 1e9))
+                response = stub.FetchDirectory(request, metadata=spec.metadata())
+                digest = response.root_directory_digest
+            else:
+                request = ra_pb2.FetchBlobRequest(**common)
+                if timeout:
+                    request.timeout.FromNanoseconds(int(timeout * 1e9))
+                response = stub.FetchBlob(request, metadata=spec.metadata())
+                digest = response.blob_digest
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    if response.status.code != 0:
+        click.echo(f"miss: {response.status.message}", err=True)
+        sys.exit(1)
+    click.echo(f"{digest.hash}/{digest.size_bytes}")
+    if response.uri:
+        click.echo(f"uri: {response.uri}", err=True)
+    for q in response.qualifiers:
+        click.echo(f"qualifier: {q.name}={q.value}", err=True)
+
+
+@asset.command()
+@remote_options
+@click.option("--uri", "uris", multiple=True, required=True, help="URI naming the asset (repeatable).")
+@click.option("--qualifier", "qualifiers", multiple=True, metavar="NAME=VALUE", help="Qualifier (repeatable).")
+@click.option("--digest", "digest_text", required=True, metavar="HASH/SIZE", help="Content already in CAS.")
+@click.option("--directory", is_flag=True, help="The digest is a root Directory (default: a blob).")
+@click.option("--blake3", is_flag=True, help="Use the BLAKE3 digest function.")
+@click.option("--expire-at", type=click.DateTime(), help="When the name stops being valid (UTC).")
+def push(uris: tuple[str, ...], qualifiers: tuple[str, ...], digest_text: str, directory: bool, blake3: bool,
+         expire_at: datetime | None, **kwargs) -> None:
+    """Name content that is already in CAS."""
+    spec = spec_from(kwargs)
+    function = DigestFunction.BLAKE3 if blake3 else DigestFunction.SHA256
+    try:
+        digest = Digest.parse(digest_text, function).to_proto()
+    except CasbahError as exc:
+        raise click.BadParameter(str(exc), param_hint="--digest") from None
+    common = {"instance_name": spec.instance, "uris": list(uris), "qualifiers": _qualifiers(qualifiers),
+              "digest_function": function.proto_value}
+    with open_channel(spec) as channel:
+        stub = ra_grpc.PushStub(channel)
+        try:
+            if directory:
+                request = ra_pb2.PushDirectoryRequest(root_directory_digest=digest, **common)
+            else:
+                request = ra_pb2.PushBlobRequest(blob_digest=digest, **common)
+            if expire_at is not None:
+                request.expire_at.FromDatetime(expire_at.replace(tzinfo=UTC))
+            (stub.PushDirectory if directory else stub.PushBlob)(request, metadata=spec.metadata())
+        except grpc.RpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    click.echo(f"pushed {digest_text} as {', '.join(uris)}")
