@@ -55,3 +55,21 @@ async def compress_stream(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     tail = cobj.flush()
     if tail:
         yield tail
+
+
+class Decompressor:
+    """Incremental zstd decompression of one stream, bounded by the size it must produce."""
+
+    def __init__(self, expected_size: int) -> None:
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._remaining = expected_size
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            out = self._dobj.decompress(data) if data else b""
+        except zstandard.ZstdError as exc:
+            raise InvalidArgument(f"corrupt zstd stream: {exc}") from None
+        self._remaining -= len(out)
+        if self._remaining < 0:
+            raise DigestMismatch("zstd stream expands past the size its digest names")
+        return out

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from google.protobuf.message import DecodeError
 
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import InvalidArgument
@@ -64,8 +65,11 @@ def _walk(path: Path, function: DigestFunction, hasher: Callable, build: TreeBui
     for entry in entries:
         st = entry.stat(follow_symlinks=False)
         full = Path(entry.path)
+        _check_utf8(entry.name, full, "name")
         if stat.S_ISLNK(st.st_mode):
-            directory.symlinks.add(name=entry.name, target=os.readlink(full))
+            target = os.readlink(full)
+            _check_utf8(target, full, "symlink target")
+            directory.symlinks.add(name=entry.name, target=target)
         elif stat.S_ISDIR(st.st_mode):
             child = _walk(full, function, hasher, build)
             directory.directories.add(name=entry.name, digest=re_pb2.Digest(hash=child.hash, size_bytes=child.size))
@@ -86,6 +90,14 @@ def _walk(path: Path, function: DigestFunction, hasher: Callable, build: TreeBui
     return digest
 
 
+def _check_utf8(text: str, path: Path, what: str) -> None:
+    """REAPI names are protobuf strings (UTF-8); a non-UTF-8 name cannot be stored."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{path!r}: {what} is not valid UTF-8 and cannot be stored in CAS") from None
+
+
 def child_digests(directory: re_pb2.Directory, function: DigestFunction) -> tuple[list[Digest], list[Digest]]:
     """(subdirectory digests, file digests) of one Directory, validated."""
     dirs = [make_digest(n.digest.hash, n.digest.size_bytes, function) for n in directory.directories]
@@ -97,10 +109,17 @@ async def missing_in_tree(cas, root: Digest) -> list[Digest]:
     """Digests of the tree under `root` absent from `cas` (empty = complete).
 
     Reads one level of Directory messages per round trip, then asks for all
-    files at once.
+    files at once.  A stored blob that is not a valid Directory (or names
+    malformed digests) raises InvalidArgument: the tree is unusable, not missing.
     """
+    missing, _ = await _scan_tree(cas, root)
+    return missing
+
+
+async def _scan_tree(cas, root: Digest) -> tuple[list[Digest], list[Digest]]:
+    """(missing digests, every non-empty digest of the tree, directories included)."""
     if is_empty_blob(root):
-        return []
+        return [], []
     missing: list[Digest] = []
     files: set[Digest] = set()
     seen = {root}
@@ -115,7 +134,10 @@ async def missing_in_tree(cas, root: Digest) -> list[Digest]:
             if data is None:
                 missing.append(digest)
                 continue
-            directory = re_pb2.Directory.FromString(data)
+            try:
+                directory = re_pb2.Directory.FromString(data)
+            except DecodeError:
+                raise InvalidArgument(f"blob {digest} in the tree of {root} is not a Directory message") from None
             dirs, file_digests = child_digests(directory, root.function)
             files.update(d for d in file_digests if not is_empty_blob(d))
             for d in dirs:
@@ -125,31 +147,50 @@ async def missing_in_tree(cas, root: Digest) -> list[Digest]:
         level = next_level
     if files:
         missing.extend(await cas.find_missing(list(files)))
-    return missing
+    everything = [d for d in seen if not is_empty_blob(d)]
+    everything.extend(files)
+    return missing, everything
 
 
 class CompleteTrees:
-    """Remembers roots recently found complete, so repeated asset fetches of a big
-    tree do not walk it every time.  An entry expires after `ttl` seconds, which
-    bounds how long an eviction can go unnoticed."""
+    """Remembers the blobs of trees recently found complete, per storage.
 
-    def __init__(self, max_entries: int = 4096, ttl: float = 300.0) -> None:
-        self.max_entries = max_entries
-        self.ttl = ttl
-        self._seen: OrderedDict[Digest, float] = OrderedDict()
+    Walking a big tree costs one read per level plus decoding every Directory;
+    re-checking a remembered one is a single FindMissing over its blobs, which
+    also keeps them alive in an LRU store.  A tree is therefore never reported
+    complete after one of its blobs was evicted (only the walk is cached, never
+    the answer).  The cache is bounded by the number of digests it holds; trees
+    larger than a quarter of that are not remembered.
+    """
+
+    def __init__(self, max_digests: int = 250_000) -> None:
+        self.max_digests = max_digests
+        self._held = 0
+        self._seen: OrderedDict[tuple[int, Digest], tuple[Digest, ...]] = OrderedDict()
 
     async def missing(self, cas, root: Digest) -> list[Digest]:
-        now = time.monotonic()
-        checked = self._seen.get(root)
-        if checked is not None and now - checked < self.ttl:
-            self._seen.move_to_end(root)
+        if is_empty_blob(root):
             return []
-        missing = await missing_in_tree(cas, root)
-        if not missing:
-            self._seen[root] = now
-            self._seen.move_to_end(root)
-            while len(self._seen) > self.max_entries:
-                self._seen.popitem(last=False)
-        else:
-            self._seen.pop(root, None)
+        key = (id(cas), root)  # storages live as long as the server: id() is stable
+        known = self._seen.get(key)
+        if known is not None:
+            missing = await cas.find_missing(known)
+            if not missing:
+                if key in self._seen:
+                    self._seen.move_to_end(key)
+                return []
+            self._forget(key)
+            return missing
+        missing, everything = await _scan_tree(cas, root)
+        if not missing and len(everything) <= self.max_digests // 4 and key not in self._seen:
+            self._seen[key] = tuple(everything)
+            self._held += len(everything)
+            while self._held > self.max_digests and self._seen:
+                _, dropped = self._seen.popitem(last=False)
+                self._held -= len(dropped)
         return missing
+
+    def _forget(self, key: tuple[int, Digest]) -> None:
+        dropped = self._seen.pop(key, None)
+        if dropped is not None:
+            self._held -= len(dropped)

@@ -69,8 +69,13 @@ class AssetIndex(abc.ABC):
 
     @abc.abstractmethod
     async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
-                         function: str) -> list[AssetRecord]:
-        """Records matching the rule above, most recently pushed first (expiry not applied)."""
+                         function: str, limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
+        """Records matching the rule above, most recently pushed first (expiry not applied).
+
+        `limit`/`offset` page through them: a fetch usually needs only the first,
+        and a URI may have thousands of qualifier variants that a fetch with few
+        qualifiers all matches.
+        """
 
     async def close(self) -> None:
         pass

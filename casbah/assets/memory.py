@@ -7,6 +7,7 @@ instead of scanning every variant pushed under a URI.
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
@@ -31,17 +32,17 @@ class MemoryAssetIndex(AssetIndex):
         if old is None:
             return
         for uri in old.uris:
-            self._by_uri[uri].discard(key)
+            _discard(self._by_uri, uri, key)
             for name, value in old.qualifiers:
-                self._by_pair[(uri, name, value)].discard(key)
+                _discard(self._by_pair, (uri, name, value), key)
 
     async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
-                         function: str) -> list[AssetRecord]:
+                         function: str, limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
         keys: set[str] = set()
         for uri in uris:
-            sets = [self._by_pair.get((uri, n, v), set()) for n, v in qualifiers.items()]
+            sets = [self._by_pair.get((uri, n, v), _EMPTY) for n, v in qualifiers.items()]
             if not sets:
-                keys |= self._by_uri.get(uri, set())
+                keys |= self._by_uri.get(uri, _EMPTY)
                 continue
             sets.sort(key=len)
             found = set(sets[0])
@@ -50,7 +51,24 @@ class MemoryAssetIndex(AssetIndex):
                 if not found:
                     break
             keys |= found
-        records = [self._records[k] for k in keys]
-        records = [r for r in records if r.kind == kind and r.digest.function == function]
-        records.sort(key=lambda r: r.pushed_at, reverse=True)
-        return records
+        records = [r for r in map(self._records.__getitem__, keys) if r.kind == kind and r.digest.function == function]
+        if limit is None:
+            return sorted(records, key=_newest, reverse=True)[offset:]
+        return heapq.nlargest(offset + limit, records, key=_newest)[offset:]
+
+
+_EMPTY: frozenset[str] = frozenset()
+
+
+def _newest(record: AssetRecord) -> tuple[float, str]:
+    """Sort key: push time, then the record key so equal times still order deterministically."""
+    return record.pushed_at, record.key
+
+
+def _discard(index: dict, key: object, record_key: str) -> None:
+    """Remove a record key, and the index entry once empty (no growth from replaced pushes)."""
+    keys = index.get(key)
+    if keys is not None:
+        keys.discard(record_key)
+        if not keys:
+            del index[key]

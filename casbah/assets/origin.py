@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import http.client
 import logging
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -111,10 +113,21 @@ class OriginFetcher:
             raise InvalidArgument(f"origin fetch of blobs supports http(s) URIs, not {uri!r}")
         expected = parse_sri(sri) if sri else None
         workdir = self._spool()
+        # The download runs in a thread, which cannot be cancelled: on timeout (or when
+        # the client goes away) `stop` tells it to quit at its next chunk, and its socket
+        # timeout bounds how long a silent origin can keep it.
+        stop = threading.Event()
         try:
-            deadline = time.monotonic() + (time_limit or DEFAULT_TIMEOUT)
+            limit = time_limit or DEFAULT_TIMEOUT
+            deadline = time.monotonic() + limit
             path = workdir / "download"
-            digest, actual = await asyncio.to_thread(self._download, uri, path, function, expected, deadline)
+            try:
+                async with asyncio.timeout(limit):
+                    digest, actual = await asyncio.to_thread(
+                        self._download, uri, path, function, expected, deadline, stop
+                    )
+            except TimeoutError:
+                raise DeadlineExceeded(f"{uri}: origin fetch exceeded its timeout of {limit:g}s") from None
             if expected is not None and actual != expected[1]:
                 raise ChecksumMismatch(
                     f"{uri}: content does not match checksum.sri ({expected[0]}-"
@@ -124,18 +137,20 @@ class OriginFetcher:
             log.info("origin fetch: %s -> blob %s", uri, digest)
             return digest
         finally:
+            stop.set()
             await asyncio.to_thread(shutil.rmtree, workdir, True)
 
     def _download(self, uri: str, path: Path, function: DigestFunction, expected: tuple[str, bytes] | None,
-                  deadline: float) -> tuple[Digest, bytes | None]:
+                  deadline: float, stop: threading.Event) -> tuple[Digest, bytes | None]:
         hasher = function.hasher()
         sri_hasher = SRI_ALGORITHMS[expected[0]]() if expected else None
         size = 0
         remaining = max(0.1, deadline - time.monotonic())
         try:
             with urllib.request.urlopen(uri, timeout=remaining) as response, open(path, "wb") as out:
-                while chunk := response.read(CHUNK_SIZE):
-                    if time.monotonic() > deadline:
+                # read1: whatever has arrived, so a slow trickle still reaches the deadline check.
+                while chunk := response.read1(CHUNK_SIZE):
+                    if stop.is_set() or time.monotonic() > deadline:
                         raise DeadlineExceeded(f"{uri}: origin fetch exceeded its timeout")
                     hasher.update(chunk)
                     if sri_hasher is not None:
@@ -150,6 +165,8 @@ class OriginFetcher:
             if isinstance(exc, TimeoutError) or "timed out" in str(exc):
                 raise DeadlineExceeded(f"{uri}: origin fetch timed out") from None
             raise Unavailable(f"{uri}: {exc}") from None
+        except http.client.HTTPException as exc:  # e.g. IncompleteRead: the origin hung up mid-body
+            raise Unavailable(f"{uri}: {type(exc).__name__}: {exc}") from None
         return Digest(hasher.hexdigest(), size, function), sri_hasher.digest() if sri_hasher else None
 
     # -- git -> directory -----------------------------------------------------------
@@ -158,6 +175,8 @@ class OriginFetcher:
                         time_limit: float | None) -> Digest:
         if not _COMMIT.match(commit):
             raise InvalidArgument(f"vcs.commit {commit!r} is not a full commit hash")
+        if uri.startswith("-"):
+            raise InvalidArgument(f"{uri!r} is not a repository URI")
         workdir = self._spool()
         try:
             async with asyncio.timeout(time_limit or DEFAULT_TIMEOUT):
@@ -165,10 +184,10 @@ class OriginFetcher:
                 tree.mkdir()
                 await self._git("init", "-q", str(repo))
                 try:
-                    await self._git("-C", str(repo), "fetch", "-q", "--depth", "1", uri, commit)
+                    await self._git("-C", str(repo), "fetch", "-q", "--depth", "1", "--", uri, commit)
                 except Unavailable:
                     # Servers that refuse unadvertised commits: fetch everything instead.
-                    await self._git("-C", str(repo), "fetch", "-q", uri, "+refs/*:refs/remotes/origin/*")
+                    await self._git("-C", str(repo), "fetch", "-q", "--", uri, "+refs/*:refs/remotes/origin/*")
                 resolved = (await self._git("-C", str(repo), "rev-parse", "--verify", f"{commit}^{{commit}}")).strip()
                 if resolved != commit:
                     raise FailedPrecondition(f"{uri}: commit {commit} resolved to {resolved}")

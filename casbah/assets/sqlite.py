@@ -84,28 +84,33 @@ class SqliteAssetIndex(AssetIndex):
             raise
 
     async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
-                         function: str) -> list[AssetRecord]:
-        return await self._run(self._candidates, kind, uris, qualifiers, function)
+                         function: str, limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
+        return await self._run(self._candidates, kind, uris, qualifiers, function, limit, offset)
 
     def _candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
-                    function: str) -> list[AssetRecord]:
-        keys: set[str] = set()
+                    function: str, limit: int | None, offset: int) -> list[AssetRecord]:
+        # One statement: per URI the INTERSECT of its qualifier pairs (each an index
+        # range scan), UNION over URIs, then only the requested page of full rows is
+        # read and decoded.  Each per-URI part is its own subquery because SQLite
+        # evaluates chained compound operators left to right, with no precedence.
+        parts: list[str] = []
+        args: list[object] = []
         for uri in uris:
             if qualifiers:
-                parts = " INTERSECT ".join(
+                inner = " INTERSECT ".join(
                     ["SELECT key FROM asset_qualifiers WHERE uri = ? AND name = ? AND value = ?"] * len(qualifiers)
                 )
-                args = [x for n, v in qualifiers.items() for x in (uri, n, v)]
-                rows = self._db.execute(parts, args).fetchall()
+                parts.append(f"SELECT key FROM ({inner})")
+                args.extend(x for n, v in qualifiers.items() for x in (uri, n, v))
             else:
-                rows = self._db.execute("SELECT key FROM asset_uris WHERE uri = ?", (uri,)).fetchall()
-            keys.update(k for (k,) in rows)
-        if not keys:
+                parts.append("SELECT key FROM asset_uris WHERE uri = ?")
+                args.append(uri)
+        if not parts:
             return []
-        marks = ",".join("?" * len(keys))
         rows = self._db.execute(
-            f"SELECT * FROM assets WHERE key IN ({marks}) AND kind = ? AND fn = ? ORDER BY pushed_at DESC",
-            [*keys, kind.value, function],
+            f"SELECT * FROM assets WHERE key IN ({' UNION '.join(parts)}) AND kind = ? AND fn = ? "
+            "ORDER BY pushed_at DESC, key DESC LIMIT ? OFFSET ?",
+            [*args, kind.value, str(function), -1 if limit is None else limit, offset],
         ).fetchall()
         return [self._record(row) for row in rows]
 

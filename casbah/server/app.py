@@ -14,6 +14,7 @@ import grpc
 from casbah.assets.index import AssetIndex
 from casbah.assets.memory import MemoryAssetIndex
 from casbah.assets.origin import OriginFetcher
+from casbah.assets.remote import RemoteAssetIndex
 from casbah.assets.sqlite import SqliteAssetIndex
 from casbah.config import InstanceConfig, ServerConfig
 from casbah.errors import InvalidArgument
@@ -28,7 +29,7 @@ from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
 from casbah.server.references import ReferenceStorageService
-from casbah.storage.action_cache import StorageActionCache
+from casbah.storage.action_cache import ActionCache, RemoteActionCache, StorageActionCache
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
 log = logging.getLogger("casbah.server")
@@ -59,11 +60,7 @@ def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
     for name, inst in config.instances.items():
         where = f"instances.{name!r}"
         cas = loader.build(inst.storage, f"{where}.storage")
-        ac_storage = loader.build(inst.action_cache or "action-cache", f"{where}.action-cache")
-        try:
-            action_cache = StorageActionCache(ac_storage)
-        except ValueError as exc:
-            raise InvalidArgument(f"{where}.action-cache: {exc}") from None
+        action_cache = _action_cache(loader, inst.action_cache or "action-cache", f"{where}.action-cache")
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
@@ -73,17 +70,42 @@ def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
     return Instances(instances, config.max_batch_size, config.max_message_size), loader
 
 
+def _remote(node: dict, where: str):
+    from pydantic import ValidationError
+
+    from casbah.config import ConfigError, format_validation_error
+    from casbah.storage.remote import RemoteOptions, remote_from_options
+
+    try:
+        return remote_from_options(RemoteOptions.model_validate(node))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> ActionCache:
+    """A `remote` node forwards to the upstream's ActionCache; any other node is a
+    storage node holding serialized ActionResults."""
+    if isinstance(node, dict) and node.get("kind") == "remote":
+        return RemoteActionCache(_remote(node, where))
+    try:
+        return StorageActionCache(loader.build(node, where))
+    except ValueError as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+
+
 def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str) -> AssetSettings:
     spec = inst.asset_index
     spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
     index: AssetIndex
     if spec.get("kind") == "memory":
         index = MemoryAssetIndex()
+    elif spec.get("kind") == "remote":
+        index = RemoteAssetIndex(_remote(spec, f"{where}.asset-index"))
     elif spec.get("kind") == "sqlite":
         safe = "default" if not name else "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / f"{safe}.sqlite")
     else:
-        raise InvalidArgument(f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite)")
+        raise InvalidArgument(f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite, remote)")
     origin = None
     if inst.origin_fetch is not None:
         origin = OriginFetcher(inst.origin_fetch.allow, Path(config.data_dir) / "origin-tmp", inst.origin_fetch.git)

@@ -78,29 +78,60 @@ def _tool_name(context) -> str:
     return ""
 
 
+#: Candidates read from the index per round: a fetch almost always takes the first.
+CANDIDATE_PAGE = 16
+
+
+async def missing_content(instance: Instance, trees: CompleteTrees, kind: AssetKind, root: Digest,
+                          blobs: tuple[Digest, ...] | list[Digest],
+                          directories: tuple[Digest, ...] | list[Digest]) -> list[Digest]:
+    """What an asset names that CAS lacks: its blob or tree, and the content it keeps alive.
+
+    Push refuses an asset with missing content; Fetch skips one, because serving
+    it would hand the client a digest (or references) it then cannot download.
+    """
+    must_exist = [d for d in ([root] if kind is AssetKind.BLOB else []) + list(blobs) if not is_empty_blob(d)]
+    missing = list(await instance.cas.find_missing(must_exist)) if must_exist else []
+    for tree in ([root] if kind is AssetKind.DIRECTORY else []) + list(directories):
+        missing.extend(await trees.missing(instance.cas, tree))
+    return missing
+
+
 class FetchService(ra_grpc.FetchServicer):
     def __init__(self, instances: Instances) -> None:
         self.instances = instances
         self.trees = CompleteTrees()
 
     async def _complete(self, instance: Instance, record: AssetRecord) -> bool:
-        if record.kind is AssetKind.BLOB:
-            return is_empty_blob(record.digest) or await instance.cas.has(record.digest)
-        return not await self.trees.missing(instance.cas, record.digest)
+        try:
+            missing = await missing_content(instance, self.trees, record.kind, record.digest,
+                                            record.references_blobs, record.references_directories)
+        except InvalidArgument as exc:  # a stored "Directory" that does not parse: unusable
+            log.warning("asset %s: content %s is corrupt: %s", record.uris[0], record.digest, exc)
+            return False
+        if missing:
+            log.info("asset %s: %d blob(s) of %s left CAS (e.g. %s); skipping it",
+                     record.uris[0], len(missing), record.digest, missing[0])
+        return not missing
 
     async def _lookup(self, instance: Instance, kind: AssetKind, request) -> tuple[AssetRecord | None, str]:
         uris, qualifiers = validate(request.uris, request.qualifiers)
         function = DigestFunction.from_proto(request.digest_function)
         oldest = _timestamp_seconds(request.oldest_content_accepted)
+        index = _settings(instance).index
         now = time.time()
-        for record in await _settings(instance).index.candidates(kind, uris, qualifiers, function):
-            if record.expired(now) or (oldest is not None and record.pushed_at < oldest):
-                continue
-            if await self._complete(instance, record):
-                uri = next(u for u in uris if u in record.uris)
-                return record, uri
-            log.info("asset %s: content %s is incomplete in CAS; skipping it", uris[0], record.digest)
-        return None, uris[0]
+        offset = 0
+        while True:
+            page = await index.candidates(kind, uris, qualifiers, function, limit=CANDIDATE_PAGE, offset=offset)
+            for record in page:
+                if record.expired(now) or (oldest is not None and record.pushed_at < oldest):
+                    continue
+                if await self._complete(instance, record):
+                    uri = next(u for u in uris if u in record.uris)
+                    return record, uri
+            if len(page) < CANDIDATE_PAGE:
+                return None, uris[0]
+            offset += CANDIDATE_PAGE
 
     async def _origin(self, instance: Instance, kind: AssetKind, request) -> tuple[AssetRecord | None, str]:
         """On a miss: fetch from the origin if this instance allows it for one of the URIs."""
@@ -109,6 +140,8 @@ class FetchService(ra_grpc.FetchServicer):
             return None, ""
         uris, qualifiers = validate(request.uris, request.qualifiers)
         allowed = [u for u in uris if settings.origin.allowed(u)]
+        if kind is AssetKind.BLOB:
+            allowed = [u for u in allowed if u.startswith(("http://", "https://"))]
         if not allowed:
             return None, ""
         unknown = sorted(set(qualifiers) - ORIGIN_QUALIFIERS)
@@ -126,7 +159,8 @@ class FetchService(ra_grpc.FetchServicer):
                 else:
                     commit = qualifiers.get("vcs.commit")
                     if commit is None:
-                        raise InvalidArgument("origin fetch of a directory needs a vcs.commit qualifier")
+                        # Not a malformed request (the index may hold the asset): a miss, explained.
+                        raise NotFound(f"{uri}: an origin fetch of a directory needs a vcs.commit qualifier")
                     digest = await settings.origin.fetch_git(instance.cas, uri, commit, function, timeout)
             except InvalidArgument:
                 raise
@@ -202,10 +236,8 @@ class PushService(ra_grpc.PushServicer):
         directories = [digest(d) for d in request.references_directories]
         # The content must be in CAS before it is named (REAPI): FAILED_PRECONDITION,
         # the code for "the system is not in the state this call needs", naming what is missing.
-        must_exist = [d for d in ([root] if kind is AssetKind.BLOB else []) + blobs if not is_empty_blob(d)]
-        missing = await instance.cas.find_missing(must_exist) if must_exist else []
-        for tree in ([root] if kind is AssetKind.DIRECTORY else []) + directories:
-            missing.extend(await self.trees.missing(instance.cas, tree))
+        # A "Directory" that does not parse is the client's error: INVALID_ARGUMENT.
+        missing = await missing_content(instance, self.trees, kind, root, blobs, directories)
         if missing:
             raise FailedPrecondition(
                 f"cannot push {uris[0]}: {len(missing)} blob(s) it names are not in CAS, e.g. {missing[0]}; "

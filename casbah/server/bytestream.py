@@ -6,6 +6,12 @@ before `finish_write`, the session (and the storage write, with its temporary
 file) stays alive for `SESSION_TTL` seconds, so the client can ask
 QueryWriteStatus and resume from `committed_size` on a new stream, as Bazel does.
 A one-message write skips the session and goes to storage in one call.
+
+A session belongs to the newest stream writing it: a client that resumes while
+its old stream is still alive on the server (it has not yet noticed the break)
+takes the session over, and the old stream can neither feed, park nor close it.
+Storage may end a write without reading it when the blob already exists (another
+client stored it first); the upload then ends early, as REAPI allows.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from casbah import compression
 from casbah.digest import is_empty_blob
-from casbah.errors import InvalidArgument, NotFound, OutOfRange
+from casbah.errors import Aborted, InvalidArgument, NotFound, OutOfRange
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.base import Instances, rpc, rpc_stream
@@ -31,6 +37,10 @@ _QUEUE_DEPTH = 8
 _END = None
 
 
+class AlreadyStored(Exception):
+    """Storage ended the write without the rest of the data: the blob is already there."""
+
+
 class UploadSession:
     """One in-progress upload: a queue feeding a running `Storage.write`."""
 
@@ -41,6 +51,11 @@ class UploadSession:
         self._sessions = sessions
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE_DEPTH)
         self._expiry: asyncio.TimerHandle | None = None
+        #: The stream that owns the session (see the module docstring).
+        self.owner: object | None = None
+        #: Held from the offset check to the end of the feed, so two streams of one
+        #: upload never both append the bytes after the same committed offset.
+        self.lock = asyncio.Lock()
         stream = self._drain()
         if resource.compressor:
             stream = compression.decompress_stream(stream, resource.digest.size)
@@ -51,18 +66,25 @@ class UploadSession:
         while (chunk := await self._queue.get()) is not _END:
             yield chunk
 
-    async def feed(self, data: bytes | None) -> None:
+    def _check_task(self) -> None:
+        """Raise what ended the storage write early (an error, or AlreadyStored)."""
         if self.task.done():
             self.task.result()  # raises what stopped the write
-            raise InvalidArgument(f"upload of {self.resource.digest} is already complete")
+            raise AlreadyStored(str(self.resource.digest))
+
+    async def feed(self, data: bytes | None) -> None:
+        self._check_task()
         try:
             self._queue.put_nowait(data)
         except asyncio.QueueFull:
             put = asyncio.ensure_future(self._queue.put(data))
-            await asyncio.wait((put, self.task), return_when=asyncio.FIRST_COMPLETED)
-            if not put.done():
-                put.cancel()
-                self.task.result()
+            try:
+                await asyncio.wait((put, self.task), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not put.done():
+                    put.cancel()
+            if put.cancelled():
+                self._check_task()
         if data:
             self.committed += len(data)
 
@@ -86,6 +108,12 @@ class UploadSession:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+
+    def attach(self) -> object:
+        """A stream starts (or resumes) writing: it becomes the owner; returns its token."""
+        self.resume()
+        self.owner = token = object()
+        return token
 
     def close(self) -> None:
         self.resume()
@@ -151,28 +179,36 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 await instance.cas.write_bytes(digest, data)
                 return bs_pb2.WriteResponse(committed_size=len(first.data))
             session = UploadSession(key, resource, instance.cas, self.sessions)
-        else:
-            session.resume()
+        token = session.attach()
         try:
             request = first
             while True:
                 if request is not first and request.resource_name and request.resource_name != name:
                     raise InvalidArgument("resource_name changed in the middle of a Write stream")
-                await self._accept(session, request)
-                if request.finish_write:
-                    await session.finish()
-                    return bs_pb2.WriteResponse(committed_size=session.committed)
+                async with session.lock:
+                    if session.owner is not token:
+                        raise Aborted(f"upload {name!r} was resumed on another stream")
+                    await self._accept(session, request)
+                    if request.finish_write:
+                        await session.finish()
+                        return bs_pb2.WriteResponse(committed_size=session.committed)
                 request = await anext(aiter(request_iterator), None)
                 if request is None:
-                    session.park()
+                    if session.owner is token:
+                        session.park()
                     raise InvalidArgument(
                         f"Write stream for {name!r} ended before finish_write at {session.committed} bytes"
                     )
+        except AlreadyStored:
+            session.close()
+            # Early return: another upload stored the blob meanwhile.  -1 for compressed writes (REAPI).
+            return bs_pb2.WriteResponse(committed_size=-1 if resource.compressor else digest.size)
         except asyncio.CancelledError:
-            session.park()
+            if session.owner is token:
+                session.park()
             raise
         except BaseException:
-            if not session.parked:
+            if session.owner is token and not session.parked:
                 session.close()
             raise
 
@@ -194,10 +230,12 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         instance = self.instances.get(resource.instance, "bytestream")
         key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
         session = self.sessions.get(key)
-        if session is not None:
+        if session is not None and not session.task.done():
             return bs_pb2.QueryWriteStatusResponse(committed_size=session.committed, complete=False)
         if is_empty_blob(resource.digest) or await instance.cas.has(resource.digest):
             return bs_pb2.QueryWriteStatusResponse(committed_size=resource.digest.size, complete=True)
+        if session is not None:  # its write failed: the client learns why when it resumes
+            return bs_pb2.QueryWriteStatusResponse(committed_size=session.committed, complete=False)
         raise NotFound(f"no upload in progress for {request.resource_name!r}")
 
     async def close(self) -> None:

@@ -39,7 +39,11 @@ class ReferenceStorageService(bst_grpc.ReferenceStorageServicer):
         for record in candidates:
             if record.expired(now):
                 continue
-            if not await self.trees.missing(instance.cas, record.digest):
+            try:
+                incomplete = await self.trees.missing(instance.cas, record.digest)
+            except InvalidArgument:  # a stored "Directory" that does not parse: unusable, skip it
+                continue
+            if not incomplete:
                 return bst_pb2.GetReferenceResponse(
                     digest=re_pb2.Digest(hash=record.digest.hash, size_bytes=record.digest.size)
                 )

@@ -47,3 +47,39 @@ class StorageActionCache(ActionCache):
 
     async def close(self) -> None:
         await self.storage.close()
+
+
+class RemoteActionCache(ActionCache):
+    """Forwards to an upstream's ActionCache (a proxy instance behaves like its upstream)."""
+
+    def __init__(self, remote) -> None:
+        self.remote = remote
+
+    async def get(self, action: Digest) -> bytes | None:
+        from casbah.errors import NotFound
+        from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+
+        stubs = self.remote.stubs()
+        request = re_pb2.GetActionResultRequest(
+            instance_name=self.remote.instance, digest_function=action.function.proto_value,
+            action_digest=re_pb2.Digest(hash=action.hash, size_bytes=action.size),
+        )
+        try:
+            result = await self.remote.unary(stubs.action_cache.GetActionResult, request, "GetActionResult")
+        except NotFound:
+            return None
+        return result.SerializeToString(deterministic=True)
+
+    async def put(self, action: Digest, result: bytes) -> None:
+        from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+
+        stubs = self.remote.stubs()
+        request = re_pb2.UpdateActionResultRequest(
+            instance_name=self.remote.instance, digest_function=action.function.proto_value,
+            action_digest=re_pb2.Digest(hash=action.hash, size_bytes=action.size),
+            action_result=re_pb2.ActionResult.FromString(result),
+        )
+        await self.remote.unary(stubs.action_cache.UpdateActionResult, request, "UpdateActionResult")
+
+    async def close(self) -> None:
+        await self.remote.close()

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 from casbah.digest import Digest, Hasher, is_empty_blob
-from casbah.errors import BlobNotFound, DigestMismatch, OutOfRange
+from casbah.errors import BlobNotFound, DigestMismatch, InvalidArgument, OutOfRange
 
 #: Chunk size for streams produced by storage: big enough that per-chunk overhead
 #: (a thread hop, a gRPC message) is small against the copy, small enough to keep
@@ -144,7 +144,7 @@ def check_range(digest: Digest, size: int, offset: int, limit: int) -> int:
     if offset < 0 or offset > size:
         raise OutOfRange(f"read offset {offset} is outside blob {digest} of {size} bytes")
     if limit < 0:
-        raise OutOfRange(f"read limit {limit} is negative")
+        raise InvalidArgument(f"read limit {limit} is negative")  # ByteStream: INVALID_ARGUMENT
     remaining = size - offset
     return remaining if limit == 0 else min(limit, remaining)
 

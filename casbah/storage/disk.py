@@ -3,40 +3,57 @@
 Layout: `objects/<2 hex>/<key>` (key = `hash-size`, or `blake3-hash-size`) and
 `tmp/` for writes in progress.  A write goes to `tmp/`, is hashed as it is written,
 and is renamed into `objects/` only once verified, so a reader (or a restart after
-SIGKILL) never sees a partial blob; `tmp/` is emptied at startup.
+SIGKILL) never sees a partial blob; `tmp/` is emptied at startup, and an object
+file whose size is not the one its name says (a machine crash without fsync) is
+removed then too.
 
 The index of what is stored (and in which LRU order) lives in memory, built once
 at startup from one scan: FindMissingBlobs is then a dictionary lookup, and no
-request rescans the tree.  Last use survives restarts approximately: touched
-blobs get their mtime refreshed in the background, and the startup scan orders by
-mtime.  Blobs that are being read are pinned and never evicted.
+request rescans the tree.  Last use survives restarts approximately: the time of
+each use is recorded, written to the files' mtimes in the background (and on
+close), and the startup scan orders by mtime.
 
-Blocking work runs in threads, one hop per chunk (1 MiB) or per batch.
+Quota: `_used` counts indexed bytes, `_reserved` the bytes of writes in flight;
+a write reserves its size before reading any data (evicting least recently used
+blobs to make room), so concurrent writes cannot overshoot the quota together.
+Blobs that are being read, or committed by a writer, are pinned and never
+evicted; when only pinned blobs could make room the write fails with
+RESOURCE_EXHAUSTED and nothing is evicted.
+
+Blocking work runs in threads, one hop per chunk (1 MiB) or per batch.  Files are
+only ever unlinked and renamed-over under ordering rules (see `_unlinking` and
+`_committing`) so that an eviction racing a re-upload of the same blob cannot
+leave the index naming a file that is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
+import shutil
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from casbah.config import parse_size
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import BlobNotFound, ResourceExhausted
-from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, Verifier, check_range
+from casbah.errors import BlobNotFound, DigestMismatch, ResourceExhausted
+from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, Verifier, check_range, empty_stream
 from casbah.storage.loader import NodeOptions, register
 
 log = logging.getLogger(__name__)
 
 _TOUCH_INTERVAL = 60.0
 _FUNCTIONS = {f.value: f for f in DigestFunction}
+_HEX = frozenset("0123456789abcdef")
 
 
 class DiskStorage(Storage):
@@ -49,12 +66,20 @@ class DiskStorage(Storage):
         self.fsync = fsync
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
+        #: digest -> stored size, least recently used first.
         self._index: OrderedDict[Digest, int] = OrderedDict()
         self._used = 0
         self._reserved = 0
+        #: Open read streams per digest: never evicted while > 0.
         self._pins: dict[Digest, int] = {}
-        self._pin_sizes: dict[Digest, int] = {}
-        self._touched: set[Digest] = set()
+        #: Writers renaming a file into place per digest: never evicted or deleted
+        #: meanwhile, or the unlink could land after the rename.
+        self._committing: dict[Digest, int] = {}
+        #: Digests whose file an unlink hop is removing: a writer of one of them
+        #: waits for that hop before renaming its file into place.
+        self._unlinking: dict[Digest, asyncio.Future] = {}
+        #: Last use (time.time()) of blobs used since the last flush to mtimes.
+        self._touched: dict[Digest, float] = {}
         self._touch_task: asyncio.Task | None = None
         self._counter = itertools.count()
         self.evictions = 0
@@ -69,21 +94,34 @@ class DiskStorage(Storage):
         self._tmp.mkdir(parents=True, exist_ok=True)
         orphans = 0
         for entry in os.scandir(self._tmp):
-            os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
             orphans += 1
-        found: list[tuple[float, Digest, int]] = []
+        found: list[tuple[int, Digest, int]] = []
         dropped = 0
         for prefix in os.scandir(self._objects):
+            if not prefix.is_dir(follow_symlinks=False):
+                continue
             for entry in os.scandir(prefix.path):
                 digest = _parse_key(entry.name)
-                st = entry.stat()
-                if digest is None or (self.verify and st.st_size != digest.size):
+                st = entry.stat(follow_symlinks=False)
+                if (
+                    digest is None
+                    or not entry.is_file(follow_symlinks=False)
+                    or digest.hash[:2] != prefix.name
+                    or (self.verify and st.st_size != digest.size)
+                ):
                     # Not ours, or truncated by a crash of the machine (not of casbah,
                     # whose renames are atomic): never serve it.
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
                     dropped += 1
                     continue
-                found.append((st.st_mtime, digest, st.st_size))
+                found.append((st.st_mtime_ns, digest, st.st_size))
         found.sort(key=lambda item: item[0])
         for _, digest, size in found:
             self._index[digest] = size
@@ -103,10 +141,11 @@ class DiskStorage(Storage):
         index = self._index
         missing = []
         touched = self._touched
+        now = time.time()
         for digest in digests:
             if digest in index:
                 index.move_to_end(digest)
-                touched.add(digest)
+                touched[digest] = now
             else:
                 missing.append(digest)
         self._schedule_touch()
@@ -120,19 +159,26 @@ class DiskStorage(Storage):
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
         size = self._lookup(digest)
         count = check_range(digest, size, offset, limit)
+        if count == 0:
+            return empty_stream()
         self._pin(digest)
         if count <= CHUNK_SIZE:
             try:
                 data = await asyncio.to_thread(self._read_range, digest, offset, count)
             finally:
                 self._unpin(digest)
+            if data is None or len(data) != count:
+                self._lost(digest, data is not None)
             return _single(data)
         try:
-            handle = await asyncio.to_thread(self._open_at, digest, offset)
+            handle = await asyncio.to_thread(self._open_at, digest)
         except BaseException:
             self._unpin(digest)
             raise
-        return _FileReader(self, digest, handle, count)
+        if handle is None:
+            self._unpin(digest)
+            self._lost(digest, False)
+        return _FileReader(self, digest, handle, offset, count)
 
     def _lookup(self, digest: Digest) -> int:
         try:
@@ -140,43 +186,79 @@ class DiskStorage(Storage):
         except KeyError:
             raise BlobNotFound(digest) from None
         self._index.move_to_end(digest)
-        self._touched.add(digest)
-        self._schedule_touch()
+        self._touch(digest)
         return size
 
-    def _read_range(self, digest: Digest, offset: int, count: int) -> bytes:
+    def _read_range(self, digest: Digest, offset: int, count: int) -> bytes | None:
         try:
-            with open(self._path(digest), "rb", buffering=0) as f:
-                if offset:
-                    f.seek(offset)
-                return f.read(count) if count else b""
+            fd = os.open(self._path(digest), os.O_RDONLY)
         except FileNotFoundError:
-            raise BlobNotFound(digest, "removed from disk behind casbah's back") from None
+            return None
+        try:
+            return _pread_all(fd, offset, count)
+        finally:
+            os.close(fd)
 
-    def _open_at(self, digest: Digest, offset: int):
+    def _open_at(self, digest: Digest) -> int | None:
         try:
-            f = open(self._path(digest), "rb", buffering=0)
+            return os.open(self._path(digest), os.O_RDONLY)
         except FileNotFoundError:
-            raise BlobNotFound(digest, "removed from disk behind casbah's back") from None
-        f.seek(offset)
-        return f
+            return None
+
+    def _lost(self, digest: Digest, truncated: bool) -> None:
+        """A file the index names is gone or short: stop naming it, and say NOT_FOUND.
+
+        Only happens when something outside casbah removed or damaged the file
+        (or an explicit delete raced the read); the blob must then stop being
+        reported present, or FindMissingBlobs would keep lying about it.
+        """
+        if truncated:
+            if digest in self._index and digest not in self._committing:
+                self._used -= self._index.pop(digest)
+                self._start_unlinks([digest], self._unlink_all, [digest])
+            raise BlobNotFound(digest, "its file on disk is truncated; removed")
+        if digest in self._index and not os.path.exists(self._path(digest)):
+            self._used -= self._index.pop(digest)
+        raise BlobNotFound(digest, "removed from disk behind casbah's back")
 
     async def read_bytes(self, digest: Digest) -> bytes:
         size = self._lookup(digest)
         self._pin(digest)
         try:
-            return await asyncio.to_thread(self._read_range, digest, 0, size)
+            data = await asyncio.to_thread(self._read_range, digest, 0, size)
         finally:
             self._unpin(digest)
+        if data is None or len(data) != size:
+            self._lost(digest, data is not None)
+        return data
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         index = self._index
         present = [d for d in digests if d in index]
+        if not present:
+            return {}
         for digest in present:
             index.move_to_end(digest)
-            self._touched.add(digest)
-        self._schedule_touch()
-        return await asyncio.to_thread(self._read_batch, present)
+            self._touch(digest)
+            self._pin(digest)
+        try:
+            found = await asyncio.to_thread(self._read_batch, present)
+        finally:
+            for digest in present:
+                self._unpin(digest)
+        for digest in present:
+            if digest not in found:
+                try:
+                    self._lost(digest, False)
+                except BlobNotFound:
+                    pass
+            elif self.verify and len(found[digest]) != digest.size:
+                del found[digest]
+                try:
+                    self._lost(digest, True)
+                except BlobNotFound:
+                    pass
+        return found
 
     def _read_batch(self, digests: list[Digest]) -> dict[Digest, bytes]:
         found = {}
@@ -184,7 +266,7 @@ class DiskStorage(Storage):
         for digest in digests:
             try:
                 with open(path(digest), "rb", buffering=0) as f:
-                    found[digest] = f.read()
+                    found[digest] = f.readall()
             except FileNotFoundError:
                 continue
         return found
@@ -194,30 +276,62 @@ class DiskStorage(Storage):
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         if self.verify and digest in self._index:
             self._index.move_to_end(digest)
+            self._touch(digest)
             return  # content-addressed: the stored bytes are these bytes
-        reserved = await self._reserve(digest.size if self.verify else 0)
-        verifier = self.verifier(digest)
-        tmp = self._tmp_path(digest)
-        handle = None
+        # With verification the size is known up front: reserve it before reading any
+        # data.  Without (ActionCache entries), the size is known only at the end.
+        reserved = digest.size if self.verify else 0
+        victims = self._make_room(reserved)
+        self._reserved += reserved
+        tmp = _TmpFile(self._tmp_path(digest), self.verifier(digest), self.fsync)
+        committing = False
+        stored = -1
+        cancelled = False
         try:
+            if victims:
+                await asyncio.shield(self._start_unlinks(victims, self._unlink_all, victims))
             buffered: list[bytes] = []
             pending = 0
             async for chunk in chunks:
+                if not chunk:
+                    continue
                 buffered.append(chunk)
                 pending += len(chunk)
-                if self.verify and verifier.received + pending > digest.size:
-                    verifier.update(b"".join(buffered))  # raises DigestMismatch: too long
+                if self.verify and tmp.verifier.received + pending > digest.size:
+                    raise DigestMismatch(
+                        f"upload for {digest} has more than the {digest.size} bytes its digest names"
+                    )
                 if pending >= CHUNK_SIZE:
-                    handle = await asyncio.to_thread(self._append, handle, tmp, verifier, buffered)
+                    tmp.started = True
+                    await asyncio.to_thread(tmp.append, buffered)
                     buffered, pending = [], 0
-            size = await asyncio.to_thread(self._commit, handle, tmp, verifier, buffered, digest)
-            handle = None
+            if not self.verify:
+                extra = tmp.verifier.received + pending
+                victims = self._make_room(extra)
+                self._reserved += extra
+                reserved += extra
+                if victims:
+                    await asyncio.shield(self._start_unlinks(victims, self._unlink_all, victims))
+            self._begin_commit(digest)
+            committing = True
+            await self._wait_unlinked((digest,))
+            tmp.started = True
+            loop = asyncio.get_running_loop()
+            stored, cancelled = await _run_to_end(loop.run_in_executor(None, tmp.commit, buffered, self._path(digest)))
         except BaseException:
-            await asyncio.to_thread(_discard, handle, tmp)
+            if tmp.started:
+                # Runs after any append still in flight (the file's lock orders them),
+                # so the temporary file cannot reappear behind the unlink.
+                await asyncio.to_thread(tmp.discard)
             raise
         finally:
             self._reserved -= reserved
-        self._add(digest, size)
+            if committing:
+                self._end_commit(digest)
+            if stored >= 0:
+                self._add(digest, stored)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def write_bytes(self, digest: Digest, data: bytes) -> None:
         results = await self.write_many([(digest, data)])
@@ -225,57 +339,71 @@ class DiskStorage(Storage):
             raise results[0]
 
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
-        todo = [(d, data) for d, data in blobs if not (self.verify and d in self._index)]
-        reserved = await self._reserve(sum(len(data) for _, data in todo)) if todo else 0
+        results: list[Exception | None] = [None] * len(blobs)
+        todo: list[tuple[int, Digest, bytes]] = []
+        for pos, (digest, data) in enumerate(blobs):
+            if self.verify:
+                if len(data) != digest.size:
+                    results[pos] = DigestMismatch(
+                        f"upload for {digest} has {len(data)} bytes, its digest names {digest.size}"
+                    )
+                    continue
+                if digest in self._index:
+                    self._index.move_to_end(digest)
+                    self._touch(digest)
+                    continue
+            todo.append((pos, digest, data))
+        if not todo:
+            return results
+        for _, digest, _ in todo:  # before making room: never evict what this batch writes
+            self._begin_commit(digest)
+        reserved = 0
+        victims: list[Digest] = []
+        accepted: list[tuple[int, Digest, bytes]] = []
         try:
-            outcome = await asyncio.to_thread(self._write_batch, todo) if todo else {}
+            for pos, digest, data in todo:
+                try:
+                    victims.extend(self._make_room(len(data)))
+                except ResourceExhausted as exc:
+                    results[pos] = exc
+                    continue
+                self._reserved += len(data)
+                reserved += len(data)
+                accepted.append((pos, digest, data))
+            await self._wait_unlinked(d for _, d, _ in accepted)
+            hop = self._start_unlinks(victims, self._unlink_and_write, victims, accepted)
+            outcome, cancelled = await _run_to_end(hop)
         finally:
             self._reserved -= reserved
-        results: list[Exception | None] = []
-        for digest, data in blobs:
-            error = outcome.get(digest)
+            for _, digest, _ in todo:
+                self._end_commit(digest)
+        for (pos, digest, data), error in zip(accepted, outcome, strict=True):
             if error is None:
                 self._add(digest, len(data))
-            results.append(error)
+            else:
+                results[pos] = error
+        if cancelled:
+            raise asyncio.CancelledError
         return results
 
-    def _write_batch(self, blobs: list[tuple[Digest, bytes]]) -> dict[Digest, Exception]:
-        errors: dict[Digest, Exception] = {}
-        for digest, data in blobs:
-            tmp = self._tmp_path(digest)
+    def _unlink_and_write(
+        self, victims: list[Digest], blobs: list[tuple[int, Digest, bytes]]
+    ) -> list[Exception | None]:
+        """One thread hop for a whole batch: evict what must go, then store each blob."""
+        self._unlink_all(victims)
+        errors: list[Exception | None] = []
+        for _, digest, data in blobs:
+            tmp = _TmpFile(self._tmp_path(digest), self.verifier(digest), self.fsync)
             try:
-                self._commit(None, tmp, self.verifier(digest), [data], digest)
+                tmp.commit([data], self._path(digest))
+                errors.append(None)
             except Exception as exc:
-                _discard(None, tmp)
-                errors[digest] = exc
+                tmp.discard()
+                errors.append(exc)
         return errors
 
     def _tmp_path(self, digest: Digest) -> str:
         return f"{self._tmp}/{digest.key}.{os.getpid()}.{next(self._counter)}"
-
-    def _append(self, handle, tmp: str, verifier: Verifier, chunks: list[bytes]):
-        if handle is None:
-            handle = open(tmp, "wb", buffering=0)
-        for chunk in chunks:
-            verifier.update(chunk)
-            handle.write(chunk)
-        return handle
-
-    def _commit(self, handle, tmp: str, verifier: Verifier, chunks: list[bytes], digest: Digest) -> int:
-        """Write the tail, verify, and make the blob visible by an atomic rename."""
-        if handle is None:
-            handle = open(tmp, "wb", buffering=0)
-        for chunk in chunks:
-            verifier.update(chunk)
-            handle.write(chunk)
-        try:
-            verifier.finish()
-            if self.fsync:
-                os.fsync(handle.fileno())
-        finally:
-            handle.close()
-        os.replace(tmp, self._path(digest))
-        return verifier.received
 
     def _add(self, digest: Digest, size: int) -> None:
         old = self._index.pop(digest, None)
@@ -283,35 +411,79 @@ class DiskStorage(Storage):
             self._used -= old
         self._index[digest] = size
         self._used += size
+        if self.max_bytes and self._used + self._reserved > self.max_bytes:
+            # Only after writes whose size was not known up front (verify=False).
+            try:
+                victims = self._make_room(0)
+            except ResourceExhausted:
+                return
+            if victims:
+                self._start_unlinks(victims, self._unlink_all, victims)
 
-    async def _reserve(self, size: int) -> int:
-        """Make room for `size` more bytes by evicting least recently used blobs."""
+    # -- quota ---------------------------------------------------------------------
+
+    def _make_room(self, size: int) -> list[Digest]:
+        """Take least recently used blobs out of the index until `size` more bytes fit.
+
+        Returns the victims, whose files the caller must unlink (`_start_unlinks`).
+        Raises ResourceExhausted, having changed nothing, when the blob is larger
+        than the quota or only pinned blobs could make room.
+        """
         if not self.max_bytes:
-            return 0
+            return []
         if size > self.max_bytes:
-            raise ResourceExhausted(f"blob of {size} bytes is larger than the disk quota ({self.max_bytes})")
-        victims: list[Digest] = []
-        skipped: list[Digest] = []
+            raise ResourceExhausted(f"blob of {size} bytes is larger than the disk quota ({self.max_bytes} bytes)")
+        excess = self._used + self._reserved + size - self.max_bytes
+        if excess <= 0:
+            return []
         index = self._index
-        while self._used + self._reserved + size > self.max_bytes and index:
+        busy = self._pins.keys() | self._committing.keys()
+        busy_bytes = sum(index.get(d, 0) for d in busy)
+        if self._used - busy_bytes < excess:
+            raise ResourceExhausted(
+                f"disk quota of {self.max_bytes} bytes is full of blobs in use or being written; "
+                f"cannot store {size} more bytes"
+            )
+        victims: list[Digest] = []
+        skipped: list[tuple[Digest, int]] = []
+        freed = 0
+        while freed < excess:
             digest, stored = index.popitem(last=False)
-            if digest in self._pins:
-                skipped.append(digest)
+            if digest in busy:
+                skipped.append((digest, stored))
                 continue
             victims.append(digest)
-            self._used -= stored
-        for digest in skipped:  # being read: keep them, as most recently used
-            index[digest] = self._pin_sizes[digest]
-        if self._used + self._reserved + size > self.max_bytes:
-            raise ResourceExhausted(
-                f"disk quota {self.max_bytes} is full of blobs in use; cannot store {size} more bytes"
-            )
-        self._reserved += size
+            freed += stored
+        for digest, stored in skipped:  # in use: keep them, as most recently used
+            index[digest] = stored
+        self._used -= freed
+        self.evictions += len(victims)
+        log.debug("disk storage %s: evicting %d blobs (%d bytes)", self.root, len(victims), freed)
+        return victims
+
+    def _start_unlinks(self, victims: list[Digest], fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Run `fn(*args)` (which unlinks `victims` first) in a thread and return its
+        future (await it shielded).  Until it finishes, writers of the victims wait."""
+        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         if victims:
-            self.evictions += len(victims)
-            log.debug("disk storage %s: evicting %d blobs", self.root, len(victims))
-            await asyncio.to_thread(self._unlink_all, victims)
-        return size
+            unlinking = self._unlinking
+            for digest in victims:
+                unlinking[digest] = future
+            future.add_done_callback(functools.partial(self._unlinked, victims))
+        return future
+
+    def _unlinked(self, victims: list[Digest], future: asyncio.Future) -> None:
+        for digest in victims:
+            if self._unlinking.get(digest) is future:
+                del self._unlinking[digest]
+
+    async def _wait_unlinked(self, digests: Iterable[Digest]) -> None:
+        unlinking = self._unlinking
+        if not unlinking:
+            return
+        pending = {unlinking[d] for d in digests if d in unlinking}
+        if pending:
+            await asyncio.wait(pending)
 
     def _unlink_all(self, digests: list[Digest]) -> None:
         for digest in digests:
@@ -319,19 +491,30 @@ class DiskStorage(Storage):
                 os.unlink(self._path(digest))
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # the index has forgotten it already: log, do not fail the caller
+                log.warning("disk storage %s: cannot remove %s: %s", self.root, digest, exc)
 
     def _pin(self, digest: Digest) -> None:
         self._pins[digest] = self._pins.get(digest, 0) + 1
-        self._pin_sizes[digest] = self._index.get(digest, self._pin_sizes.get(digest, 0))
 
     def _unpin(self, digest: Digest) -> None:
         count = self._pins.pop(digest, 1) - 1
         if count > 0:
             self._pins[digest] = count
-        else:
-            self._pin_sizes.pop(digest, None)
+
+    def _begin_commit(self, digest: Digest) -> None:
+        self._committing[digest] = self._committing.get(digest, 0) + 1
+
+    def _end_commit(self, digest: Digest) -> None:
+        count = self._committing.pop(digest, 1) - 1
+        if count > 0:
+            self._committing[digest] = count
 
     # -- last-use persistence ------------------------------------------------------
+
+    def _touch(self, digest: Digest) -> None:
+        self._touched[digest] = time.time()
+        self._schedule_touch()
 
     def _schedule_touch(self) -> None:
         if self._touch_task is None and self._touched:
@@ -346,40 +529,49 @@ class DiskStorage(Storage):
         await self.flush_touches()
 
     async def flush_touches(self) -> None:
-        touched, self._touched = self._touched, set()
+        """Write recorded last-use times to the files' mtimes (what a restart orders by)."""
+        touched, self._touched = self._touched, {}
         if touched:
             await asyncio.to_thread(self._utime_all, touched)
 
-    def _utime_all(self, digests: set[Digest]) -> None:
-        for digest in digests:
+    def _utime_all(self, touched: dict[Digest, float]) -> None:
+        for digest, when in touched.items():
             try:
-                os.utime(self._path(digest))
+                os.utime(self._path(digest), (when, when))
             except FileNotFoundError:
                 pass
 
     # -- maintenance ---------------------------------------------------------------
 
     async def delete(self, digests: Sequence[Digest]) -> int:
+        """Remove blobs.  A blob being committed by a concurrent writer stays (the
+        write wins); a blob being read is removed from the index at once, and its
+        readers finish from the open file."""
         present = []
         for digest in digests:
+            if digest in self._committing:
+                continue
             size = self._index.pop(digest, None)
             if size is not None:
                 self._used -= size
+                self._touched.pop(digest, None)
                 present.append(digest)
         if present:
-            await asyncio.to_thread(self._unlink_all, present)
+            await asyncio.shield(self._start_unlinks(present, self._unlink_all, present))
         return len(present)
 
     async def iterate(self) -> AsyncIterator[BlobInfo]:
         now = time.time()
+        touched = self._touched
         for digest, size in list(self._index.items()):
-            yield BlobInfo(digest, size, now)
+            yield BlobInfo(digest, size, touched.get(digest, now))
 
     async def stats(self) -> dict[str, int]:
         return {
             "bytes": self._used,
             "objects": len(self._index),
             "quota_bytes": self.max_bytes,
+            "reserved_bytes": self._reserved,
             "evictions": self.evictions,
         }
 
@@ -387,6 +579,8 @@ class DiskStorage(Storage):
         if self._touch_task is not None:
             self._touch_task.cancel()
             self._touch_task = None
+        if self._unlinking:
+            await asyncio.wait(set(self._unlinking.values()))
         await self.flush_touches()
 
 
@@ -394,21 +588,125 @@ def _parse_key(name: str) -> Digest | None:
     parts = name.split("-")
     try:
         if len(parts) == 2:
-            return Digest(parts[0], int(parts[1]), DigestFunction.SHA256)
-        if len(parts) == 3:
-            return Digest(parts[1], int(parts[2]), _FUNCTIONS[parts[0]])
+            digest = Digest(parts[0], int(parts[1]), DigestFunction.SHA256)
+        elif len(parts) == 3:
+            digest = Digest(parts[1], int(parts[2]), _FUNCTIONS[parts[0]])
+        else:
+            return None
     except (ValueError, KeyError):
         return None
-    return None
+    if len(digest.hash) != 64 or not _HEX.issuperset(digest.hash) or digest.size < 0 or digest.key != name:
+        return None
+    return digest
 
 
-def _discard(handle, tmp: str) -> None:
-    if handle is not None:
-        handle.close()
+async def _run_to_end(future: asyncio.Future) -> tuple[Any, bool]:
+    """Await a thread hop that must not be abandoned half-way (a commit: once the
+    rename is done the blob must be indexed).  Returns (result, whether the caller
+    was cancelled meanwhile); the caller does its bookkeeping, then re-raises."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait((future,))
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled and future.exception() is not None:
+        raise asyncio.CancelledError from future.exception()
+    return future.result(), cancelled
+
+
+def _pread_all(fd: int, offset: int, count: int) -> bytes:
+    """`count` bytes at `offset`, fewer only at end of file."""
+    data = os.pread(fd, count, offset)
+    if len(data) == count or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < count:
+        more = os.pread(fd, count - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+class _TmpFile:
+    """A blob being written in tmp/: appended to and hashed in threads, then renamed.
+
+    The lock orders the thread hops of one write, so `discard` (after a failure or a
+    cancellation) runs after any append still in flight and nothing writes to the
+    file after it has been closed and unlinked.
+    """
+
+    __slots__ = ("committed", "done", "fd", "fsync", "lock", "path", "started", "verifier")
+
+    def __init__(self, path: str, verifier: Verifier, fsync: bool) -> None:
+        self.path = path
+        self.verifier = verifier
+        self.fsync = fsync
+        self.fd = -1
+        self.lock = threading.Lock()
+        self.started = False  # set on the event loop before the first thread hop
+        self.done = False
+        self.committed = False
+
+    def _write(self, chunks: list[bytes]) -> None:
+        if self.done:
+            raise RuntimeError(f"{self.path} was discarded")
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        if not chunks:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.verifier.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def append(self, chunks: list[bytes]) -> None:
+        with self.lock:
+            self._write(chunks)
+
+    def commit(self, chunks: list[bytes], final: str) -> int:
+        """Write the tail, verify, and make the blob visible by an atomic rename."""
+        with self.lock:
+            self._write(chunks)
+            self.verifier.finish()
+            # File times come from a coarse clock (blobs written within a few ms tie);
+            # a precise mtime keeps the LRU order exact across a restart.
+            now = time.time_ns()
+            os.utime(self.fd, ns=(now, now))
+            if self.fsync:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.path, final)
+            self.committed = self.done = True
+            if self.fsync:
+                _fsync_dir(os.path.dirname(final))
+            return self.verifier.received
+
+    def discard(self) -> None:
+        with self.lock:
+            if self.committed:
+                return
+            self.done = True
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _single(data: bytes) -> AsyncIterator[bytes]:
@@ -422,34 +720,38 @@ class _FileReader:
     started never runs its `finally`, which would leak the file and the pin.
     """
 
-    def __init__(self, storage: DiskStorage, digest: Digest, handle, remaining: int) -> None:
+    def __init__(self, storage: DiskStorage, digest: Digest, fd: int, offset: int, remaining: int) -> None:
         self._storage = storage
         self._digest = digest
-        self._handle = handle
+        self._fd = fd
+        self._offset = offset
         self._remaining = remaining
 
     def __aiter__(self) -> _FileReader:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._remaining <= 0 or self._handle is None:
-            await self.aclose()
+        if self._remaining <= 0 or self._fd < 0:
+            self._release()
             raise StopAsyncIteration
         want = min(CHUNK_SIZE, self._remaining)
-        chunk = await asyncio.to_thread(self._handle.read, want)
-        if not chunk:
-            await self.aclose()
-            raise StopAsyncIteration
-        self._remaining -= len(chunk)
+        chunk = await asyncio.to_thread(_pread_all, self._fd, self._offset, want)
+        if len(chunk) != want:
+            self._release()
+            self._storage._lost(self._digest, True)
+        self._offset += want
+        self._remaining -= want
+        if self._remaining <= 0:
+            self._release()
         return chunk
 
     async def aclose(self) -> None:
         self._release()
 
     def _release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
             self._storage._unpin(self._digest)
 
     def __del__(self) -> None:

@@ -89,4 +89,13 @@ class StorageLoader:
 
 def load_builtin_kinds() -> None:
     """Import every backend module so it registers its kind."""
-    from casbah.storage import disk, memory  # noqa: F401
+    from casbah.storage import (  # noqa: F401
+        cache,
+        disk,
+        existence_cache,
+        memory,
+        remote,
+        replicated,
+        sharded,
+        size_routed,
+    )

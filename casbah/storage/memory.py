@@ -70,8 +70,8 @@ class MemoryStorage(Storage):
         return found
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
-        if self.verify and digest.size > self.max_bytes:
-            raise ResourceExhausted(f"blob {digest} is larger than the memory store ({self.max_bytes} bytes)")
+        if self.verify:
+            self._check_fits(digest, digest.size)
         verifier = self.verifier(digest)
         parts = []
         async for chunk in chunks:
@@ -81,6 +81,7 @@ class MemoryStorage(Storage):
         self._put(digest, b"".join(parts))
 
     async def write_bytes(self, digest: Digest, data: bytes) -> None:
+        self._check_fits(digest, len(data))
         verifier = self.verifier(digest)
         verifier.update(data)
         verifier.finish()
@@ -96,7 +97,14 @@ class MemoryStorage(Storage):
                 results.append(exc)
         return results
 
+    def _check_fits(self, digest: Digest, size: int) -> None:
+        """A blob larger than the whole store is refused: storing it would evict
+        everything else and then the blob itself."""
+        if size > self.max_bytes:
+            raise ResourceExhausted(f"blob {digest} is larger than the memory store ({self.max_bytes} bytes)")
+
     def _put(self, digest: Digest, data: bytes) -> None:
+        self._check_fits(digest, len(data))
         old = self._blobs.pop(digest, None)
         if old is not None:
             self._size -= len(old)

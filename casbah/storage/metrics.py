@@ -67,7 +67,7 @@ class MetricsStorage(Storage):
             self._done("read", started, False)
             raise
         self._done("read", started, True)
-        return _counted(stream, self._out)
+        return _Counted(stream, self._out)
 
     async def read_bytes(self, digest: Digest) -> bytes:
         started = time.perf_counter()
@@ -94,7 +94,7 @@ class MetricsStorage(Storage):
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         started = time.perf_counter()
         try:
-            await self.inner.write(digest, _counted(chunks, self._in))
+            await self.inner.write(digest, _Counted(chunks, self._in))
         except BaseException:
             self._done("write", started, False)
             raise
@@ -153,12 +153,31 @@ class MetricsStorage(Storage):
 _OPS = ("find_missing", "read", "read_many", "write", "write_many", "delete")
 
 
-async def _counted(stream: AsyncIterable[bytes], counter: Counter) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in stream:
-            counter.inc(len(chunk))
-            yield chunk
-    finally:
-        close = getattr(stream, "aclose", None)
+class _Counted:
+    """Counts the bytes of a stream as they pass.
+
+    A class rather than an async generator: closing an async generator that was
+    never started does not run its `finally`, so the inner stream (a disk read
+    holding an open file and a pin against eviction) would stay open until
+    garbage collection.  `aclose` here always reaches the inner stream.
+    """
+
+    __slots__ = ("_counter", "_it", "_stream")
+
+    def __init__(self, stream: AsyncIterable[bytes], counter: Counter) -> None:
+        self._stream = stream
+        self._it = aiter(stream)
+        self._counter = counter
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await anext(self._it)
+        self._counter.inc(len(chunk))
+        return chunk
+
+    async def aclose(self) -> None:
+        close = getattr(self._stream, "aclose", None)
         if close is not None:
             await close()

@@ -1,0 +1,129 @@
+"""An asyncio connection to a REAPI server: channel, stubs, retries, capabilities.
+
+Shared by the server-side pieces that forward to an upstream (the `remote`
+storage backend, the remote ActionCache, the remote asset index), so one
+upstream is one channel with one retry policy and one set of credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from casbah.client.remote import RemoteSpec, open_aio_channel
+from casbah.client.retry import RetryPolicy
+from casbah.digest import Digest, DigestFunction
+from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+
+log = logging.getLogger(__name__)
+
+#: Used when the remote does not say (no GetCapabilities, or 0): what every server takes.
+SAFE_BATCH_SIZE = 2 * 1024 * 1024
+
+
+@dataclass
+class RemoteCapabilities:
+    max_batch_size: int = SAFE_BATCH_SIZE
+    zstd: bool = False
+    digest_functions: frozenset[int] = field(default_factory=frozenset)
+
+
+class AsyncRemote:
+    """One upstream.  Channels are created lazily, inside the running event loop."""
+
+    def __init__(self, spec: RemoteSpec, policy: RetryPolicy, channel_options: list | None = None,
+                 max_message: int = 64 * 1024 * 1024) -> None:
+        self.spec = spec
+        self.policy = policy
+        self.channel_options = channel_options or []
+        self.max_message = max_message
+        self.metadata = spec.metadata()
+        self._channel: grpc.aio.Channel | None = None
+        self._caps: RemoteCapabilities | None = None
+        self._caps_lock: asyncio.Lock | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = open_aio_channel(self.spec, self.channel_options)
+            self.cas = re_grpc.ContentAddressableStorageStub(self._channel)
+            self.bytestream = bs_grpc.ByteStreamStub(self._channel)
+            self.action_cache = re_grpc.ActionCacheStub(self._channel)
+            self.capabilities_stub = re_grpc.CapabilitiesStub(self._channel)
+            self.fetch = ra_grpc.FetchStub(self._channel)
+            self.push = ra_grpc.PushStub(self._channel)
+        return self._channel
+
+    def stubs(self) -> AsyncRemote:
+        _ = self.channel
+        return self
+
+    @property
+    def instance(self) -> str:
+        return self.spec.instance
+
+    def describe(self) -> str:
+        return f"{self.spec.url}" + (f" instance {self.spec.instance!r}" if self.spec.instance else "")
+
+    async def unary(self, method, request, what: str, idempotent: bool = True):
+        """One unary call with the policy's retries and per-call timeout."""
+        return await self.policy.call(
+            lambda: method(request, metadata=self.metadata, timeout=self.policy.request_timeout),
+            f"{what} on {self.describe()}", idempotent,
+        )
+
+    async def capabilities(self) -> RemoteCapabilities:
+        if self._caps is not None:
+            return self._caps
+        if self._caps_lock is None:
+            self._caps_lock = asyncio.Lock()
+        async with self._caps_lock:
+            if self._caps is None:
+                self._caps = await self._probe()
+        return self._caps
+
+    async def _probe(self) -> RemoteCapabilities:
+        stubs = self.stubs()
+        caps = RemoteCapabilities()
+        try:
+            response = await self.policy.call(
+                lambda: stubs.capabilities_stub.GetCapabilities(
+                    re_pb2.GetCapabilitiesRequest(instance_name=self.instance), metadata=self.metadata,
+                    timeout=self.policy.request_timeout,
+                ),
+                f"GetCapabilities on {self.describe()}",
+            )
+        except Exception as exc:
+            log.warning("%s: no capabilities (%s); using a %d-byte batch limit", self.describe(), exc,
+                        SAFE_BATCH_SIZE)
+            return caps
+        cache = response.cache_capabilities
+        limit = cache.max_batch_total_size_bytes or SAFE_BATCH_SIZE
+        caps.max_batch_size = min(limit, self.max_message - 64 * 1024)
+        caps.zstd = re_pb2.Compressor.ZSTD in cache.supported_compressors
+        caps.digest_functions = frozenset(cache.digest_functions)
+        log.info("%s: batch limit %d bytes, zstd %s", self.describe(), caps.max_batch_size, caps.zstd)
+        return caps
+
+    def blob_path(self, digest: Digest, compressed: bool = False) -> str:
+        prefix = f"{self.instance}/" if self.instance else ""
+        kind = "compressed-blobs/zstd" if compressed else "blobs"
+        fn = "blake3/" if digest.function is DigestFunction.BLAKE3 else ""
+        return f"{prefix}{kind}/{fn}{digest.hash}/{digest.size}"
+
+    def upload_path(self, upload_id: str, digest: Digest, compressed: bool = False) -> str:
+        prefix = f"{self.instance}/" if self.instance else ""
+        kind = "compressed-blobs/zstd" if compressed else "blobs"
+        fn = "blake3/" if digest.function is DigestFunction.BLAKE3 else ""
+        return f"{prefix}uploads/{upload_id}/{kind}/{fn}{digest.hash}/{digest.size}"
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

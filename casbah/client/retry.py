@@ -1,0 +1,72 @@
+"""Retries with exponential backoff and full jitter, on transient gRPC codes only.
+
+UNAVAILABLE, RESOURCE_EXHAUSTED and ABORTED are always safe to retry (the server
+did not do the work, or the work is idempotent anyway: CAS writes are).
+DEADLINE_EXCEEDED is retried only for idempotent calls, since a timed-out call
+may have done its work.  Everything else is final: retrying INVALID_ARGUMENT
+(say, a digest mismatch) can only fail again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from casbah.errors import from_status
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 3
+    base_backoff: float = 0.1
+    max_backoff: float = 5.0
+    request_timeout: float | None = 60.0
+
+    def delay(self, attempt: int) -> float:
+        """Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2^n)]."""
+        return random.uniform(0, min(self.max_backoff, self.base_backoff * (2**attempt)))
+
+    def retryable(self, code: grpc.StatusCode, idempotent: bool) -> bool:
+        return code in TRANSIENT or (idempotent and code == grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    async def call(self, fn: Callable[[], Awaitable[T]], what: str, idempotent: bool = True) -> T:
+        """Run `fn` (an RPC) with retries; a final failure becomes a casbah error."""
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if attempt >= self.retries or not self.retryable(code, idempotent):
+                    raise from_status(code, f"{what}: {code.name}: {exc.details()}") from None
+                delay = self.delay(attempt)
+                log.info("%s: %s (%s); retry %d/%d in %.2fs", what, code.name, exc.details(), attempt + 1,
+                         self.retries, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def call_sync(self, fn: Callable[[], T], what: str, idempotent: bool = True) -> T:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if attempt >= self.retries or not self.retryable(code, idempotent):
+                    raise from_status(code, f"{what}: {code.name}: {exc.details()}") from None
+                delay = self.delay(attempt)
+                log.info("%s: %s; retry %d/%d in %.2fs", what, code.name, attempt + 1, self.retries, delay)
+                attempt += 1
+                time.sleep(delay)

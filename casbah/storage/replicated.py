@@ -1,0 +1,175 @@
+"""`replicated`: every blob on several backends.
+
+Writes go to all replicas at once and succeed when `quorum` of them did (default:
+all).  Reads try replicas in order; when an earlier replica lacks a blob a later
+one has, the read repairs it on the way (the stream is teed into the replica
+that missed it).  A blob is missing only if every replica lacks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+
+from pydantic import Field
+
+from casbah.digest import Digest
+from casbah.errors import BlobNotFound, CasbahError, Unavailable
+from casbah.storage.base import BlobInfo, Storage
+from casbah.storage.cache import tee_into
+from casbah.storage.loader import NodeOptions, StorageLoader, register
+
+log = logging.getLogger(__name__)
+_QUEUE = 4
+
+
+class ReplicatedStorage(Storage):
+    kind = "replicated"
+
+    def __init__(self, replicas: list[Storage], quorum: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not replicas:
+            raise ValueError("replicated storage needs at least one replica")
+        self.replicas = replicas
+        self.quorum = quorum or len(replicas)
+        if not 1 <= self.quorum <= len(replicas):
+            raise ValueError(f"quorum {self.quorum} must be between 1 and {len(replicas)}")
+        self.repairs = 0
+
+    def children(self) -> Iterable[Storage]:
+        return self.replicas
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        missing = list(digests)
+        for replica in self.replicas:
+            if not missing:
+                break
+            try:
+                missing = await replica.find_missing(missing)
+            except CasbahError as exc:
+                log.warning("replica %s: find_missing failed: %s", replica.name, exc)
+        return missing
+
+    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        lacking: list[Storage] = []
+        last: Exception = BlobNotFound(digest)
+        for replica in self.replicas:
+            try:
+                stream = await replica.read(digest, offset, limit)
+            except BlobNotFound:
+                lacking.append(replica)
+                continue
+            except CasbahError as exc:
+                log.warning("replica %s: read %s failed: %s", replica.name, digest, exc)
+                last = exc
+                continue
+            if lacking and not offset and not limit:
+                self.repairs += len(lacking)
+                for target in lacking:
+                    log.info("replicated: repairing %s on %s", digest, target.name)
+                    stream = tee_into(target, digest, stream)
+            return stream
+        raise last
+
+    async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        found: dict[Digest, bytes] = {}
+        wanted = list(digests)
+        lacking: list[tuple[Storage, list[Digest]]] = []
+        for replica in self.replicas:
+            if not wanted:
+                break
+            try:
+                got = await replica.read_many(wanted)
+            except CasbahError as exc:
+                log.warning("replica %s: read_many failed: %s", replica.name, exc)
+                continue
+            found.update(got)
+            missed = [d for d in wanted if d not in got]
+            lacking.append((replica, missed))
+            wanted = missed
+        for replica, missed in lacking:
+            repair = [(d, found[d]) for d in missed if d in found]
+            if repair:
+                self.repairs += len(repair)
+                with contextlib.suppress(CasbahError):
+                    await replica.write_many(repair)
+        return found
+
+    async def read_bytes(self, digest: Digest) -> bytes:
+        found = await self.read_many([digest])
+        if digest not in found:
+            raise BlobNotFound(digest)
+        return found[digest]
+
+    async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        """Fan one stream out to every replica; the slowest sets the pace (bounded queues)."""
+        queues = [asyncio.Queue(_QUEUE) for _ in self.replicas]
+
+        def feed(queue: asyncio.Queue) -> AsyncIterator[bytes]:
+            async def gen() -> AsyncIterator[bytes]:
+                while (chunk := await queue.get()) is not None:
+                    yield chunk
+            return gen()
+
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(r.write(digest, feed(q))) for r, q in zip(self.replicas, queues, strict=True)]
+        try:
+            async for chunk in chunks:
+                for queue, task in zip(queues, tasks, strict=True):
+                    if not task.done():
+                        await queue.put(chunk)
+            for queue, task in zip(queues, tasks, strict=True):
+                if not task.done():
+                    await queue.put(None)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        self._check_quorum(digest, results)
+
+    def _check_quorum(self, digest: Digest, results: Sequence[object]) -> None:
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(results) - len(errors) >= self.quorum:
+            for replica, result in zip(self.replicas, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("replica %s missed %s: %s", replica.name, digest, result)
+            return
+        invalid = [e for e in errors if isinstance(e, CasbahError) and e.code.name == "INVALID_ARGUMENT"]
+        if invalid:
+            raise invalid[0]
+        raise Unavailable(f"{digest}: stored on {len(results) - len(errors)} replicas, quorum is {self.quorum}: "
+                          f"{errors[0]}")
+
+    async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
+        per_replica = await asyncio.gather(*(r.write_many(blobs) for r in self.replicas), return_exceptions=True)
+        results: list[Exception | None] = []
+        for i, (digest, _) in enumerate(blobs):
+            outcomes = [r if isinstance(r, BaseException) else r[i] for r in per_replica]
+            try:
+                self._check_quorum(digest, [o if o is not None else True for o in outcomes])
+                results.append(None)
+            except CasbahError as exc:
+                results.append(exc)
+        return results
+
+    async def delete(self, digests: Sequence[Digest]) -> int:
+        counts = await asyncio.gather(*(r.delete(digests) for r in self.replicas))
+        return max(counts)
+
+    def iterate(self) -> AsyncIterator[BlobInfo]:
+        return self.replicas[0].iterate()
+
+
+class ReplicatedOptions(NodeOptions):
+    replicas: list[str | dict] = Field(min_length=1)
+    quorum: int | None = Field(default=None, ge=1)
+
+
+@register("replicated", ReplicatedOptions)
+def _build(options: ReplicatedOptions, loader: StorageLoader, path: str) -> ReplicatedStorage:
+    replicas = [loader.build(node, f"{path}.replicas[{i}]") for i, node in enumerate(options.replicas)]
+    return ReplicatedStorage(replicas, options.quorum, name=path)

@@ -1,0 +1,127 @@
+"""`sharded`: blobs spread over N backends by weighted rendezvous hashing.
+
+Each blob goes to the shard with the highest score `-weight / ln(h)`, where `h`
+is a per-(shard, digest) hash mapped into (0, 1).  Adding a shard moves only the
+blobs it now wins (its fair share); removing one moves only its own blobs.  Bulk
+calls are split per shard and run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from casbah.digest import Digest
+from casbah.storage.base import BlobInfo, Storage
+from casbah.storage.loader import NodeOptions, StorageLoader, register
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a cheap, well-mixed 64-bit hash of an integer."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+    return x ^ (x >> 31)
+
+
+class ShardedStorage(Storage):
+    kind = "sharded"
+
+    def __init__(self, shards: list[tuple[str, Storage, float]], **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not shards:
+            raise ValueError("sharded storage needs at least one shard")
+        self.shards = [store for _, store, _ in shards]
+        self.weights = [weight for _, _, weight in shards]
+        # A shard's identity is its key, not its position: reordering the list moves nothing.
+        self.seeds = [int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") for key, _, _ in shards]
+
+    def children(self) -> Iterable[Storage]:
+        return self.shards
+
+    def shard_index(self, digest: Digest) -> int:
+        base = int(digest.hash[:16], 16)
+        best, best_score = 0, -math.inf
+        for i, (seed, weight) in enumerate(zip(self.seeds, self.weights, strict=True)):
+            h = (_mix(base ^ seed) + 1) / (_MASK + 2)  # in (0, 1)
+            score = -weight / math.log(h)
+            if score > best_score:
+                best, best_score = i, score
+        return best
+
+    def _group(self, digests: Sequence[Digest]) -> dict[int, list[Digest]]:
+        groups: dict[int, list[Digest]] = {}
+        for d in digests:
+            groups.setdefault(self.shard_index(d), []).append(d)
+        return groups
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        groups = self._group(digests)
+        results = await asyncio.gather(*(self.shards[i].find_missing(g) for i, g in groups.items()))
+        missing = {d for r in results for d in r}
+        return [d for d in digests if d in missing]
+
+    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        return await self.shards[self.shard_index(digest)].read(digest, offset, limit)
+
+    async def read_bytes(self, digest: Digest) -> bytes:
+        return await self.shards[self.shard_index(digest)].read_bytes(digest)
+
+    async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        groups = self._group(digests)
+        found: dict[Digest, bytes] = {}
+        for result in await asyncio.gather(*(self.shards[i].read_many(g) for i, g in groups.items())):
+            found.update(result)
+        return found
+
+    async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        await self.shards[self.shard_index(digest)].write(digest, chunks)
+
+    async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
+        groups: dict[int, list[int]] = {}
+        for i, (d, _) in enumerate(blobs):
+            groups.setdefault(self.shard_index(d), []).append(i)
+        results: list[Exception | None] = [None] * len(blobs)
+
+        async def one(shard: int, indexes: list[int]) -> None:
+            errors = await self.shards[shard].write_many([blobs[i] for i in indexes])
+            for i, err in zip(indexes, errors, strict=True):
+                results[i] = err
+
+        await asyncio.gather(*(one(s, idx) for s, idx in groups.items()))
+        return results
+
+    async def delete(self, digests: Sequence[Digest]) -> int:
+        groups = self._group(digests)
+        return sum(await asyncio.gather(*(self.shards[i].delete(g) for i, g in groups.items())))
+
+    async def iterate(self) -> AsyncIterator[BlobInfo]:
+        for shard in self.shards:
+            async for info in shard.iterate():
+                yield info
+
+
+class ShardSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    key: str | None = Field(default=None, description="stable identity; defaults to the storage's name or index")
+    weight: float = Field(default=1.0, gt=0)
+    storage: str | dict
+
+
+class ShardedOptions(NodeOptions):
+    shards: list[ShardSpec] = Field(min_length=1)
+
+
+@register("sharded", ShardedOptions)
+def _build(options: ShardedOptions, loader: StorageLoader, path: str) -> ShardedStorage:
+    shards = []
+    for i, spec in enumerate(options.shards):
+        key = spec.key or (spec.storage if isinstance(spec.storage, str) else spec.storage.get("url", str(i)))
+        shards.append((key, loader.build(spec.storage, f"{path}.shards[{i}]"), spec.weight))
+    return ShardedStorage(shards, name=path)
