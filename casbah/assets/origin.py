@@ -188,10 +188,17 @@ class OriginFetcher:
                 except Unavailable:
                     # Servers that refuse unadvertised commits: fetch everything instead.
                     await self._git("-C", str(repo), "fetch", "-q", "--", uri, "+refs/*:refs/remotes/origin/*")
-                resolved = (await self._git("-C", str(repo), "rev-parse", "--verify", f"{commit}^{{commit}}")).strip()
+                try:
+                    resolved = (await self._git("-C", str(repo), "rev-parse", "--verify", "-q",
+                                                f"{commit}^{{commit}}")).strip()
+                except Unavailable:
+                    raise NotFound(f"{uri}: commit {commit} is not in the repository") from None
                 if resolved != commit:
                     raise FailedPrecondition(f"{uri}: commit {commit} resolved to {resolved}")
-                await self._git("--git-dir", str(repo / ".git"), "--work-tree", str(tree), "checkout", "-q", "-f",
+                # Line endings as committed, whatever the host's git config says: the same
+                # commit must give the same tree on every server.
+                await self._git("-c", "core.autocrlf=false", "-c", "core.symlinks=true",
+                                "--git-dir", str(repo / ".git"), "--work-tree", str(tree), "checkout", "-q", "-f",
                                 commit, "--", ".")
                 build = await asyncio.to_thread(build_tree, tree, function)
                 await upload_tree(cas, build)

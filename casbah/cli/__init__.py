@@ -72,8 +72,11 @@ def _apply_instance_flags(config, names: tuple[str, ...], services: str | None):
 
 def _register_subcommands() -> None:
     from casbah.cli.asset import asset
+    from casbah.cli.cache import cache
+    from casbah.cli.cas import cas
 
-    main.add_command(asset)
+    for group in (asset, cache, cas):
+        main.add_command(group)
 
 
 _register_subcommands()

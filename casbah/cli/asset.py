@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import click
 import grpc
 
-from casbah.client.remote import RemoteSpec, open_channel
+from casbah.client.channel import RemoteSpec, open_channel
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import CasbahError
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2

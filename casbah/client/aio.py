@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
-from casbah.client.remote import RemoteSpec, open_aio_channel
+from casbah.client.channel import RemoteSpec, open_aio_channel
 from casbah.client.retry import RetryPolicy
 from casbah.digest import Digest, DigestFunction
+from casbah.errors import CasbahError, Unsupported
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Used when the remote does not say (no GetCapabilities, or 0): what every server takes.
 SAFE_BATCH_SIZE = 2 * 1024 * 1024
+#: Seconds before a failed capabilities probe is tried again.
+CAPABILITIES_RETRY = 30.0
 
 
 @dataclass
@@ -47,6 +50,7 @@ class AsyncRemote:
         self._channel: grpc.aio.Channel | None = None
         self._caps: RemoteCapabilities | None = None
         self._caps_lock: asyncio.Lock | None = None
+        self._caps_retry_at: float | None = None
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -79,37 +83,46 @@ class AsyncRemote:
         )
 
     async def capabilities(self) -> RemoteCapabilities:
-        if self._caps is not None:
+        """The remote's limits, probed once.  When the probe fails (the remote is down)
+        the safe defaults are used and the probe is tried again after a while, so an
+        upstream that starts after us still gets its real limits and zstd used."""
+        loop = asyncio.get_running_loop()
+        if self._caps is not None and (self._caps_retry_at is None or loop.time() < self._caps_retry_at):
             return self._caps
         if self._caps_lock is None:
             self._caps_lock = asyncio.Lock()
         async with self._caps_lock:
-            if self._caps is None:
-                self._caps = await self._probe()
+            if self._caps is None or (self._caps_retry_at is not None and loop.time() >= self._caps_retry_at):
+                caps, ok = await self._probe()
+                self._caps = caps
+                self._caps_retry_at = None if ok else loop.time() + CAPABILITIES_RETRY
         return self._caps
 
-    async def _probe(self) -> RemoteCapabilities:
+    async def _probe(self) -> tuple[RemoteCapabilities, bool]:
         stubs = self.stubs()
         caps = RemoteCapabilities()
+        request = re_pb2.GetCapabilitiesRequest(instance_name=self.instance)
+        once = replace(self.policy, retries=0)  # a failed probe falls back at once; the real call retries
         try:
-            response = await self.policy.call(
-                lambda: stubs.capabilities_stub.GetCapabilities(
-                    re_pb2.GetCapabilitiesRequest(instance_name=self.instance), metadata=self.metadata,
-                    timeout=self.policy.request_timeout,
-                ),
+            response = await once.call(
+                lambda: stubs.capabilities_stub.GetCapabilities(request, metadata=self.metadata,
+                                                                timeout=self.policy.request_timeout),
                 f"GetCapabilities on {self.describe()}",
             )
-        except Exception as exc:
-            log.warning("%s: no capabilities (%s); using a %d-byte batch limit", self.describe(), exc,
+        except Unsupported:
+            log.info("%s has no Capabilities service; using a %d-byte batch limit", self.describe(), SAFE_BATCH_SIZE)
+            return caps, True
+        except CasbahError as exc:
+            log.warning("%s: no capabilities (%s); using a %d-byte batch limit for now", self.describe(), exc,
                         SAFE_BATCH_SIZE)
-            return caps
+            return caps, False
         cache = response.cache_capabilities
         limit = cache.max_batch_total_size_bytes or SAFE_BATCH_SIZE
         caps.max_batch_size = min(limit, self.max_message - 64 * 1024)
         caps.zstd = re_pb2.Compressor.ZSTD in cache.supported_compressors
         caps.digest_functions = frozenset(cache.digest_functions)
         log.info("%s: batch limit %d bytes, zstd %s", self.describe(), caps.max_batch_size, caps.zstd)
-        return caps
+        return caps, True
 
     def blob_path(self, digest: Digest, compressed: bool = False) -> str:
         prefix = f"{self.instance}/" if self.instance else ""

@@ -5,6 +5,11 @@ did not do the work, or the work is idempotent anyway: CAS writes are).
 DEADLINE_EXCEEDED is retried only for idempotent calls, since a timed-out call
 may have done its work.  Everything else is final: retrying INVALID_ARGUMENT
 (say, a digest mismatch) can only fail again.
+
+Both a raw `grpc.RpcError` and a casbah error carrying one of those codes count
+as transient: the remote backend raises casbah errors for failures it detects
+itself (a stalled stream, a read that ended short), and those are as worth a
+retry as the gRPC statuses they stand for.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import TypeVar
 
 import grpc
 
-from casbah.errors import from_status
+from casbah.errors import CasbahError, from_status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +37,7 @@ class RetryPolicy:
     retries: int = 3
     base_backoff: float = 0.1
     max_backoff: float = 5.0
+    #: Seconds a unary call may take, and a stream may go without progress; None = no limit.
     request_timeout: float | None = 60.0
 
     def delay(self, attempt: int) -> float:
@@ -41,18 +47,32 @@ class RetryPolicy:
     def retryable(self, code: grpc.StatusCode, idempotent: bool) -> bool:
         return code in TRANSIENT or (idempotent and code == grpc.StatusCode.DEADLINE_EXCEEDED)
 
+    def _classify(self, exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+        if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+            return exc.code(), exc.details() or ""
+        if isinstance(exc, grpc.RpcError):
+            return grpc.StatusCode.UNKNOWN, str(exc)
+        if isinstance(exc, CasbahError):
+            return exc.code, str(exc)
+        return None
+
+    def _final(self, exc: BaseException, code: grpc.StatusCode, details: str, what: str) -> BaseException:
+        if isinstance(exc, CasbahError):
+            return exc
+        return from_status(code, f"{what}: {code.name}: {details}")
+
     async def call(self, fn: Callable[[], Awaitable[T]], what: str, idempotent: bool = True) -> T:
-        """Run `fn` (an RPC) with retries; a final failure becomes a casbah error."""
+        """Run `fn` (an RPC) with retries; a final gRPC failure becomes a casbah error."""
         attempt = 0
         while True:
             try:
                 return await fn()
-            except grpc.RpcError as exc:
-                code = exc.code()
+            except (grpc.RpcError, CasbahError) as exc:
+                code, details = self._classify(exc) or (grpc.StatusCode.UNKNOWN, str(exc))
                 if attempt >= self.retries or not self.retryable(code, idempotent):
-                    raise from_status(code, f"{what}: {code.name}: {exc.details()}") from None
+                    raise self._final(exc, code, details, what) from None
                 delay = self.delay(attempt)
-                log.info("%s: %s (%s); retry %d/%d in %.2fs", what, code.name, exc.details(), attempt + 1,
+                log.info("%s: %s (%s); retry %d/%d in %.2fs", what, code.name, details, attempt + 1,
                          self.retries, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
@@ -62,10 +82,10 @@ class RetryPolicy:
         while True:
             try:
                 return fn()
-            except grpc.RpcError as exc:
-                code = exc.code()
+            except (grpc.RpcError, CasbahError) as exc:
+                code, details = self._classify(exc) or (grpc.StatusCode.UNKNOWN, str(exc))
                 if attempt >= self.retries or not self.retryable(code, idempotent):
-                    raise from_status(code, f"{what}: {code.name}: {exc.details()}") from None
+                    raise self._final(exc, code, details, what) from None
                 delay = self.delay(attempt)
                 log.info("%s: %s; retry %d/%d in %.2fs", what, code.name, attempt + 1, self.retries, delay)
                 attempt += 1

@@ -46,14 +46,20 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         except DecodeError:
             log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
             raise NotFound(f"ActionResult for action {action} is corrupt") from None
-        if instance.extras.get("check_action_results", True):
-            missing = await missing_outputs(instance.cas, result, function)
-            if missing:
-                raise NotFound(
-                    f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
-                    f"e.g. {missing[0]}"
-                )
-        await _inline(instance.cas, result, request, function)
+        try:
+            if instance.extras.get("check_action_results", True):
+                missing = await missing_outputs(instance.cas, result, function)
+                if missing:
+                    raise NotFound(
+                        f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
+                        f"e.g. {missing[0]}"
+                    )
+            await _inline(instance.cas, result, request, function)
+        except InvalidArgument as exc:
+            # The stored entry is bad (a malformed digest, a Tree blob that is not a
+            # Tree), not the request: a miss lets the client rebuild and overwrite it.
+            log.warning("ActionCache entry for %s is unusable (%s); reporting a miss", action, exc)
+            raise NotFound(f"ActionResult for action {action} is unusable: {exc}") from None
         return result
 
     @rpc
@@ -62,6 +68,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         instance.check_writable("UpdateActionResult")
         function = DigestFunction.from_proto(request.digest_function)
         action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        _referenced(request.action_result, function)  # refuse malformed digests now, not at every Get
         await instance.action_cache.put(action, request.action_result.SerializeToString(deterministic=True))
         return request.action_result
 
@@ -72,18 +79,29 @@ def _d(message, function: DigestFunction) -> Digest | None:
     return make_digest(message.hash, message.size_bytes, function)
 
 
-async def missing_outputs(cas: Storage, result, function: DigestFunction) -> list[Digest]:
-    """Every blob an ActionResult needs that CAS lacks (empty if complete)."""
-    wanted: set[Digest] = set()
+def _referenced(result, function: DigestFunction) -> tuple[set[Digest], list[Digest], list[Digest]]:
+    """(blobs, output Tree digests, output root Directory digests) an ActionResult names; validates them."""
+    blobs: set[Digest] = set()
     for f in result.output_files:
         if (d := _d(f.digest, function)) is not None:
-            wanted.add(d)
+            blobs.add(d)
     for message in (result.stdout_digest, result.stderr_digest):
         if (d := _d(message, function)) is not None:
-            wanted.add(d)
-    trees = [d for od in result.output_directories if (d := _d(od.tree_digest, function)) is not None]
-    wanted.update(trees)
-    wanted = {d for d in wanted if not is_empty_blob(d)}
+            blobs.add(d)
+    trees: list[Digest] = []
+    roots: list[Digest] = []
+    for od in result.output_directories:
+        if (d := _d(od.tree_digest, function)) is not None:
+            trees.append(d)
+        elif (d := _d(od.root_directory_digest, function)) is not None:
+            roots.append(d)  # REAPI 2.3: the directory as a Directory DAG, without a Tree
+    return blobs, trees, roots
+
+
+async def missing_outputs(cas: Storage, result, function: DigestFunction) -> list[Digest]:
+    """Every blob an ActionResult needs that CAS lacks (empty if complete)."""
+    blobs, trees, roots = _referenced(result, function)
+    wanted = {d for d in (*blobs, *trees) if not is_empty_blob(d)}
     missing = await cas.find_missing(list(wanted)) if wanted else []
     if missing:
         return missing
@@ -98,10 +116,44 @@ async def missing_outputs(cas: Storage, result, function: DigestFunction) -> lis
         except DecodeError:
             raise InvalidArgument(f"output tree {tree_digest} is not a Tree message") from None
         for directory in (tree.root, *tree.children):
-            for node in directory.files:
-                if (d := _d(node.digest, function)) is not None and not is_empty_blob(d):
-                    files.add(d)
+            _collect_files(directory, function, files)
+    if roots:
+        absent = await _walk_directories(cas, roots, function, files)
+        if absent:
+            return absent
     return await cas.find_missing(list(files)) if files else []
+
+
+def _collect_files(directory, function: DigestFunction, files: set[Digest]) -> None:
+    for node in directory.files:
+        if (d := _d(node.digest, function)) is not None and not is_empty_blob(d):
+            files.add(d)
+
+
+async def _walk_directories(cas: Storage, roots: list[Digest], function: DigestFunction,
+                            files: set[Digest]) -> list[Digest]:
+    """Collect the files of Directory DAGs into `files`; return the directories that are absent."""
+    level = [d for d in dict.fromkeys(roots) if not is_empty_blob(d)]
+    seen = set(level)
+    while level:
+        found = await cas.read_many(level)
+        absent = [d for d in level if d not in found]
+        if absent:
+            return absent
+        next_level: list[Digest] = []
+        for digest in level:
+            try:
+                directory = re_pb2.Directory.FromString(found[digest])
+            except DecodeError:
+                raise InvalidArgument(f"output directory {digest} is not a Directory message") from None
+            _collect_files(directory, function, files)
+            for node in directory.directories:
+                child = make_digest(node.digest.hash, node.digest.size_bytes, function)
+                if child not in seen and not is_empty_blob(child):
+                    seen.add(child)
+                    next_level.append(child)
+        level = next_level
+    return []
 
 
 async def _inline(cas: Storage, result, request, function: DigestFunction) -> None:

@@ -5,6 +5,12 @@ the blob is teed into the fast store while it is served, never buffered whole.
 Writes go to both (`write-through`, the default) or to the slow store only
 (`write-slow`: the fast store fills on the next read).  FindMissingBlobs asks
 the fast store first and only forwards what it lacks.
+
+The slow store's answer is the truth for writes (a write fails if the slow store
+refuses it); the fast store is best effort (a full or failing fast store never
+fails a read or a write, it only logs).  A read served from the fast store never
+touches the slow one, so an edge keeps serving what it holds while its upstream
+is down.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class CacheStorage(Storage):
         if offset or limit:
             return await self.slow.read(digest, offset, limit)  # a partial read cannot fill the cache
         stream = await self.slow.read(digest)
-        return tee_into(self.fast, digest, stream)
+        return TeeStream(self.fast, digest, stream)
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         found = await self.fast.read_many(digests)
@@ -59,7 +65,10 @@ class CacheStorage(Storage):
         if rest:
             filled = await self.slow.read_many(rest)
             if filled:
-                await self.fast.write_many(list(filled.items()))
+                try:
+                    await self.fast.write_many(list(filled.items()))
+                except CasbahError as exc:
+                    log.warning("cache %s: could not fill the fast store: %s", self.name, exc)
             found.update(filled)
         return found
 
@@ -73,14 +82,17 @@ class CacheStorage(Storage):
         if self.write_mode == "write-slow":
             await self.slow.write(digest, chunks)
             return
-        await _write_both(self.slow, self.fast, digest, chunks)
+        await write_both(self.slow, self.fast, digest, chunks)
 
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         results = await self.slow.write_many(blobs)
         if self.write_mode == "write-through":
             stored = [b for b, err in zip(blobs, results, strict=True) if err is None]
             if stored:
-                await self.fast.write_many(stored)
+                try:
+                    await self.fast.write_many(stored)
+                except CasbahError as exc:
+                    log.warning("cache %s: could not fill the fast store: %s", self.name, exc)
         return results
 
     async def delete(self, digests: Sequence[Digest]) -> int:
@@ -97,57 +109,124 @@ class CacheStorage(Storage):
     async def stats(self) -> dict[str, int]:
         return await self.fast.stats()
 
+    async def close(self) -> None:
+        await close_all(self.children())
 
-async def tee_into(target: Storage, digest: Digest, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Serve `stream` and write it into `target` at the same time (fill or repair).
 
-    The copy is best effort: if `target` refuses, the reader is still served.
-    """
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE)
+async def close_all(stores: Iterable[Storage]) -> None:
+    """Close decorated stores (inline nodes are closed by nobody else; closing is idempotent)."""
+    for store in stores:
+        try:
+            await store.close()
+        except Exception:
+            log.exception("closing %s failed", store.name)
 
-    async def feed() -> AsyncIterator[bytes]:
-        while (chunk := await queue.get()) is not None:
-            yield chunk
 
-    fill = asyncio.get_running_loop().create_task(target.write(digest, feed()))
-    ok = False
+async def put_unless_done(queue: asyncio.Queue, item: object, consumer: asyncio.Task) -> bool:
+    """Put `item` for `consumer`, unless the consumer ends first (it would never take it:
+    a plain `put` on a full queue would then wait forever).  True if the item was queued."""
+    if consumer.done():
+        return False
     try:
-        async for chunk in stream:
-            if not fill.done():
-                await queue.put(chunk)
-            yield chunk
-        ok = True
+        queue.put_nowait(item)
+        return True
+    except asyncio.QueueFull:
+        pass
+    put = asyncio.ensure_future(queue.put(item))
+    try:
+        await asyncio.wait((put, consumer), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if ok and not fill.done():
-            await queue.put(None)
+        if not put.done():
+            put.cancel()
+    return not put.cancelled()
+
+
+async def _drain(queue: asyncio.Queue) -> AsyncIterator[bytes]:
+    while (chunk := await queue.get()) is not None:
+        yield chunk
+
+
+class TeeStream:
+    """Serves `stream` and writes it into `target` at the same time (fill or repair).
+
+    The copy is best effort: if `target` refuses or fails, the reader is still
+    served.  When the reader gets to the end, the copy is awaited (so the blob is
+    in `target` when the read completes); a reader that stops early abandons the
+    copy, which then stores nothing.  A class rather than an async generator so
+    that `aclose` reaches the source stream even when iteration never started.
+    """
+
+    def __init__(self, target: Storage, digest: Digest, stream: AsyncIterator[bytes]) -> None:
+        self._target = target
+        self._digest = digest
+        self._stream = stream
+        self._it = aiter(stream)
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE)
+        self._fill: asyncio.Task | None = None
+        self._finished = False
+
+    def __aiter__(self) -> TeeStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._fill is None and not self._finished:
+            self._fill = asyncio.get_running_loop().create_task(self._target.write(self._digest, _drain(self._queue)))
+        try:
+            chunk = await anext(self._it)
+        except StopAsyncIteration:
+            await self._finish(complete=True)
+            raise
+        except BaseException:
+            await self._finish(complete=False)
+            raise
+        if self._fill is not None and not self._fill.done():
+            await put_unless_done(self._queue, chunk, self._fill)
+        return chunk
+
+    async def _finish(self, complete: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        fill = self._fill
+        if fill is None:
+            return
+        if (complete and await put_unless_done(self._queue, None, fill)) or fill.done():
             try:
                 await fill
-            except CasbahError as exc:
-                log.warning("could not copy %s into %s: %s", digest, target.name, exc)
-        else:
-            fill.cancel()
-            with contextlib.suppress(BaseException):
-                await fill
+            except asyncio.CancelledError:
+                if not fill.cancelled():
+                    raise
+            except Exception as exc:
+                log.warning("could not copy %s into %s: %s", self._digest, self._target.name, exc)
+            return
+        fill.cancel()
+        with contextlib.suppress(BaseException):
+            await fill
+
+    async def aclose(self) -> None:
+        await self._finish(complete=False)
+        close = getattr(self._stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
-async def _write_both(primary: Storage, secondary: Storage, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+async def write_both(primary: Storage, secondary: Storage, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
     """Stream one upload into two stores at once; the primary's outcome is the result.
 
-    The secondary (a cache) may fail or refuse without failing the write.
+    The secondary (a cache) may fail or refuse without failing the write.  When the
+    primary ends without reading the whole stream (it already had the blob), the
+    secondary's copy is abandoned quietly: it would fail for lack of data.
     """
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE)
-
-    async def feed() -> AsyncIterator[bytes]:
-        while (chunk := await queue.get()) is not None:
-            yield chunk
-
-    side = asyncio.get_running_loop().create_task(secondary.write(digest, feed()))
+    side = asyncio.get_running_loop().create_task(secondary.write(digest, _drain(queue)))
+    exhausted = False
 
     async def tee() -> AsyncIterator[bytes]:
+        nonlocal exhausted
         async for chunk in chunks:
-            if not side.done():
-                await queue.put(chunk)
+            await put_unless_done(queue, chunk, side)
             yield chunk
+        exhausted = True
 
     try:
         await primary.write(digest, tee())
@@ -156,12 +235,16 @@ async def _write_both(primary: Storage, secondary: Storage, digest: Digest, chun
         with contextlib.suppress(BaseException):
             await side
         raise
-    if not side.done():
-        await queue.put(None)
+    if not exhausted and not side.done():
+        side.cancel()
+        with contextlib.suppress(BaseException):
+            await side
+        return
+    await put_unless_done(queue, None, side)
     try:
         await side
     except CasbahError as exc:
-        log.warning("cache: could not fill the fast store with %s: %s", digest, exc)
+        log.warning("cache: could not fill %s with %s: %s", secondary.name, digest, exc)
 
 
 class CacheOptions(NodeOptions):

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pydantic import Field
 
 from casbah.digest import Digest
+from casbah.errors import BlobNotFound
 from casbah.storage.base import BlobInfo, Storage
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
@@ -47,7 +48,10 @@ class ExistenceCacheStorage(Storage):
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         horizon = time.monotonic() - self.ttl
         seen = self._seen
-        unknown = [d for d in digests if seen.get(d, -1.0) < horizon]
+        # `seen.get(d, horizon)`: an unknown digest is unknown even when the monotonic
+        # clock is younger than ttl (a freshly booted machine), where any fixed
+        # sentinel below `horizon` would pass for "seen".
+        unknown = [d for d in digests if seen.get(d, horizon) <= horizon]
         self.hits += len(digests) - len(unknown)
         if not unknown:
             return []
@@ -56,14 +60,30 @@ class ExistenceCacheStorage(Storage):
         self._remember(d for d in unknown if d not in absent)
         return missing
 
+    def _forget(self, digests: Iterable[Digest]) -> None:
+        """A read found it gone (evicted behind our back): stop vouching for it."""
+        for d in digests:
+            self._seen.pop(d, None)
+
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
-        return await self.inner.read(digest, offset, limit)
+        try:
+            return await self.inner.read(digest, offset, limit)
+        except BlobNotFound:
+            self._forget([digest])
+            raise
 
     async def read_bytes(self, digest: Digest) -> bytes:
-        return await self.inner.read_bytes(digest)
+        try:
+            return await self.inner.read_bytes(digest)
+        except BlobNotFound:
+            self._forget([digest])
+            raise
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        return await self.inner.read_many(digests)
+        found = await self.inner.read_many(digests)
+        if len(found) < len(digests):
+            self._forget(d for d in digests if d not in found)
+        return found
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         await self.inner.write(digest, chunks)
@@ -75,8 +95,7 @@ class ExistenceCacheStorage(Storage):
         return results
 
     async def delete(self, digests: Sequence[Digest]) -> int:
-        for d in digests:
-            self._seen.pop(d, None)
+        self._forget(digests)
         return await self.inner.delete(digests)
 
     def iterate(self) -> AsyncIterator[BlobInfo]:
@@ -85,6 +104,9 @@ class ExistenceCacheStorage(Storage):
     async def stats(self) -> dict[str, int]:
         stats = await self.inner.stats()
         return {**stats, "existence_cache_entries": len(self._seen), "existence_cache_hits": self.hits}
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 class ExistenceCacheOptions(NodeOptions):

@@ -1,22 +1,35 @@
 """`remote`: every storage call forwarded to another REAPI server.
 
-- existence: FindMissingBlobs in groups that fit a message, run concurrently;
+- existence: FindMissingBlobs in groups that fit a message (one digest function
+  a request), run concurrently;
 - small blobs: BatchReadBlobs / BatchUpdateBlobs sized by the remote's
   `max_batch_total_size_bytes` (a safe default when it does not say);
-- large blobs: ByteStream in 1 MiB chunks both ways, never whole in memory; a read
-  that loses its connection resumes from the offset already delivered;
+- large blobs: ByteStream in 1 MiB messages both ways, never whole in memory; a
+  read that loses its connection, stalls, or ends short resumes from the offset
+  already delivered;
 - zstd on the wire when the remote advertises it (`compression: auto`);
 - delete and iterate are not part of REAPI: they raise Unsupported.
 
-Writes are verified here too, before the final `finish_write` is sent, so a
-mismatching stream is abandoned instead of being offered to the remote.
+Unary calls and writes of blobs held in memory (`write_bytes`, `write_many`) are
+retried on transient failures.  A streamed `write` is not: its source (a
+client's upload) cannot be replayed, so it fails with the transient status
+(UNAVAILABLE) and the client retries, as Bazel does.  Nothing partial is ever
+stored: the remote only commits an upload once `finish_write` arrived and the
+digest verified, and `finish_write` is sent only after the stream verified here.
+
+`request-timeout` bounds each unary call, the wait for each message of a read,
+and the time a write may go without the remote accepting data (a hung remote
+cannot hold a request forever).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from google.rpc import code_pb2
@@ -24,17 +37,32 @@ from pydantic import Field
 
 from casbah import compression
 from casbah.client.aio import AsyncRemote
-from casbah.client.remote import RemoteSpec
+from casbah.client.channel import RemoteSpec
 from casbah.client.retry import RetryPolicy
-from casbah.digest import Digest
-from casbah.errors import BlobNotFound, DeadlineExceeded, DigestMismatch, Unsupported, from_status
+from casbah.config import ConfigError
+from casbah.digest import Digest, DigestFunction, is_empty_blob
+from casbah.errors import (
+    BlobNotFound,
+    CasbahError,
+    DeadlineExceeded,
+    DigestMismatch,
+    InvalidArgument,
+    Unavailable,
+    Unsupported,
+    from_status,
+)
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
-from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, Verifier
+from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, Verifier, check_range
 from casbah.storage.loader import NodeOptions, register
 
+log = logging.getLogger(__name__)
+
 FMB_GROUP = 10_000  # ~80 bytes a digest: well under any message limit
+#: Protobuf bytes per blob in a batch (digest, status, framing), counted against the limit.
+BLOB_OVERHEAD = 256
 _PARALLEL = 8
+T = TypeVar("T")
 
 
 class RemoteStorage(Storage):
@@ -58,12 +86,20 @@ class RemoteStorage(Storage):
         async with self._limit:
             return await coro
 
+    def _what(self, verb: str, digest: Digest | None = None) -> str:
+        return f"{verb}{' ' + str(digest) if digest else ''} on {self.remote.describe()}"
+
     # -- existence -----------------------------------------------------------------
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        if not digests:
+        wanted = [d for d in digests if not is_empty_blob(d)]
+        if not wanted:
             return []
-        groups = [digests[i : i + FMB_GROUP] for i in range(0, len(digests), FMB_GROUP)]
+        groups = [
+            group[i : i + FMB_GROUP]
+            for group in _by_function(wanted).values()
+            for i in range(0, len(group), FMB_GROUP)
+        ]
         results = await asyncio.gather(*(self._bounded(self._find_missing(g)) for g in groups))
         missing = {m for group in results for m in group}
         return [d for d in digests if d in missing]
@@ -81,22 +117,22 @@ class RemoteStorage(Storage):
     # -- reads ---------------------------------------------------------------------
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
-        stream = self._read_stream(digest, offset, limit, await self._zstd() and not limit)
+        expected = check_range(digest, digest.size, offset, limit)
+        if is_empty_blob(digest):
+            return _Prefetched(None, _nothing())
+        zstd = not limit and expected > 0 and await self._zstd()
+        stream = self._read_stream(digest, offset, limit, expected, zstd)
         try:
-            # The first chunk (or NOT_FOUND) must come back within the call timeout;
-            # later chunks may take as long as the blob takes.
-            first = await asyncio.wait_for(anext(stream), self.remote.policy.request_timeout)
+            # NOT_FOUND (or the failure of every retry) surfaces here, before any data.
+            first = await anext(stream)
         except StopAsyncIteration:
-            return _chain(b"", stream)
-        except TimeoutError:
-            await stream.aclose()
-            raise DeadlineExceeded(
-                f"read {digest}: {self.remote.describe()} sent nothing in {self.remote.policy.request_timeout}s"
-            ) from None
-        return _chain(first, stream)
+            first = None
+        return _Prefetched(first, stream)
 
-    async def _read_stream(self, digest: Digest, offset: int, limit: int, zstd: bool) -> AsyncIterator[bytes]:
-        """ByteStream.Read that resumes after a transient failure from what it delivered."""
+    async def _read_stream(self, digest: Digest, offset: int, limit: int, expected: int,
+                           zstd: bool) -> AsyncIterator[bytes]:
+        """ByteStream.Read that resumes from what it delivered after a transient failure,
+        a stall (no message within request-timeout) or a stream that ends short."""
         stubs = self.remote.stubs()
         policy = self.remote.policy
         delivered = 0
@@ -107,23 +143,49 @@ class RemoteStorage(Storage):
                 read_limit=(limit - delivered) if limit else 0,
             )
             call = stubs.bytestream.Read(request, metadata=self.remote.metadata)
-            decompressor = compression.Decompressor(digest.size - offset - delivered) if zstd else None
+            decompressor = compression.Decompressor(expected - delivered) if zstd else None
             try:
-                async for response in call:
+                while True:
+                    try:
+                        async with asyncio.timeout(policy.request_timeout):
+                            response = await call.read()
+                    except TimeoutError:
+                        raise DeadlineExceeded(f"no data for {policy.request_timeout}s") from None
+                    if response is grpc.aio.EOF:
+                        break
                     data = decompressor.feed(response.data) if decompressor else response.data
-                    if data:
-                        delivered += len(data)
-                        attempt = 0
+                    if not data:
+                        continue
+                    if delivered + len(data) > expected:
+                        raise CasbahError(f"{self._what('read', digest)}: the remote sent more than the "
+                                          f"{expected} bytes asked for")
+                    delivered += len(data)
+                    attempt = 0
+                    if len(data) <= CHUNK_SIZE:
                         yield data
-                return
+                    else:
+                        view = memoryview(data)
+                        for i in range(0, len(data), CHUNK_SIZE):
+                            yield bytes(view[i : i + CHUNK_SIZE])
+                if delivered == expected:
+                    return
+                code, details = grpc.StatusCode.UNAVAILABLE, f"stream ended after {delivered} of {expected} bytes"
             except grpc.RpcError as exc:
-                code = exc.code()
-                if attempt >= policy.retries or not policy.retryable(code, idempotent=True):
-                    raise from_status(code, f"read {digest} from {self.remote.describe()}: {exc.details()}") from None
-                await asyncio.sleep(policy.delay(attempt))
-                attempt += 1
+                code, details = exc.code(), exc.details()
+            except DeadlineExceeded as exc:
+                code, details = exc.code, str(exc)
             finally:
                 call.cancel()
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise BlobNotFound(digest, f"not on {self.remote.describe()}")
+            if attempt >= policy.retries or not policy.retryable(code, idempotent=True):
+                raise from_status(code, f"{self._what('read', digest)} at offset {offset + delivered}: "
+                                        f"{code.name}: {details}")
+            delay = policy.delay(attempt)
+            log.info("%s: %s (%s) after %d bytes; resuming in %.2fs (retry %d/%d)", self._what("read", digest),
+                     code.name, details, delivered, delay, attempt + 1, policy.retries)
+            attempt += 1
+            await asyncio.sleep(delay)
 
     async def read_bytes(self, digest: Digest) -> bytes:
         found = await self.read_many([digest])
@@ -132,10 +194,14 @@ class RemoteStorage(Storage):
         return found[digest]
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        caps = await self.remote.capabilities()
-        small, large = _split(digests, caps.max_batch_size)
-        found: dict[Digest, bytes] = {}
-        jobs = [self._bounded(self._batch_read(batch)) for batch in _batches(small, caps.max_batch_size)]
+        found: dict[Digest, bytes] = {d: b"" for d in digests if is_empty_blob(d)}
+        wanted = list(dict.fromkeys(d for d in digests if not is_empty_blob(d)))
+        if not wanted:
+            return found
+        limit = (await self.remote.capabilities()).max_batch_size
+        small = [d for d in wanted if d.size + BLOB_OVERHEAD <= limit]
+        large = [d for d in wanted if d.size + BLOB_OVERHEAD > limit]
+        jobs = [self._bounded(self._batch_read(batch)) for batch in _batches(small, limit, lambda d: d)]
         jobs += [self._bounded(self._read_large(d)) for d in large]
         for result in await asyncio.gather(*jobs):
             found.update(result)
@@ -156,10 +222,13 @@ class RemoteStorage(Storage):
                 continue
             digest = Digest(r.digest.hash, r.digest.size_bytes, function)
             if r.status.code != code_pb2.OK:
-                raise from_status(grpc.StatusCode(_code(r.status.code)), f"BatchReadBlobs {digest}: {r.status.message}")
+                raise from_status(_status_code(r.status.code), f"{self._what('BatchReadBlobs', digest)}: "
+                                                                f"{r.status.message}")
             data = r.data
             if r.compressor == re_pb2.Compressor.ZSTD:
                 data = compression.decompress(data, digest.size)
+            if len(data) != digest.size:
+                raise CasbahError(f"{self._what('BatchReadBlobs', digest)}: got {len(data)} bytes")
             found[digest] = data
         return found
 
@@ -173,31 +242,84 @@ class RemoteStorage(Storage):
     # -- writes --------------------------------------------------------------------
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
-        await self._stream_write(digest, chunks, retry=False)
+        if is_empty_blob(digest):
+            verifier = self.verifier(digest)
+            async for chunk in chunks:
+                verifier.update(chunk)
+            verifier.finish()
+            return
+        try:
+            await self._stream_write(digest, chunks)
+        except grpc.RpcError as exc:
+            raise from_status(exc.code(), f"{self._what('write', digest)}: {exc.code().name}: {exc.details()}") \
+                from None
 
-    async def _stream_write(self, digest: Digest, chunks: AsyncIterable[bytes], retry: bool) -> None:
+    async def _stream_write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        """One ByteStream.Write.  Raises grpc.RpcError (for the caller to retry or
+        translate), DeadlineExceeded when the remote stops taking data, or whatever
+        broke the source stream (DigestMismatch included)."""
         stubs = self.remote.stubs()
+        timeout = self.remote.policy.request_timeout
         zstd = await self._zstd()
         resource = self.remote.upload_path(str(uuid.uuid4()), digest, zstd)
-        verifier = Verifier(digest)
+        verifier = self.verifier(digest)
+        loop = asyncio.get_running_loop()
+        failure: list[BaseException] = []
+        #: When the remote last took a message; None while we wait for our own source.
+        waiting_since: list[float | None] = [None]
 
         async def requests() -> AsyncIterator[bs_pb2.WriteRequest]:
-            offset = 0
-            pending: bytes | None = None
-            source = compression.compress_stream(_verified(chunks, verifier)) if zstd else _verified(chunks, verifier)
-            async for chunk in _rechunk(source):
-                if pending is not None:
-                    yield bs_pb2.WriteRequest(resource_name=resource, write_offset=offset, data=pending)
-                    offset += len(pending)
-                pending = chunk
-            verifier.finish()  # a mismatch abandons the stream: finish_write is never sent
-            yield bs_pb2.WriteRequest(resource_name=resource, write_offset=offset, data=pending or b"",
-                                      finish_write=True)
+            try:
+                offset = 0
+                pending: bytes | None = None
+                source: AsyncIterator[bytes] = _verified(chunks, verifier)
+                if zstd:
+                    source = compression.compress_stream(source)
+                async for chunk in _coalesce(source, CHUNK_SIZE):
+                    if pending is not None:
+                        waiting_since[0] = loop.time()
+                        yield bs_pb2.WriteRequest(resource_name=resource, write_offset=offset, data=pending)
+                        waiting_since[0] = None
+                        offset += len(pending)
+                    pending = chunk
+                verifier.finish()  # a mismatch abandons the stream: finish_write is never sent
+                waiting_since[0] = loop.time()
+                yield bs_pb2.WriteRequest(resource_name=resource, write_offset=offset, data=pending or b"",
+                                          finish_write=True)
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except BaseException as exc:
+                failure.append(exc)
+                raise
 
+        call = stubs.bytestream.Write(requests(), metadata=self.remote.metadata)
+        stalled = False
+
+        async def watchdog() -> None:
+            nonlocal stalled
+            while timeout is not None:
+                await asyncio.sleep(min(1.0, timeout / 4))
+                since = waiting_since[0]
+                if since is not None and loop.time() - since > timeout:
+                    stalled = True
+                    call.cancel()
+                    return
+
+        dog = loop.create_task(watchdog())
         try:
-            response = await stubs.bytestream.Write(requests(), metadata=self.remote.metadata)
-        except grpc.RpcError as exc:
-            raise from_status(exc.code(), f"write {digest} to {self.remote.describe()}: {exc.details()}") from None
+            response = await call
+        except (grpc.RpcError, asyncio.CancelledError) as exc:
+            if failure:
+                raise failure[0] from None  # what broke our own stream: DigestMismatch, a client gone
+            if stalled:
+                raise DeadlineExceeded(f"{self._what('write', digest)}: the remote took no data for {timeout}s") \
+                    from None
+            if isinstance(exc, asyncio.CancelledError) and not _being_cancelled():
+                raise Unavailable(f"{self._what('write', digest)}: the call was cancelled") from None
+            raise
+        finally:
+            dog.cancel()
+            call.cancel()
         if not zstd and response.committed_size not in (digest.size, -1):
             raise DigestMismatch(f"{self.remote.describe()} committed {response.committed_size} bytes of {digest}")
 
@@ -207,19 +329,24 @@ class RemoteStorage(Storage):
             raise results[0]
 
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
-        caps = await self.remote.capabilities()
         results: list[Exception | None] = [None] * len(blobs)
-        small = [i for i, (d, _) in enumerate(blobs) if d.size <= caps.max_batch_size - 1024]
-        large = [i for i, (d, _) in enumerate(blobs) if d.size > caps.max_batch_size - 1024]
-        batches: list[list[int]] = []
-        total = 0
-        for i in small:
-            size = blobs[i][0].size + 128
-            if not batches or total + size > caps.max_batch_size:
-                batches.append([])
-                total = 0
-            batches[-1].append(i)
-            total += size
+        todo: list[int] = []
+        for i, (digest, data) in enumerate(blobs):
+            # Verified here, so a bad blob is never sent and fails alone.
+            verifier = self.verifier(digest)
+            try:
+                verifier.update(data)
+                verifier.finish()
+            except DigestMismatch as exc:
+                results[i] = exc
+                continue
+            if not is_empty_blob(digest):
+                todo.append(i)
+        if not todo:
+            return results
+        limit = (await self.remote.capabilities()).max_batch_size
+        small = [i for i in todo if blobs[i][0].size + BLOB_OVERHEAD <= limit]
+        large = [i for i in todo if blobs[i][0].size + BLOB_OVERHEAD > limit]
 
         async def batch(indexes: list[int]) -> None:
             try:
@@ -232,40 +359,35 @@ class RemoteStorage(Storage):
         async def single(i: int) -> None:
             digest, data = blobs[i]
             try:
-                await self.remote.policy.call(lambda: self._stream_write(digest, _one(data), True),
-                                              f"write {digest}")
+                await self.remote.policy.call(lambda: self._stream_write(digest, _one(data)),
+                                              self._what("write", digest))
             except Exception as exc:
                 results[i] = exc
 
-        await asyncio.gather(*(self._bounded(batch(b)) for b in batches), *(self._bounded(single(i)) for i in large))
+        await asyncio.gather(*(self._bounded(batch(b)) for b in _batches(small, limit, lambda i: blobs[i][0])),
+                             *(self._bounded(single(i)) for i in large))
         return results
 
     async def _batch_write(self, blobs: list[tuple[Digest, bytes]]) -> list[Exception | None]:
         stubs = self.remote.stubs()
         function = blobs[0][0].function
+        request = re_pb2.BatchUpdateBlobsRequest(
+            instance_name=self.remote.instance, digest_function=function.proto_value,
+            requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=re_pb2.Digest(hash=d.hash, size_bytes=d.size),
+                                                             data=data) for d, data in blobs],
+        )
+        response = await self.remote.unary(stubs.cas.BatchUpdateBlobs, request, "BatchUpdateBlobs")
+        status = {(r.digest.hash, r.digest.size_bytes): r.status for r in response.responses}
         errors: list[Exception | None] = []
-        requests = []
-        for digest, data in blobs:
-            verifier = Verifier(digest)
-            try:
-                verifier.update(data)
-                verifier.finish()
-            except DigestMismatch as exc:
-                errors.append(exc)
-                continue
-            errors.append(None)
-            requests.append(re_pb2.BatchUpdateBlobsRequest.Request(
-                digest=re_pb2.Digest(hash=digest.hash, size_bytes=digest.size), data=data))
-        if requests:
-            request = re_pb2.BatchUpdateBlobsRequest(
-                instance_name=self.remote.instance, requests=requests, digest_function=function.proto_value
-            )
-            response = await self.remote.unary(stubs.cas.BatchUpdateBlobs, request, "BatchUpdateBlobs")
-            status = {(r.digest.hash, r.digest.size_bytes): r.status for r in response.responses}
-            for i, (digest, _) in enumerate(blobs):
-                s = status.get((digest.hash, digest.size))
-                if errors[i] is None and s is not None and s.code != code_pb2.OK:
-                    errors[i] = from_status(grpc.StatusCode(_code(s.code)), f"BatchUpdateBlobs {digest}: {s.message}")
+        for digest, _ in blobs:
+            s = status.get((digest.hash, digest.size))
+            if s is None:
+                errors.append(Unavailable(f"{self._what('BatchUpdateBlobs', digest)}: no status in the response"))
+            elif s.code != code_pb2.OK:
+                errors.append(from_status(_status_code(s.code), f"{self._what('BatchUpdateBlobs', digest)}: "
+                                                                 f"{s.message}"))
+            else:
+                errors.append(None)
         return errors
 
     # -- unsupported ---------------------------------------------------------------
@@ -281,34 +403,74 @@ class RemoteStorage(Storage):
         await self.remote.close()
 
 
-def _code(value: int) -> tuple:
-    return next(c.value for c in grpc.StatusCode if c.value[0] == value)
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
-def _split(digests: Sequence[Digest], limit: int) -> tuple[list[Digest], list[Digest]]:
-    small = [d for d in digests if d.size <= limit - 1024]
-    large = [d for d in digests if d.size > limit - 1024]
-    return small, large
+def _status_code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
-def _batches(digests: list[Digest], limit: int) -> list[list[Digest]]:
-    batches: list[list[Digest]] = []
-    total = 0
+def _by_function(digests: Sequence[Digest]) -> dict[DigestFunction, list[Digest]]:
+    """A REAPI request names one digest function: callers may mix them."""
+    groups: dict[DigestFunction, list[Digest]] = {}
     for d in digests:
-        size = d.size + 128
-        if not batches or total + size > limit:
-            batches.append([])
-            total = 0
-        batches[-1].append(d)
-        total += size
+        groups.setdefault(d.function, []).append(d)
+    return groups
+
+
+def _batches(items: list[T], limit: int, digest_of: Callable[[T], Digest]) -> list[list[T]]:
+    """Items grouped by digest function, then into batches whose sizes plus overhead fit `limit`."""
+    batches: list[list[T]] = []
+    by_fn: dict[DigestFunction, list[T]] = {}
+    for item in items:
+        by_fn.setdefault(digest_of(item).function, []).append(item)
+    for group in by_fn.values():
+        current: list[T] = []
+        total = 0
+        for item in group:
+            cost = digest_of(item).size + BLOB_OVERHEAD
+            if current and total + cost > limit:
+                batches.append(current)
+                current, total = [], 0
+            current.append(item)
+            total += cost
+        if current:
+            batches.append(current)
     return batches
 
 
-async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    async for chunk in rest:
-        yield chunk
+class _Prefetched:
+    """A read stream whose first chunk was fetched by `read()` (so NOT_FOUND is raised
+    there); `aclose` always reaches the remote call, even if iteration never started."""
+
+    __slots__ = ("_first", "_rest")
+
+    def __init__(self, first: bytes | None, rest: AsyncIterator[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+
+    def __aiter__(self) -> _Prefetched:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        self._first = None
+        close = getattr(self._rest, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(RuntimeError):  # already running: its consumer closes it
+                await close()
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
@@ -321,11 +483,20 @@ async def _verified(chunks: AsyncIterable[bytes], verifier: Verifier) -> AsyncIt
         yield chunk
 
 
-async def _rechunk(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """Split chunks larger than CHUNK_SIZE: a gRPC message must stay under the limit."""
+async def _coalesce(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
+    """Messages of exactly `size` bytes (the last one shorter): Bazel uploads in 16 KiB
+    pieces, and one gRPC message per piece would cost far more than the copy."""
+    buffer = bytearray()
     async for chunk in chunks:
-        for i in range(0, len(chunk), CHUNK_SIZE):
-            yield chunk[i : i + CHUNK_SIZE]
+        if not buffer and len(chunk) == size:
+            yield bytes(chunk)
+            continue
+        buffer += chunk
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
 
 
 class RemoteOptions(NodeOptions):
@@ -342,11 +513,15 @@ class RemoteOptions(NodeOptions):
     compression: str = Field(default="auto", pattern="^(auto|zstd|identity)$")
 
 
-def remote_from_options(options: RemoteOptions) -> AsyncRemote:
+def remote_from_options(options: RemoteOptions, where: str = "remote") -> AsyncRemote:
     """Shared by the storage, ActionCache and asset-index `remote` kinds."""
     spec = RemoteSpec(url=options.url, instance=options.instance, server_cert=options.server_cert,
                       client_key=options.client_key, client_cert=options.client_cert,
                       token_file=options.token_file)
+    try:
+        spec.target()  # a malformed URL is a config error at startup, not at the first request
+    except InvalidArgument as exc:
+        raise ConfigError(f"{where}.url: {exc}") from None
     policy = RetryPolicy(retries=options.retries, max_backoff=options.max_backoff,
                          request_timeout=options.request_timeout)
     return AsyncRemote(spec, policy, list(options.channel_options.items()))
@@ -354,4 +529,4 @@ def remote_from_options(options: RemoteOptions) -> AsyncRemote:
 
 @register("remote", RemoteOptions)
 def _build(options: RemoteOptions, loader: object, path: str) -> RemoteStorage:
-    return RemoteStorage(remote_from_options(options), options.compression, name=path, verify=options.verify)
+    return RemoteStorage(remote_from_options(options, path), options.compression, name=path, verify=options.verify)

@@ -18,7 +18,7 @@ from pydantic import Field
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, Unavailable
 from casbah.storage.base import BlobInfo, Storage
-from casbah.storage.cache import tee_into
+from casbah.storage.cache import TeeStream, close_all, put_unless_done
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,22 @@ class ReplicatedStorage(Storage):
         return self.replicas
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        """Missing only where every replica that answered lacks it; if none answered,
+        the error (reporting everything missing would make clients upload in vain)."""
         missing = list(digests)
+        answered = False
+        error: CasbahError | None = None
         for replica in self.replicas:
             if not missing:
                 break
             try:
                 missing = await replica.find_missing(missing)
+                answered = True
             except CasbahError as exc:
                 log.warning("replica %s: find_missing failed: %s", replica.name, exc)
+                error = exc
+        if not answered and error is not None:
+            raise error
         return missing
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
@@ -69,7 +77,7 @@ class ReplicatedStorage(Storage):
                 self.repairs += len(lacking)
                 for target in lacking:
                     log.info("replicated: repairing %s on %s", digest, target.name)
-                    stream = tee_into(target, digest, stream)
+                    stream = TeeStream(target, digest, stream)
             return stream
         raise last
 
@@ -104,25 +112,27 @@ class ReplicatedStorage(Storage):
         return found[digest]
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
-        """Fan one stream out to every replica; the slowest sets the pace (bounded queues)."""
-        queues = [asyncio.Queue(_QUEUE) for _ in self.replicas]
+        """Fan one stream out to every replica; the slowest sets the pace (bounded queues).
 
-        def feed(queue: asyncio.Queue) -> AsyncIterator[bytes]:
-            async def gen() -> AsyncIterator[bytes]:
-                while (chunk := await queue.get()) is not None:
-                    yield chunk
-            return gen()
+        A replica that ends early (it failed, or already had the blob) is skipped; when
+        every replica has ended, the source is not read any further.
+        """
+        queues: list[asyncio.Queue] = [asyncio.Queue(_QUEUE) for _ in self.replicas]
+
+        async def feed(queue: asyncio.Queue) -> AsyncIterator[bytes]:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
 
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(r.write(digest, feed(q))) for r, q in zip(self.replicas, queues, strict=True)]
         try:
             async for chunk in chunks:
                 for queue, task in zip(queues, tasks, strict=True):
-                    if not task.done():
-                        await queue.put(chunk)
+                    await put_unless_done(queue, chunk, task)
+                if all(task.done() for task in tasks):
+                    break
             for queue, task in zip(queues, tasks, strict=True):
-                if not task.done():
-                    await queue.put(None)
+                await put_unless_done(queue, None, task)
         except BaseException:
             for task in tasks:
                 task.cancel()
@@ -162,6 +172,9 @@ class ReplicatedStorage(Storage):
 
     def iterate(self) -> AsyncIterator[BlobInfo]:
         return self.replicas[0].iterate()
+
+    async def close(self) -> None:
+        await close_all(self.replicas)
 
 
 class ReplicatedOptions(NodeOptions):

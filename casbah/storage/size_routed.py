@@ -10,6 +10,7 @@ from pydantic import Field
 from casbah.config import parse_size
 from casbah.digest import Digest
 from casbah.storage.base import BlobInfo, Storage
+from casbah.storage.cache import close_all
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 
@@ -74,6 +75,9 @@ class SizeRoutedStorage(Storage):
         for store in (self.small, self.large):
             async for info in store.iterate():
                 yield info
+
+    async def close(self) -> None:
+        await close_all(self.children())
 
 
 async def _none() -> list[Digest]:

@@ -1,0 +1,162 @@
+"""`casbah cache …`: the local CAS cache and its sync with remotes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+
+import click
+
+from casbah.cli.asset import remote_options, spec_from
+from casbah.client.cache import LocalCache
+from casbah.client.remote import RemoteClient
+from casbah.client.sync import DEFAULT_URI_TEMPLATE, PUBLISH_MODES, pull, push
+from casbah.config import parse_size
+from casbah.errors import CasbahError
+
+DEFAULT_CACHE_DIR = "~/.cache/casbah"
+
+
+def _cache(cache_dir: str) -> LocalCache:
+    return LocalCache(os.path.expanduser(cache_dir))
+
+
+cache_dir_option = click.option(
+    "--cache-dir", envvar="CASBAH_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True,
+    help="Local cache directory (env CASBAH_CACHE_DIR).",
+)
+publish_option = click.option(
+    "--publish", type=click.Choice(PUBLISH_MODES), default="asset", show_default=True,
+    help="How ref names are published on the server: Remote Asset, BuildStream ReferenceStorage, or not at all.",
+)
+uri_option = click.option("--uri-template", default=DEFAULT_URI_TEMPLATE, show_default=True,
+                          help="Remote Asset URI of a ref ({ref} is replaced).")
+
+
+class CasbahCommand(click.Command):
+    """Turns casbah errors into one clean error line (and exit 1) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CasbahError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def cache() -> None:
+    """A local content-addressable cache of directory trees with named refs."""
+
+
+@cache.command(cls=CasbahCommand)
+@cache_dir_option
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--ref", help="Name the committed tree (names may contain '/').")
+@click.option("--link", is_flag=True, help="Hard-link files into the cache instead of copying (makes them read-only).")
+def commit(cache_dir: str, directory: str, ref: str | None, link: bool) -> None:
+    """Store DIRECTORY; print its root digest."""
+    click.echo(str(_cache(cache_dir).commit(directory, ref=ref, link=link)))
+
+
+@cache.command(cls=CasbahCommand)
+@cache_dir_option
+@click.argument("ref")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--copy", is_flag=True, help="Copy files instead of hard-linking them.")
+def checkout(cache_dir: str, ref: str, dest: str, copy: bool) -> None:
+    """Materialize REF (a ref name or HASH/SIZE) into DEST."""
+    local = _cache(cache_dir)
+    files = local.checkout(local.resolve(ref), dest, copy=copy)
+    click.echo(f"checked out {files} files into {dest}", err=True)
+
+
+@cache.command(cls=CasbahCommand)
+@cache_dir_option
+@click.argument("ref_a")
+@click.argument("ref_b")
+def diff(cache_dir: str, ref_a: str, ref_b: str) -> None:
+    """Paths added (A), removed (D) and modified (M) from REF_A to REF_B."""
+    local = _cache(cache_dir)
+    result = local.diff(local.resolve(ref_a, touch=False), local.resolve(ref_b, touch=False))
+    for mark, paths in (("A", result.added), ("D", result.removed), ("M", result.modified)):
+        for path in paths:
+            click.echo(f"{mark} {path}")
+
+
+@cache.command(name="ls", cls=CasbahCommand)
+@cache_dir_option
+def list_refs(cache_dir: str) -> None:
+    """Refs, most recently used first."""
+    for name, digest, used in _cache(cache_dir).list_refs():
+        click.echo(f"{datetime.fromtimestamp(used):%Y-%m-%d %H:%M:%S}  {digest}  {name}")
+
+
+@cache.command(cls=CasbahCommand)
+@cache_dir_option
+@click.argument("refs", nargs=-1, required=True)
+def rm(cache_dir: str, refs: tuple[str, ...]) -> None:
+    """Remove refs (objects stay until `prune`)."""
+    local = _cache(cache_dir)
+    for ref in refs:
+        local.remove_ref(ref)
+
+
+@cache.command(cls=CasbahCommand)
+@cache_dir_option
+def prune(cache_dir: str) -> None:
+    """Delete every object no ref reaches."""
+    report = _cache(cache_dir).prune()
+    click.echo(f"removed {report.objects_removed} objects, {report.bytes_removed} bytes")
+
+
+@cache.command(cls=CasbahCommand)
+@cache_dir_option
+@click.option("--quota", required=True, metavar="SIZE", help="Target size, e.g. 10G.")
+def gc(cache_dir: str, quota: str) -> None:
+    """Evict least recently used refs, then prune, until under SIZE."""
+    report = _cache(cache_dir).gc(parse_size(quota))
+    click.echo(f"removed refs {report.refs_removed or 'none'}; {report.objects_removed} objects, "
+               f"{report.bytes_removed} bytes")
+
+
+@cache.command(cls=CasbahCommand)
+@cache_dir_option
+def fsck(cache_dir: str) -> None:
+    """Re-hash every object and remove corrupt ones (exit 1 if any were found)."""
+    corrupt = _cache(cache_dir).fsck()
+    for digest in corrupt:
+        click.echo(f"corrupt: {digest} (removed)")
+    click.echo(f"{len(corrupt)} corrupt objects", err=True)
+    if corrupt:
+        sys.exit(1)
+
+
+@cache.command(name="push", cls=CasbahCommand)
+@cache_dir_option
+@remote_options
+@publish_option
+@uri_option
+@click.argument("ref")
+def push_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, **kwargs) -> None:
+    """Upload REF's tree (only what the server lacks) and publish its name."""
+    with RemoteClient(spec_from(kwargs)) as client:
+        summary = push(_cache(cache_dir), client, ref, publish, uri_template, show_progress=sys.stderr.isatty())
+    if summary.warning:
+        click.echo(f"warning: {summary.warning}", err=True)
+    click.echo(summary.line("pushed"), err=True)
+    click.echo(str(summary.root))
+
+
+@cache.command(name="pull", cls=CasbahCommand)
+@cache_dir_option
+@remote_options
+@publish_option
+@uri_option
+@click.argument("ref")
+def pull_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, **kwargs) -> None:
+    """Download REF (a ref name or HASH/SIZE): only what the local cache lacks."""
+    with RemoteClient(spec_from(kwargs)) as client:
+        summary = pull(_cache(cache_dir), client, ref, publish, uri_template, show_progress=sys.stderr.isatty())
+    click.echo(summary.line("pulled"), err=True)
+    click.echo(str(summary.root))

@@ -1,0 +1,126 @@
+"""`casbah cas …`: single blobs and trees on a server, no local cache involved."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from casbah.cli.asset import remote_options, spec_from
+from casbah.cli.cache import CasbahCommand
+from casbah.client.cache import LocalCache
+from casbah.client.remote import RemoteClient
+from casbah.client.sync import pull
+from casbah.digest import Digest
+from casbah.errors import CasbahError
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.tree import build_tree, hash_file
+
+
+@click.group()
+def cas() -> None:
+    """Blobs and trees on a REAPI server."""
+
+
+@cas.command(cls=CasbahCommand)
+@remote_options
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+def upload(paths: tuple[str, ...], **kwargs) -> None:
+    """Upload files (printing HASH/SIZE PATH) and directories (as trees; the root digest)."""
+    with RemoteClient(spec_from(kwargs)) as client:
+        for path in paths:
+            p = Path(path)
+            if p.is_dir():
+                build = build_tree(p)
+                blobs: dict[Digest, bytes | Path] = {**build.directories, **build.files}
+                missing = set(client.find_missing(blobs))
+                client.upload({d: s for d, s in blobs.items() if d in missing})
+                click.echo(f"{build.root} {path}")
+            else:
+                digest = hash_file(p)
+                if client.find_missing([digest]):
+                    client.upload({digest: p})
+                click.echo(f"{digest} {path}")
+
+
+def _is_directory(client: RemoteClient, digest: Digest) -> bool:
+    """Heuristic: a blob that parses as a Directory whose children all exist as named is a tree."""
+    if digest.size == 0 or digest.size > 4 * 1024 * 1024:
+        return False
+    try:
+        directory = re_pb2.Directory.FromString(client.read_bytes(digest))
+    except Exception:
+        return False
+    if not (directory.files or directory.directories or directory.symlinks):
+        return False
+    return directory.SerializeToString(deterministic=True) == client.read_bytes(digest)
+
+
+@cas.command(cls=CasbahCommand)
+@remote_options
+@click.argument("digest")
+@click.option("-o", "--output", required=True, type=click.Path(), help="File (blob) or directory (tree) to write.")
+@click.option("--tree/--blob", "as_tree", default=None, help="Force how DIGEST is treated (default: detect).")
+def download(digest: str, output: str, as_tree: bool | None, **kwargs) -> None:
+    """Download a blob to a file, or a Directory digest as a whole tree."""
+    d = Digest.parse(digest)
+    with RemoteClient(spec_from(kwargs)) as client:
+        tree = _is_directory(client, d) if as_tree is None else as_tree
+        if not tree:
+            tmp = f"{output}.casbah-tmp"
+            with open(tmp, "wb") as f:
+                for chunk in client.read_stream(d):
+                    f.write(chunk)
+            os.replace(tmp, output)
+            click.echo(f"{d} -> {output}", err=True)
+            return
+        with tempfile.TemporaryDirectory(prefix="casbah-download-") as tmp_cache:
+            local = LocalCache(tmp_cache)
+            summary = pull(local, client, str(d), show_progress=sys.stderr.isatty())
+            local.checkout(d, output, copy=True)
+        click.echo(summary.line("downloaded"), err=True)
+
+
+@cas.command(cls=CasbahCommand)
+@remote_options
+@click.argument("digest")
+def tree(digest: str, **kwargs) -> None:
+    """List a tree: one line per file (digest, mode, path), directory and symlink."""
+    root = Digest.parse(digest)
+    with RemoteClient(spec_from(kwargs)) as client:
+        directories = {d: re_pb2.Directory.FromString(data) for d, data in client.get_tree(root).items()}
+    stack = [("", root)]
+    while stack:
+        prefix, d = stack.pop()
+        directory = directories.get(d)
+        if directory is None:
+            click.echo(f"{'?':>72}  {prefix or '.'}/ (missing on server)")
+            continue
+        for node in directory.files:
+            mode = "x" if node.is_executable else "-"
+            click.echo(f"{node.digest.hash}/{node.digest.size_bytes} {mode} {prefix}{node.name}")
+        for node in directory.symlinks:
+            click.echo(f"{'symlink':>72} l {prefix}{node.name} -> {node.target}")
+        for node in reversed(directory.directories):
+            click.echo(f"{node.digest.hash}/{node.digest.size_bytes} d {prefix}{node.name}/")
+            stack.append((f"{prefix}{node.name}/", Digest(node.digest.hash, node.digest.size_bytes)))
+
+
+@cas.command(cls=CasbahCommand)
+@remote_options
+@click.argument("digests", nargs=-1, required=True)
+def missing(digests: tuple[str, ...], **kwargs) -> None:
+    """Print the DIGESTS the server lacks (exit 1 if any)."""
+    try:
+        wanted = [Digest.parse(d) for d in digests]
+    except CasbahError as exc:
+        raise click.BadParameter(str(exc)) from None
+    with RemoteClient(spec_from(kwargs)) as client:
+        absent = client.find_missing(wanted)
+    for d in absent:
+        click.echo(str(d))
+    if absent:
+        sys.exit(1)
