@@ -14,7 +14,7 @@ from google.rpc import code_pb2
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import Unsupported
+from casbah.errors import NotFound, Unsupported
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
@@ -45,7 +45,9 @@ class RemoteAssetIndex(AssetIndex):
                     stubs.fetch.FetchDirectory, ra_pb2.FetchDirectoryRequest(**common), "FetchDirectory"
                 )
                 digest = response.root_directory_digest
-        except Unsupported:
+        except (Unsupported, NotFound):
+            # No Remote Asset upstream, or one that answers a miss as an RPC error
+            # (`asset-miss: rpc-error`): a miss here too, so an origin fetch may still run.
             return []
         if response.status.code != code_pb2.OK:
             return []

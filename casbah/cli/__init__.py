@@ -74,8 +74,9 @@ def _register_subcommands() -> None:
     from casbah.cli.asset import asset
     from casbah.cli.cache import cache
     from casbah.cli.cas import cas
+    from casbah.cli.source import source
 
-    for group in (asset, cache, cas):
+    for group in (asset, cache, cas, source):
         main.add_command(group)
 
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pydantic import Field
 
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, CasbahError, Unavailable
+from casbah.errors import BlobNotFound, CasbahError, DigestMismatch, Unavailable
 from casbah.storage.base import BlobInfo, Storage
 from casbah.storage.cache import TeeStream, close_all, put_unless_done
 from casbah.storage.loader import NodeOptions, StorageLoader, register
@@ -125,8 +125,15 @@ class ReplicatedStorage(Storage):
 
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(r.write(digest, feed(q))) for r, q in zip(self.replicas, queues, strict=True)]
+        received = 0
         try:
             async for chunk in chunks:
+                received += len(chunk)
+                if self.verify and received > digest.size:
+                    # Checked here too: the replicas would notice only after the queues
+                    # filled, and an endless upload must be cut off at once.
+                    raise DigestMismatch(f"upload for {digest} has more than the {digest.size} bytes its "
+                                         "digest names")
                 for queue, task in zip(queues, tasks, strict=True):
                     await put_unless_done(queue, chunk, task)
                 if all(task.done() for task in tasks):

@@ -4,6 +4,12 @@ Each blob goes to the shard with the highest score `-weight / ln(h)`, where `h`
 is a per-(shard, digest) hash mapped into (0, 1).  Adding a shard moves only the
 blobs it now wins (its fair share); removing one moves only its own blobs.  Bulk
 calls are split per shard and run concurrently.
+
+Shards are listed under `shards:` (any storage node each, with an optional
+`weight` and a stable `key`), and/or given as `shards-from:`, a comma-separated
+list of REAPI server URLs (typically `${CASBAH_SHARDS}` from the environment),
+each of which becomes a `remote` shard keyed by its URL, with `shard-defaults:`
+(any `remote` option: retries, TLS files, ...) applied to all of them.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ import asyncio
 import hashlib
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from casbah.config import ConfigError
 from casbah.digest import Digest
 from casbah.storage.base import BlobInfo, Storage
+from casbah.storage.cache import close_all
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 _MASK = (1 << 64) - 1
@@ -105,6 +114,9 @@ class ShardedStorage(Storage):
             async for info in shard.iterate():
                 yield info
 
+    async def close(self) -> None:
+        await close_all(self.shards)
+
 
 class ShardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -115,7 +127,24 @@ class ShardSpec(BaseModel):
 
 
 class ShardedOptions(NodeOptions):
-    shards: list[ShardSpec] = Field(min_length=1)
+    shards: list[ShardSpec] = Field(default_factory=list)
+    #: Comma-separated server URLs (or a YAML list), each a `remote` shard keyed by its URL.
+    shards_from: str | list[str] | None = Field(default=None, alias="shards-from")
+    #: `remote` options applied to every `shards-from` shard (retries, request-timeout, TLS files...).
+    shard_defaults: dict[str, Any] = Field(default_factory=dict, alias="shard-defaults")
+
+    @model_validator(mode="after")
+    def _some_shards(self) -> ShardedOptions:
+        if not self.shards and not self.urls():
+            raise ValueError("a sharded storage needs `shards` or a non-empty `shards-from`")
+        if "url" in self.shard_defaults or "kind" in self.shard_defaults:
+            raise ValueError("shard-defaults cannot set `kind` or `url`: they come from shards-from")
+        return self
+
+    def urls(self) -> list[str]:
+        raw = self.shards_from or []
+        items = raw.split(",") if isinstance(raw, str) else raw
+        return [u.strip() for u in items if u.strip()]
 
 
 @register("sharded", ShardedOptions)
@@ -124,4 +153,11 @@ def _build(options: ShardedOptions, loader: StorageLoader, path: str) -> Sharded
     for i, spec in enumerate(options.shards):
         key = spec.key or (spec.storage if isinstance(spec.storage, str) else spec.storage.get("url", str(i)))
         shards.append((key, loader.build(spec.storage, f"{path}.shards[{i}]"), spec.weight))
+    for i, url in enumerate(options.urls()):
+        node = {**options.shard_defaults, "kind": "remote", "url": url}
+        shards.append((url, loader.build(node, f"{path}.shards-from[{i}]"), 1.0))
+    keys = [key for key, _, _ in shards]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: shard keys must be unique (placement depends on them); repeated: {duplicates}")
     return ShardedStorage(shards, name=path)

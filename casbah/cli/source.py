@@ -1,0 +1,182 @@
+"""`casbah source …`: fetch sources through the Remote Asset cache, by policy."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from casbah.cli.asset import remote_options, spec_from
+from casbah.cli.cache import DEFAULT_CACHE_DIR, CasbahCommand
+from casbah.client.cache import LocalCache
+from casbah.client.channel import RemoteSpec
+from casbah.client.remote import RemoteClient
+from casbah.client.source_cache import FETCH_POLICIES, PUSH_POLICIES, FetchSummary, RemotePolicy, SourceCache
+from casbah.client.sources import KINDS, Source, expand_aliases
+from casbah.config import expand_env, format_validation_error
+from casbah.errors import CasbahError
+
+
+def _source_options(fn):
+    options = [
+        click.option("--kind", type=click.Choice(KINDS), required=True),
+        click.option("--uri", "uris", multiple=True, required=True, help="Origin URL (repeat for mirrors)."),
+        click.option("--ref", help="git: the commit (40 hex)."),
+        click.option("--branch", help="git: the branch (pushed as vcs.branch)."),
+        click.option("--sha256", help="tar/zip/file: the expected sha256 (hex)."),
+        click.option("--with-git-dir", is_flag=True, help="git: keep .git in the staged tree."),
+        click.option("--cache-dir", envvar="CASBAH_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _source(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
+            with_git_dir: bool) -> Source:
+    return Source(kind=kind, uris=list(uris), ref=ref, branch=branch, sha256=sha256, keep_git_dir=with_git_dir)
+
+
+@click.group()
+def source() -> None:
+    """Sources (git, tar, zip, file, local) cached through the Remote Asset API."""
+
+
+@source.command(cls=CasbahCommand)
+@_source_options
+@remote_options
+@click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), default="fallback", show_default=True)
+@click.option("--asset-push", type=click.Choice(PUSH_POLICIES), default="off", show_default=True)
+@click.argument("dest", type=click.Path(file_okay=False))
+def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
+          with_git_dir: bool, cache_dir: str, asset_fetch: str, asset_push: str, dest: str, **kwargs) -> None:
+    """Stage a source into DEST: from the asset cache or natively, as the policies say."""
+    _logging()
+    src = _source(kind, uris, ref, branch, sha256, with_git_dir)
+    with RemoteClient(spec_from(kwargs)) as client:
+        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, asset_fetch, asset_push)])
+        root = cache.fetch(src, dest)
+    click.echo(f"{root} {dest}")
+    click.echo(f"summary: {cache.summary.line()}", err=True)
+
+
+@source.command(name="push", cls=CasbahCommand)
+@_source_options
+@remote_options
+def push_cmd(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
+             with_git_dir: bool, cache_dir: str, **kwargs) -> None:
+    """Fetch a source natively and push it to the asset cache (warms the cache)."""
+    _logging()
+    import tempfile
+
+    src = _source(kind, uris, ref, branch, sha256, with_git_dir)
+    with RemoteClient(spec_from(kwargs)) as client, tempfile.TemporaryDirectory() as tmp:
+        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, "off", "on")])
+        root = cache.fetch(src, Path(tmp) / "stage")
+    click.echo(str(root))
+    click.echo(f"summary: {cache.summary.line()}", err=True)
+    if cache.summary.counts["pushed"] == 0:
+        sys.exit(1)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ManifestRemote(_Model):
+    url: str
+    instance: str = ""
+    server_cert: str | None = Field(default=None, alias="server-cert")
+    client_key: str | None = Field(default=None, alias="client-key")
+    client_cert: str | None = Field(default=None, alias="client-cert")
+    token_file: str | None = Field(default=None, alias="token-file")
+    asset_fetch: str = Field(default="fallback", alias="asset-fetch", pattern="^(off|fallback|only)$")
+    asset_push: str = Field(default="off", alias="asset-push", pattern="^(on|off)$")
+
+
+class ManifestSource(_Model):
+    kind: str
+    url: str | None = None
+    urls: list[str] = Field(default_factory=list)
+    ref: str | None = None
+    branch: str | None = None
+    sha256: str | None = None
+    directory: str | None = None
+    with_git_dir: bool = Field(default=False, alias="with-git-dir")
+
+
+class Manifest(_Model):
+    aliases: dict[str, list[str]] = Field(default_factory=dict)
+    remotes: list[ManifestRemote] = Field(default_factory=list)
+    sources: list[ManifestSource]
+
+
+def load_manifest(path: str) -> Manifest:
+    try:
+        raw: Any = expand_env(yaml.safe_load(Path(path).read_text()) or {})
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise click.ClickException(format_validation_error(exc, path)) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.ClickException(f"cannot read manifest {path}: {exc}") from None
+
+
+@source.command(name="fetch-all", cls=CasbahCommand)
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--cache-dir", envvar="CASBAH_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True)
+@click.option("--jobs", "-j", default=8, show_default=True, help="Sources fetched at once.")
+@click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), help="Override every remote's asset-fetch.")
+@click.option("--asset-push", type=click.Choice(PUSH_POLICIES), help="Override every remote's asset-push.")
+def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: str | None,
+              asset_push: str | None) -> None:
+    """Fetch every source of MANIFEST into DEST/<directory>, concurrently."""
+    _logging(quiet=True)
+    spec = load_manifest(manifest)
+    sources: list[tuple[Source, Path]] = []
+    for i, entry in enumerate(spec.sources):
+        urls = [u for url in ([entry.url] if entry.url else []) + entry.urls for u in expand_aliases(url, spec.aliases)]
+        src = Source(kind=entry.kind, uris=urls, ref=entry.ref, branch=entry.branch, sha256=entry.sha256,
+                     keep_git_dir=entry.with_git_dir)
+        sources.append((src, Path(dest) / (entry.directory or f"{i:03d}-{src.name}")))
+    summary = FetchSummary()
+    failures: list[str] = []
+    with contextlib.ExitStack() as stack:
+        remotes = []
+        for r in spec.remotes:
+            client = stack.enter_context(RemoteClient(RemoteSpec(
+                url=r.url, instance=r.instance, server_cert=r.server_cert, client_key=r.client_key,
+                client_cert=r.client_cert, token_file=r.token_file)))
+            remotes.append(RemotePolicy(client, asset_fetch or r.asset_fetch, asset_push or r.asset_push))
+        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), remotes, summary)
+        progress = Progress(TextColumn("fetching sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            disable=not sys.stderr.isatty())
+        with progress, ThreadPoolExecutor(max_workers=jobs) as pool:
+            task = progress.add_task("sources", total=len(sources))
+            futures = {pool.submit(cache.fetch, src, target): src for src, target in sources}
+            for future in as_completed(futures):
+                src = futures[future]
+                try:
+                    root = future.result()
+                    click.echo(f"{root} {src.name}")
+                except CasbahError as exc:
+                    failures.append(f"{src.name}: {exc}")
+                progress.advance(task)
+    click.echo(f"summary: {len(sources)} sources; {summary.line()}", err=True)
+    for failure in failures:
+        click.echo(f"error: {failure}", err=True)
+    if failures:
+        sys.exit(1)
+
+
+def _logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s",
+                        stream=sys.stderr)
