@@ -8,8 +8,9 @@ Matching (the REAPI text: clients push "the complete qualifier set they know" an
 fetch with "the minimal set that identifies the content"): a fetch matches an
 asset when one of the fetch's URIs is one of the asset's URIs and every fetch
 qualifier is among the asset's qualifiers with the same value.  Qualifier order
-never matters.  Among matches the most recently pushed one wins; the service
-then skips candidates whose content is no longer complete in CAS.
+never matters.  Among matches the most recently pushed one wins (push order as
+the index saw the `put` calls; a re-push of the same names counts as new); the
+service then skips candidates whose content is no longer complete in CAS.
 """
 
 from __future__ import annotations

@@ -1,15 +1,24 @@
 """Persistent asset index in SQLite: the default next to disk storage.
 
 One connection, used from one dedicated thread (SQLite connections are not
-thread-safe and the event loop must not block on the file).  URIs and qualifier
-pairs live in their own indexed tables, so a lookup is an INTERSECT of index
-range scans, fast with many qualifier variants under one URI.
+thread-safe and the event loop must not block on the file).
+
+Every push gets a new integer id, so "most recently pushed" is "highest id".
+URIs and (URI, qualifier, value) triples live in side tables indexed by
+(…, id), which lets a lookup walk one triple's entries newest first and stop at
+the page it needs.  The walk is driven by the fetch's most selective qualifier
+(the one with the fewest entries, probed with bounded counts) and checks the
+others per candidate.  So an exact lookup among 10,000 variants of one URI
+touches a handful of rows even when some of its qualifiers (say
+`resource_type`) are shared by every variant, and a broad one reads only the
+newest matches instead of materializing all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,20 +26,27 @@ from pathlib import Path
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.digest import Digest, DigestFunction
 
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS assets (
-    key TEXT PRIMARY KEY, kind TEXT NOT NULL, fn TEXT NOT NULL, hash TEXT NOT NULL, size INTEGER NOT NULL,
-    uris TEXT NOT NULL, qualifiers TEXT NOT NULL, refs_blobs TEXT NOT NULL, refs_dirs TEXT NOT NULL,
-    pushed_at REAL NOT NULL, expire_at REAL
+    id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, fn TEXT NOT NULL, hash TEXT NOT NULL,
+    size INTEGER NOT NULL, uris TEXT NOT NULL, qualifiers TEXT NOT NULL, refs_blobs TEXT NOT NULL,
+    refs_dirs TEXT NOT NULL, pushed_at REAL NOT NULL, expire_at REAL
 );
-CREATE TABLE IF NOT EXISTS asset_uris (key TEXT NOT NULL, uri TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS asset_uris_uri ON asset_uris (uri, key);
-CREATE INDEX IF NOT EXISTS asset_uris_key ON asset_uris (key);
-CREATE TABLE IF NOT EXISTS asset_qualifiers (key TEXT NOT NULL, uri TEXT NOT NULL, name TEXT NOT NULL,
-                                             value TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS asset_qualifiers_pair ON asset_qualifiers (uri, name, value, key);
-CREATE INDEX IF NOT EXISTS asset_qualifiers_key ON asset_qualifiers (key);
+CREATE TABLE IF NOT EXISTS asset_uris (uri TEXT NOT NULL, id INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS asset_uris_uri ON asset_uris (uri, id);
+CREATE INDEX IF NOT EXISTS asset_uris_id ON asset_uris (id);
+CREATE TABLE IF NOT EXISTS asset_qualifiers (uri TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+                                             id INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS asset_qualifiers_pair ON asset_qualifiers (uri, name, value, id);
+CREATE INDEX IF NOT EXISTS asset_qualifiers_id ON asset_qualifiers (id, uri, name, value);
 """
+_COLUMNS = ("a.key, a.kind, a.fn, a.hash, a.size, a.uris, a.qualifiers, a.refs_blobs, a.refs_dirs, a.pushed_at, "
+            "a.expire_at")
+#: Entries counted per qualifier when choosing the one that drives a lookup.
+_PROBE = 256
 
 
 def _digests(items: tuple[Digest, ...]) -> str:
@@ -52,8 +68,37 @@ class SqliteAssetIndex(AssetIndex):
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        old = version < SCHEMA_VERSION and db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'assets'").fetchone()
+        if old:
+            self._db = db
+            self._migrate_v1()
+        else:
+            db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         return db
+
+    def _migrate_v1(self) -> None:
+        """Version 1 keyed side tables by the text key; re-insert its records in push order."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("ALTER TABLE assets RENAME TO assets_v1")
+            db.execute("DROP TABLE IF EXISTS asset_uris")
+            db.execute("DROP TABLE IF EXISTS asset_qualifiers")
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM assets_v1 a ORDER BY a.pushed_at").fetchall()
+            for row in rows:
+                self._insert(self._record(row))
+            db.execute("DROP TABLE assets_v1")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.info("asset index %s: migrated %d records to schema %d", self.path, len(rows), SCHEMA_VERSION)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -65,23 +110,32 @@ class SqliteAssetIndex(AssetIndex):
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for table in ("assets", "asset_uris", "asset_qualifiers"):
-                db.execute(f"DELETE FROM {table} WHERE key = ?", (r.key,))
-            db.execute(
-                "INSERT INTO assets VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (r.key, r.kind.value, r.digest.function.value, r.digest.hash, r.digest.size, json.dumps(r.uris),
-                 json.dumps(r.qualifiers), _digests(r.references_blobs), _digests(r.references_directories),
-                 r.pushed_at, r.expire_at),
-            )
-            db.executemany("INSERT INTO asset_uris VALUES (?,?)", [(r.key, u) for u in r.uris])
-            db.executemany(
-                "INSERT INTO asset_qualifiers VALUES (?,?,?,?)",
-                [(r.key, u, n, v) for u in r.uris for n, v in r.qualifiers],
-            )
+            self._insert(r)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _insert(self, r: AssetRecord) -> None:
+        """Replace the record with the same key; the new row gets the highest id (newest)."""
+        db = self._db
+        old = db.execute("SELECT id FROM assets WHERE key = ?", (r.key,)).fetchone()
+        if old is not None:
+            for table in ("assets", "asset_uris", "asset_qualifiers"):
+                db.execute(f"DELETE FROM {table} WHERE id = ?", old)
+        cursor = db.execute(
+            "INSERT INTO assets (key, kind, fn, hash, size, uris, qualifiers, refs_blobs, refs_dirs, pushed_at,"
+            " expire_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (r.key, r.kind.value, r.digest.function.value, r.digest.hash, r.digest.size, json.dumps(r.uris),
+             json.dumps(r.qualifiers), _digests(r.references_blobs), _digests(r.references_directories),
+             r.pushed_at, r.expire_at),
+        )
+        rowid = cursor.lastrowid
+        db.executemany("INSERT INTO asset_uris VALUES (?,?)", [(u, rowid) for u in r.uris])
+        db.executemany(
+            "INSERT INTO asset_qualifiers VALUES (?,?,?,?)",
+            [(u, n, v, rowid) for u in r.uris for n, v in r.qualifiers],
+        )
 
     async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
                          function: str, limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
@@ -89,30 +143,39 @@ class SqliteAssetIndex(AssetIndex):
 
     def _candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
                     function: str, limit: int | None, offset: int) -> list[AssetRecord]:
-        # One statement: per URI the INTERSECT of its qualifier pairs (each an index
-        # range scan), UNION over URIs, then only the requested page of full rows is
-        # read and decoded.  Each per-URI part is its own subquery because SQLite
-        # evaluates chained compound operators left to right, with no precedence.
-        parts: list[str] = []
-        args: list[object] = []
+        want = -1 if limit is None else offset + limit
+        found: dict[int, tuple] = {}
+        pairs = list(qualifiers.items())
         for uri in uris:
-            if qualifiers:
-                inner = " INTERSECT ".join(
-                    ["SELECT key FROM asset_qualifiers WHERE uri = ? AND name = ? AND value = ?"] * len(qualifiers)
+            if pairs:
+                # Bounded counts: which qualifier has the fewest entries under this URI.
+                probes = ", ".join(
+                    [f"(SELECT count(*) FROM (SELECT 1 FROM asset_qualifiers WHERE uri = ? AND name = ? "
+                     f"AND value = ? LIMIT {_PROBE}))"] * len(pairs))
+                counts = self._db.execute(
+                    f"SELECT {probes}", [x for n, v in pairs for x in (uri, n, v)]).fetchone()
+                if not all(counts):
+                    continue
+                order = sorted(range(len(pairs)), key=counts.__getitem__)
+                (name, value), others = pairs[order[0]], [pairs[i] for i in order[1:]]
+                checks = "".join(
+                    " AND EXISTS (SELECT 1 FROM asset_qualifiers x WHERE x.id = d.id AND x.uri = ? "
+                    "AND x.name = ? AND x.value = ?)" for _ in others
                 )
-                parts.append(f"SELECT key FROM ({inner})")
-                args.extend(x for n, v in qualifiers.items() for x in (uri, n, v))
+                sql = (f"SELECT a.id, {_COLUMNS} FROM asset_qualifiers d JOIN assets a ON a.id = d.id "
+                       f"WHERE d.uri = ? AND d.name = ? AND d.value = ? AND a.kind = ? AND a.fn = ?{checks} "
+                       "ORDER BY d.id DESC LIMIT ?")
+                args = [uri, name, value, kind.value, str(function),
+                        *(x for n, v in others for x in (uri, n, v)), want]
             else:
-                parts.append("SELECT key FROM asset_uris WHERE uri = ?")
-                args.append(uri)
-        if not parts:
-            return []
-        rows = self._db.execute(
-            f"SELECT * FROM assets WHERE key IN ({' UNION '.join(parts)}) AND kind = ? AND fn = ? "
-            "ORDER BY pushed_at DESC, key DESC LIMIT ? OFFSET ?",
-            [*args, kind.value, str(function), -1 if limit is None else limit, offset],
-        ).fetchall()
-        return [self._record(row) for row in rows]
+                sql = (f"SELECT a.id, {_COLUMNS} FROM asset_uris d JOIN assets a ON a.id = d.id "
+                       "WHERE d.uri = ? AND a.kind = ? AND a.fn = ? ORDER BY d.id DESC LIMIT ?")
+                args = [uri, kind.value, str(function), want]
+            for row in self._db.execute(sql, args):
+                found[row[0]] = row[1:]
+        ids = sorted(found, reverse=True)
+        ids = ids[offset:] if limit is None else ids[offset:offset + limit]
+        return [self._record(found[i]) for i in ids]
 
     @staticmethod
     def _record(row: tuple) -> AssetRecord:

@@ -36,9 +36,11 @@ def main() -> None:
 @click.option("--services", metavar="LIST",
               help=f"Comma-separated services to serve (default all: {','.join(ALL_SERVICES)}).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML config file.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Server processes sharing the port (SO_REUSEPORT); needs shareable storage.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, instances: tuple[str, ...],
-          services: str | None, config_file: str | None, log_level: str) -> None:
+          services: str | None, config_file: str | None, workers: int, log_level: str) -> None:
     """Run the REAPI server.  Flags override the config file."""
     _setup_logging(log_level)
     from casbah.server.app import StartupError
@@ -48,6 +50,10 @@ def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, inst
     try:
         config = load_config(config_file, overrides)
         config = _apply_instance_flags(config, instances, services)
+        if workers > 1:
+            from casbah.server.workers import run_workers
+
+            sys.exit(run_workers(config, workers, log_level))
         asyncio.run(run_server(config))
     except (ConfigError, StartupError) as exc:
         raise click.ClickException(str(exc)) from None

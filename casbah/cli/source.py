@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from casbah.cli.asset import remote_options, spec_from
@@ -22,7 +25,7 @@ from casbah.client.remote import RemoteClient
 from casbah.client.source_cache import FETCH_POLICIES, PUSH_POLICIES, FetchSummary, RemotePolicy, SourceCache
 from casbah.client.sources import KINDS, Source, expand_aliases
 from casbah.config import expand_env, format_validation_error
-from casbah.errors import CasbahError
+from casbah.errors import CasbahError, InvalidArgument
 
 
 def _source_options(fn):
@@ -33,6 +36,7 @@ def _source_options(fn):
         click.option("--branch", help="git: the branch (pushed as vcs.branch)."),
         click.option("--sha256", help="tar/zip/file: the expected sha256 (hex)."),
         click.option("--with-git-dir", is_flag=True, help="git: keep .git in the staged tree."),
+        click.option("--filename", help="file: the name to stage it under (default: the URI's last segment)."),
         click.option("--cache-dir", envvar="CASBAH_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True),
     ]
     for option in reversed(options):
@@ -41,8 +45,9 @@ def _source_options(fn):
 
 
 def _source(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
-            with_git_dir: bool) -> Source:
-    return Source(kind=kind, uris=list(uris), ref=ref, branch=branch, sha256=sha256, keep_git_dir=with_git_dir)
+            with_git_dir: bool, filename: str | None) -> Source:
+    return Source(kind=kind, uris=list(uris), ref=ref, branch=branch, sha256=sha256, keep_git_dir=with_git_dir,
+                  filename=filename)
 
 
 @click.group()
@@ -57,10 +62,11 @@ def source() -> None:
 @click.option("--asset-push", type=click.Choice(PUSH_POLICIES), default="off", show_default=True)
 @click.argument("dest", type=click.Path(file_okay=False))
 def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
-          with_git_dir: bool, cache_dir: str, asset_fetch: str, asset_push: str, dest: str, **kwargs) -> None:
+          with_git_dir: bool, filename: str | None, cache_dir: str, asset_fetch: str, asset_push: str, dest: str,
+          **kwargs) -> None:
     """Stage a source into DEST: from the asset cache or natively, as the policies say."""
     _logging()
-    src = _source(kind, uris, ref, branch, sha256, with_git_dir)
+    src = _source(kind, uris, ref, branch, sha256, with_git_dir, filename)
     with RemoteClient(spec_from(kwargs)) as client:
         cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, asset_fetch, asset_push)])
         root = cache.fetch(src, dest)
@@ -72,12 +78,10 @@ def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None,
 @_source_options
 @remote_options
 def push_cmd(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
-             with_git_dir: bool, cache_dir: str, **kwargs) -> None:
+             with_git_dir: bool, filename: str | None, cache_dir: str, **kwargs) -> None:
     """Fetch a source natively and push it to the asset cache (warms the cache)."""
     _logging()
-    import tempfile
-
-    src = _source(kind, uris, ref, branch, sha256, with_git_dir)
+    src = _source(kind, uris, ref, branch, sha256, with_git_dir, filename)
     with RemoteClient(spec_from(kwargs)) as client, tempfile.TemporaryDirectory() as tmp:
         cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, "off", "on")])
         root = cache.fetch(src, Path(tmp) / "stage")
@@ -109,8 +113,18 @@ class ManifestSource(_Model):
     ref: str | None = None
     branch: str | None = None
     sha256: str | None = None
+    filename: str | None = None
     directory: str | None = None
     with_git_dir: bool = Field(default=False, alias="with-git-dir")
+
+    @field_validator("directory")
+    @classmethod
+    def _relative(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = PurePosixPath(value).parts
+            if not parts or PurePosixPath(value).is_absolute() or ".." in parts:
+                raise ValueError(f"{value!r} must be a relative path inside DEST (no '..')")
+        return value
 
 
 class Manifest(_Model):
@@ -119,36 +133,50 @@ class Manifest(_Model):
     sources: list[ManifestSource]
 
 
-def load_manifest(path: str) -> Manifest:
+def load_manifest(path: str | Path) -> Manifest:
     try:
         raw: Any = expand_env(yaml.safe_load(Path(path).read_text()) or {})
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise click.ClickException(format_validation_error(exc, path)) from None
+        raise click.ClickException(format_validation_error(exc, str(path))) from None
     except (OSError, yaml.YAMLError) as exc:
         raise click.ClickException(f"cannot read manifest {path}: {exc}") from None
 
 
-@source.command(name="fetch-all", cls=CasbahCommand)
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
-@click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--cache-dir", envvar="CASBAH_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True)
-@click.option("--jobs", "-j", default=8, show_default=True, help="Sources fetched at once.")
-@click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), help="Override every remote's asset-fetch.")
-@click.option("--asset-push", type=click.Choice(PUSH_POLICIES), help="Override every remote's asset-push.")
-def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: str | None,
-              asset_push: str | None) -> None:
-    """Fetch every source of MANIFEST into DEST/<directory>, concurrently."""
-    _logging(quiet=True)
-    spec = load_manifest(manifest)
+def manifest_sources(spec: Manifest, dest: str | Path) -> list[tuple[Source, Path]]:
+    """Every source of a manifest (aliases expanded) with the directory it is staged in."""
     sources: list[tuple[Source, Path]] = []
+    seen: dict[Path, int] = {}
     for i, entry in enumerate(spec.sources):
         urls = [u for url in ([entry.url] if entry.url else []) + entry.urls for u in expand_aliases(url, spec.aliases)]
-        src = Source(kind=entry.kind, uris=urls, ref=entry.ref, branch=entry.branch, sha256=entry.sha256,
-                     keep_git_dir=entry.with_git_dir)
-        sources.append((src, Path(dest) / (entry.directory or f"{i:03d}-{src.name}")))
-    summary = FetchSummary()
-    failures: list[str] = []
+        try:
+            src = Source(kind=entry.kind, uris=urls, ref=entry.ref, branch=entry.branch, sha256=entry.sha256,
+                         keep_git_dir=entry.with_git_dir, filename=entry.filename)
+        except CasbahError as exc:
+            raise InvalidArgument(f"sources[{i}]: {exc}") from None
+        target = Path(dest) / (entry.directory or f"{i:03d}-{src.name}")
+        if target in seen:
+            raise InvalidArgument(f"sources[{i}] and sources[{seen[target]}] are both staged in {target}")
+        seen[target] = i
+        sources.append((src, target))
+    return sources
+
+
+@dataclass
+class FetchAllResult:
+    summary: FetchSummary
+    roots: dict[str, str] = field(default_factory=dict)  # staged directory -> tree digest
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fetch_manifest(spec: Manifest, dest: str | Path, cache_dir: str | Path, jobs: int = 8,
+                   asset_fetch: str | None = None, asset_push: str | None = None,
+                   progress: Progress | None = None) -> FetchAllResult:
+    """Fetch every source of a manifest concurrently (what `fetch-all` runs; the benchmark too)."""
+    started = time.monotonic()
+    sources = manifest_sources(spec, dest)
+    result = FetchAllResult(FetchSummary())
     with contextlib.ExitStack() as stack:
         remotes = []
         for r in spec.remotes:
@@ -156,24 +184,45 @@ def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: 
                 url=r.url, instance=r.instance, server_cert=r.server_cert, client_key=r.client_key,
                 client_cert=r.client_cert, token_file=r.token_file)))
             remotes.append(RemotePolicy(client, asset_fetch or r.asset_fetch, asset_push or r.asset_push))
-        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), remotes, summary)
-        progress = Progress(TextColumn("fetching sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            disable=not sys.stderr.isatty())
-        with progress, ThreadPoolExecutor(max_workers=jobs) as pool:
-            task = progress.add_task("sources", total=len(sources))
-            futures = {pool.submit(cache.fetch, src, target): src for src, target in sources}
+        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), remotes, result.summary)
+        task = progress.add_task("sources", total=len(sources)) if progress is not None else None
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = {pool.submit(cache.fetch, src, target): (src, target) for src, target in sources}
             for future in as_completed(futures):
-                src = futures[future]
+                src, target = futures[future]
                 try:
-                    root = future.result()
-                    click.echo(f"{root} {src.name}")
+                    result.roots[str(target)] = str(future.result())
                 except CasbahError as exc:
-                    failures.append(f"{src.name}: {exc}")
-                progress.advance(task)
-    click.echo(f"summary: {len(sources)} sources; {summary.line()}", err=True)
-    for failure in failures:
+                    result.failures.append(f"{src.name}: {exc}")
+                if progress is not None and task is not None:
+                    progress.advance(task)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+@source.command(name="fetch-all", cls=CasbahCommand)
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--cache-dir", envvar="CASBAH_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True)
+@click.option("--jobs", "-j", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Sources fetched at once.")
+@click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), help="Override every remote's asset-fetch.")
+@click.option("--asset-push", type=click.Choice(PUSH_POLICIES), help="Override every remote's asset-push.")
+def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: str | None,
+              asset_push: str | None) -> None:
+    """Fetch every source of MANIFEST into DEST/<directory>, concurrently."""
+    _logging(quiet=True)
+    spec = load_manifest(manifest)
+    progress = Progress(TextColumn("fetching sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        disable=not sys.stderr.isatty())
+    with progress:
+        result = fetch_manifest(spec, dest, cache_dir, jobs, asset_fetch, asset_push, progress)
+    for target, root in sorted(result.roots.items()):
+        click.echo(f"{root} {target}")
+    click.echo(f"summary: {len(spec.sources)} sources in {result.seconds:.2f}s; {result.summary.line()}", err=True)
+    for failure in result.failures:
         click.echo(f"error: {failure}", err=True)
-    if failures:
+    if result.failures:
         sys.exit(1)
 
 

@@ -13,14 +13,24 @@ Fetch and push policies are independent, per remote:
 | `on`  | after a native fetch, upload what CAS lacks and push the asset (every URI, the push qualifiers) |
 | `off` | never push |
 
-A hit pulls only what the local cache lacks, then stages the tree into the target.
-Every step is logged with its URI and outcome and counted in a summary.
+Remotes are asked in order and the first hit wins; a source is an error without
+native fetching only when every remote that is asked says `only`.  `local`
+sources are never cached.
+
+A hit pulls only what the local cache lacks, then stages the tree into the
+target.  What a hit can be checked against is checked (a `file` blob against its
+sha256; a plain git tree must not hold `.git`); an archive's tree cannot be
+re-derived without the archive, so it is trusted to the server that matched its
+`checksum.sri`.  Nothing is pushed that was not verified: a push follows only a
+native fetch that passed its checksum or commit check.
+
+Every step is logged with its URI and outcome and counted in a summary
+(hit, miss, error, fallback, native, pushed, failed).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import threading
 from collections import Counter
@@ -68,6 +78,8 @@ class FetchSummary:
 
 
 class SourceCache:
+    """Fetches sources by policy, through a local cache, from any number of remotes."""
+
     def __init__(self, cache: LocalCache, remotes: list[RemotePolicy], summary: FetchSummary | None = None) -> None:
         self.cache = cache
         self.remotes = remotes
@@ -75,6 +87,10 @@ class SourceCache:
 
     def fetch(self, source: Source, dest: str | Path) -> Digest:
         """Stage `source` into `dest` (created, must be empty); returns its tree digest."""
+        dest = Path(dest)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            # Checked first: a fetch that cannot be staged should not cost a download.
+            raise InvalidArgument(f"{dest} exists and is not an empty directory")
         root = self._from_assets(source) if source.cacheable else None
         if root is None:
             root = self._native(source)
@@ -86,6 +102,7 @@ class SourceCache:
         if not askers:
             return None
         qualifiers = source.fetch_qualifiers()
+        problems: list[str] = []
         for remote in askers:
             url = remote.client.spec.url
             try:
@@ -96,8 +113,10 @@ class SourceCache:
                     root = remote.client.fetch_directory(source.uris, qualifiers)
                     if root is not None:
                         pull(self.cache, remote.client, str(root))
+                        self._check_tree(source, root)
             except CasbahError as exc:
                 log.warning("source %s: asset fetch from %s failed: %s", source.uris[0], url, exc)
+                problems.append(f"{url}: {exc}")
                 self.summary.count("error")
                 continue
             if root is not None:
@@ -105,33 +124,49 @@ class SourceCache:
                 self.summary.count("hit")
                 return root
             log.info("source %s: miss on %s", source.uris[0], url)
+            problems.append(f"{url}: miss")
             self.summary.count("miss")
-        if any(r.fetch == "only" for r in askers) and all(r.fetch != "fallback" for r in askers):
+        if all(r.fetch == "only" for r in askers):
             self.summary.count("failed")
             raise NotFound(
                 f"source {source.name} ({source.uris[0]}) is not in the asset cache and native fetching is off "
-                f"(asset-fetch: only)"
+                f"(asset-fetch: only): {'; '.join(problems)}"
             )
         self.summary.count("fallback")
         return None
 
+    def _check_tree(self, source: Source, root: Digest) -> None:
+        """A git tree with `.git` answers only `with-git-dir` fetches.
+
+        A fetch matches every asset whose qualifiers include the fetch's, so a plain
+        fetch also matches a `with-git-dir` push of the same commit (which adds a
+        qualifier); git never tracks `.git`, so a root holding one is that variant.
+        """
+        if source.kind == "git" and not source.keep_git_dir:
+            if any(node.name == ".git" for node in self.cache.directory(root).directories):
+                raise NotFound(f"{root} is a checkout with .git (pushed by a with-git-dir fetch)")
+
     def _blob_tree(self, client: RemoteClient, source: Source, blob: Digest) -> Digest:
         """A `file` source is a blob remotely and a one-file directory when staged."""
+        if blob.hash != source.sha256:
+            # The server matched checksum.sri; a SHA-256 blob digest must then be that sha256.
+            raise SourceError(f"asset blob {blob} does not have the pinned sha256 {source.sha256}")
         with tempfile.TemporaryDirectory(prefix="casbah-src-") as tmp:
-            staged = Path(tmp) / (source.filename or Path(source.uris[0].split("?")[0]).name or "download")
+            staged = Path(tmp) / source.staged_name
             with open(staged, "wb") as f:
                 for chunk in client.read_stream(blob):
                     f.write(chunk)
+            staged.chmod(0o644)
             return self.cache.commit(tmp)
 
     def _native(self, source: Source) -> Digest:
         with tempfile.TemporaryDirectory(prefix="casbah-src-") as tmp:
             try:
                 tree = fetch_native(source, Path(tmp))
-            except SourceError:
+                root = self.cache.commit(tree)
+            except CasbahError:
                 self.summary.count("failed")
                 raise
-            root = self.cache.commit(tree)
             log.info("source %s: fetched natively -> %s", source.uris[0], root)
             self.summary.count("native")
             self._push(source, root, tree)
@@ -144,8 +179,7 @@ class SourceCache:
             try:
                 client = remote.client
                 if source.is_blob:
-                    files = [p for p in tree.iterdir() if p.is_file()]
-                    blob = self.cache.add_file(files[0])
+                    blob = self.cache.add_file(tree / source.staged_name)
                     if client.find_missing([blob]):
                         client.upload({blob: self.cache.object_path(blob)})
                     client.push_blob(source.uris, blob, source.push_qualifiers())
@@ -158,10 +192,3 @@ class SourceCache:
                 continue
             log.info("source %s: pushed to %s", source.uris[0], remote.client.spec.url)
             self.summary.count("pushed")
-
-
-def stage_fresh(dest: Path) -> None:
-    """Refuse to stage over existing content: a half-old tree is worse than an error."""
-    if dest.exists() and any(dest.iterdir()):
-        raise InvalidArgument(f"{dest} exists and is not empty")
-    shutil.rmtree(dest, ignore_errors=True)

@@ -4,15 +4,27 @@ A source knows three things the asset cache needs:
 
 - its URIs: every mirror after alias expansion (`gnu:make-4.4.tar.gz` with an
   alias `gnu` naming two mirrors gives two URIs);
-- its fetch qualifiers: the minimal set that pins the content (git:
-  `vcs.commit` + `resource_type=application/x-git`; archives and files:
-  `checksum.sri` + `resource_type`), which is what a fetch sends;
+- its fetch qualifiers: the minimal set that pins the content, which is what a
+  fetch sends (git: `resource_type=application/x-git` + `vcs.commit`; archives
+  and files: `resource_type` + `checksum.sri`);
 - its push qualifiers: the complete set known after a native fetch (adds
-  `vcs.branch` / `vcs.tag` when known), which is what a push sends.
+  `vcs.branch` when known), which is what a push sends.
 
-Qualifier names are the standard ones of the Remote Asset API's qualifiers.md,
-so any server or client that follows it (BuildStream's source cache, Bazel's
-downloader with `checksum.sri`) understands them.
+Qualifier names are the standard ones of the Remote Asset API's qualifiers.md
+(`resource_type`, `checksum.sri`, `vcs.commit`, `vcs.branch`), so any server or
+client that follows it understands them; Bazel's downloader finds `file`
+sources by `checksum.sri` alone.  Two names are deliberately *not* used:
+
+- `vcs.tag` is not in qualifiers.md (a tag is a movable name for a commit, and
+  `vcs.commit` already pins the content);
+- `directory` means "a subdirectory of the resource" there, and since a fetch
+  matches every asset whose qualifiers include the fetch's, pushing a subtree
+  with `directory` would let plain fetches of the same URI receive the subtree.
+
+The one casbah-specific name, `casbah.git-dir=included`, marks checkouts that
+keep `.git` (`with-git-dir`); no standard name describes that, and a server
+doing origin fetches must reject a name it does not know instead of answering
+with a tree that lacks `.git`.  Plain git fetches refuse a tree with `.git`.
 
 Native fetches produce a directory in a scratch area (or one file, for `file`)
 and never trust the origin: archives are extracted safely (no absolute paths,
@@ -33,20 +45,25 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from casbah.errors import CasbahError, InvalidArgument, NotFound, Unavailable
 
 KINDS = ("git", "tar", "zip", "file", "local")
+#: `resource_type` per kind: IANA media types where one exists, `application/x-git` for git
+#: (qualifiers.md).  Every tar variant (gz, xz, bz2, plain) is `application/x-tar`: the
+#: checksum pins the exact bytes anyway.  `local` is never cached, so it has none.
 RESOURCE_TYPES = {
     "git": "application/x-git",
     "tar": "application/x-tar",
     "zip": "application/zip",
     "file": "application/octet-stream",
-    "local": "application/x-directory",
 }
+#: The casbah-specific qualifier marking a git checkout that includes `.git`.
+GIT_DIR_QUALIFIER = "casbah.git-dir"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _READ = 1024 * 1024
 
 
@@ -61,22 +78,26 @@ class Source:
     ref: str | None = None  # git commit
     sha256: str | None = None  # archives and files
     branch: str | None = None
-    tag: str | None = None
     name: str = ""
     keep_git_dir: bool = False
-    filename: str | None = None  # `file`: name to stage it under
-    extra: dict[str, str] = field(default_factory=dict)  # push qualifiers learnt by the native fetch
+    filename: str | None = None  # `file`: name to stage it under (default: the URI's last segment)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InvalidArgument(f"unknown source kind {self.kind!r} (known: {', '.join(KINDS)})")
         if not self.uris:
             raise InvalidArgument(f"source {self.name or self.kind}: at least one URI is required")
+        self.ref = self.ref.strip().lower() if self.ref else None
+        self.sha256 = self.sha256.strip().lower() if self.sha256 else None
         if self.kind == "git" and not (self.ref and _COMMIT.match(self.ref)):
-            raise InvalidArgument(f"git source {self.uris[0]}: --ref must be a full 40-hex commit")
-        if self.kind in ("tar", "zip", "file") and not (self.sha256 and re.fullmatch(r"[0-9a-f]{64}", self.sha256)):
-            raise InvalidArgument(f"{self.kind} source {self.uris[0]}: --sha256 must be 64 hex characters")
-        self.name = self.name or self.uris[0].rstrip("/").rsplit("/", 1)[-1]
+            raise InvalidArgument(f"git source {self.uris[0]}: ref must be a full 40-hex commit, not {self.ref!r}")
+        if self.kind in ("tar", "zip", "file") and not (self.sha256 and _SHA256.match(self.sha256)):
+            raise InvalidArgument(f"{self.kind} source {self.uris[0]}: sha256 must be 64 hex characters")
+        if self.keep_git_dir and self.kind != "git":
+            raise InvalidArgument(f"{self.kind} source {self.uris[0]}: with-git-dir is for git sources only")
+        if self.filename is not None and (not self.filename or "/" in self.filename or self.filename in (".", "..")):
+            raise InvalidArgument(f"file source {self.uris[0]}: {self.filename!r} is not a plain file name")
+        self.name = self.name or _basename(self.uris[0].rstrip("/"))
 
     @property
     def is_blob(self) -> bool:
@@ -87,24 +108,33 @@ class Source:
         """Local directories are not pinned by anything: never served from a cache."""
         return self.kind != "local"
 
+    @property
+    def staged_name(self) -> str:
+        """`file` sources: the name the file gets in the staged directory."""
+        return self.filename or _basename(self.uris[0])
+
     def fetch_qualifiers(self) -> dict[str, str]:
+        if not self.cacheable:
+            raise InvalidArgument(f"{self.kind} sources are not cached")
         q = {"resource_type": RESOURCE_TYPES[self.kind]}
         if self.kind == "git":
             q["vcs.commit"] = self.ref or ""
             if self.keep_git_dir:
-                q["directory"] = ".git-included"
-        elif self.sha256:
-            q["checksum.sri"] = "sha256-" + base64.b64encode(bytes.fromhex(self.sha256)).decode()
+                q[GIT_DIR_QUALIFIER] = "included"
+        else:
+            q["checksum.sri"] = sri_sha256(self.sha256 or "")
         return q
 
     def push_qualifiers(self) -> dict[str, str]:
         q = self.fetch_qualifiers()
-        if self.branch:
+        if self.kind == "git" and self.branch:
             q["vcs.branch"] = self.branch
-        if self.tag:
-            q["vcs.tag"] = self.tag
-        q.update(self.extra)
         return q
+
+
+def sri_sha256(hex_digest: str) -> str:
+    """`checksum.sri` of a sha256 given in hex: `sha256-<base64 of the raw digest>`."""
+    return "sha256-" + base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
 def expand_aliases(url: str, aliases: dict[str, list[str]]) -> list[str]:
@@ -119,8 +149,12 @@ def expand_aliases(url: str, aliases: dict[str, list[str]]) -> list[str]:
 
 
 def fetch_native(source: Source, workdir: Path, timeout: float = 600.0) -> Path:
-    """Fetch from the origin into `workdir`; returns the tree directory (or the file)."""
-    errors = []
+    """Fetch from the origin into `workdir` (empty); returns the tree directory.
+
+    Every URI is tried in order: a mirror may serve the right content where another
+    is down or corrupt.  A `file` source is staged as a one-file directory.
+    """
+    errors: list[CasbahError] = []
     for uri in source.uris:
         try:
             if source.kind == "git":
@@ -137,8 +171,9 @@ def fetch_native(source: Source, workdir: Path, timeout: float = 600.0) -> Path:
             if source.kind == "file":
                 staged = workdir / "file"
                 staged.mkdir()
-                target = staged / (source.filename or _basename(uri))
+                target = staged / source.staged_name
                 os.replace(download, target)
+                target.chmod(0o644)
                 return staged
             tree = workdir / "tree"
             tree.mkdir()
@@ -146,7 +181,6 @@ def fetch_native(source: Source, workdir: Path, timeout: float = 600.0) -> Path:
             download.unlink()
             return tree
         except CasbahError as exc:
-            # A mirror may serve the right content where another is corrupt: try them all.
             errors.append(exc)
             _clean(workdir)
     detail = "; ".join(str(e) for e in errors)
@@ -164,13 +198,18 @@ def _clean(workdir: Path) -> None:
 
 
 def _basename(uri: str) -> str:
-    name = PurePosixPath(uri.split("?", 1)[0]).name
-    return name or "download"
+    name = PurePosixPath(uri.split("?", 1)[0].split("#", 1)[0]).name
+    return name if name not in ("", ".", "..") else "download"
 
 
 def _download(uri: str, target: Path, timeout: float) -> Path:
     if uri.startswith("file://"):
-        shutil.copyfile(uri.removeprefix("file://"), target)
+        try:
+            shutil.copyfile(uri.removeprefix("file://"), target)
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+        except OSError as exc:
+            raise Unavailable(f"{uri}: {exc}") from None
         return target
     if not uri.startswith(("http://", "https://")):
         raise InvalidArgument(f"{uri}: only http(s) and file URLs can be downloaded")
@@ -182,6 +221,8 @@ def _download(uri: str, target: Path, timeout: float) -> Path:
         raise (NotFound if exc.code == 404 else Unavailable)(f"{uri}: HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise Unavailable(f"{uri}: {getattr(exc, 'reason', exc)}") from None
+    except Exception as exc:  # http.client.IncompleteRead and friends: the origin hung up mid-body
+        raise Unavailable(f"{uri}: {type(exc).__name__}: {exc}") from None
     return target
 
 
@@ -200,6 +241,11 @@ def _safe_member(root: Path, name: str) -> Path:
     return root.joinpath(*path.parts)
 
 
+def _escapes(link: str) -> bool:
+    resolved = os.path.normpath(link)
+    return os.path.isabs(link) or resolved == ".." or resolved.startswith("../")
+
+
 def _extract_tar(archive: Path, root: Path) -> None:
     try:
         with tarfile.open(archive) as tar:
@@ -207,17 +253,18 @@ def _extract_tar(archive: Path, root: Path) -> None:
                 _safe_member(root, member.name)
                 if member.isdev() or member.isfifo():
                     raise SourceError(f"archive member {member.name!r} is a device or FIFO")
-                if member.issym() or member.islnk():
-                    link = PurePosixPath(member.linkname)
-                    base = PurePosixPath(member.name).parent if member.issym() else PurePosixPath()
-                    resolved = os.path.normpath(str(base / link))
-                    if link.is_absolute() or resolved.startswith(".."):
-                        raise SourceError(f"archive link {member.name!r} -> {member.linkname!r} leaves the tree")
-                # The data filter (Python >= 3.11.4) enforces the same rules again and
-                # drops ownership and special permission bits.
+                if member.issym() and _escapes(str(PurePosixPath(member.name).parent / member.linkname)):
+                    raise SourceError(f"archive link {member.name!r} -> {member.linkname!r} leaves the tree")
+                if member.islnk() and _escapes(member.linkname):
+                    raise SourceError(f"archive hard link {member.name!r} -> {member.linkname!r} leaves the tree")
+                # The data filter (Python >= 3.11.4) enforces the same rules again, on the
+                # real paths (a chain of in-tree symlinks can still point out), and drops
+                # ownership and special permission bits.
                 tar.extract(member, root, filter="data")
     except tarfile.TarError as exc:
         raise SourceError(f"{archive.name}: not a readable tar archive: {exc}") from None
+    except OSError as exc:
+        raise SourceError(f"{archive.name}: cannot be extracted: {exc}") from None
 
 
 def _extract_zip(archive: Path, root: Path) -> None:
@@ -225,19 +272,23 @@ def _extract_zip(archive: Path, root: Path) -> None:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 target = _safe_member(root, info.filename)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
+                mode = info.external_attr >> 16 if info.create_system == 3 else 0
+                kind = stat.S_IFMT(mode)
+                if kind == stat.S_IFLNK:
                     raise SourceError(f"zip member {info.filename!r} is a symlink (refused)")
-                if info.is_dir():
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    raise SourceError(f"zip member {info.filename!r} is a device, FIFO or socket")
+                if info.is_dir() or kind == stat.S_IFDIR:
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, _READ)
-                if mode & 0o111:
-                    target.chmod(0o755)
+                target.chmod(0o755 if mode & 0o111 else 0o644)
     except zipfile.BadZipFile as exc:
         raise SourceError(f"{archive.name}: not a readable zip archive: {exc}") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: encrypted members
+        raise SourceError(f"{archive.name}: cannot be extracted: {exc}") from None
 
 
 def _run_git(*args: str, timeout: float) -> str:
@@ -247,36 +298,41 @@ def _run_git(*args: str, timeout: float) -> str:
     except subprocess.TimeoutExpired:
         raise Unavailable(f"git {args[0]} timed out") from None
     if done.returncode != 0:
-        raise Unavailable(f"git {' '.join(args[:2])}: {done.stderr.strip()[:300]}")
+        raise Unavailable(f"git {' '.join(a for a in args if not a.startswith('/'))[:80]}: "
+                          f"{done.stderr.strip()[:300]}")
     return done.stdout
 
 
 def _git(source: Source, uri: str, workdir: Path, timeout: float) -> Path:
+    if uri.startswith("-"):
+        raise InvalidArgument(f"{uri!r} is not a repository URI")
     repo = workdir / "repo"
     if repo.exists():
         shutil.rmtree(repo)
     _run_git("init", "-q", str(repo), timeout=timeout)
     commit = source.ref or ""
     try:
-        _run_git("-C", str(repo), "fetch", "-q", "--depth", "1", uri, commit, timeout=timeout)
+        _run_git("-C", str(repo), "fetch", "-q", "--depth", "1", "--", uri, commit, timeout=timeout)
     except Unavailable:
-        _run_git("-C", str(repo), "fetch", "-q", uri, "+refs/heads/*:refs/remotes/origin/*",
+        # Servers that refuse unadvertised commits: fetch every branch and tag instead.
+        _run_git("-C", str(repo), "fetch", "-q", "--", uri, "+refs/heads/*:refs/remotes/origin/*",
                  "+refs/tags/*:refs/tags/*", timeout=timeout)
     try:
-        resolved = _run_git("-C", str(repo), "rev-parse", "--verify", f"{commit}^{{commit}}", timeout=timeout).strip()
+        resolved = _run_git("-C", str(repo), "rev-parse", "--verify", "-q", f"{commit}^{{commit}}",
+                            timeout=timeout).strip()
     except Unavailable:
         raise NotFound(f"{uri} has no commit {commit}") from None
     if resolved != commit:
         raise SourceError(f"{uri}: {commit} resolved to {resolved}")
-    if source.tag is None:
-        tags = _run_git("-C", str(repo), "tag", "--points-at", commit, timeout=timeout).split()
-        if tags:
-            source.extra["vcs.tag"] = sorted(tags)[0]
     tree = workdir / "tree"
     tree.mkdir()
-    _run_git("--git-dir", str(repo / ".git"), "--work-tree", str(tree), "checkout", "-q", "-f", commit, "--", ".",
-             timeout=timeout)
+    # The same command as the server's origin fetch (casbah/assets/origin.py): line endings
+    # as committed and real symlinks whatever the host's git config says, so the same
+    # commit gives the same tree digest here and there.
+    _run_git("-c", "core.autocrlf=false", "-c", "core.symlinks=true", "--git-dir", str(repo / ".git"),
+             "--work-tree", str(tree), "checkout", "-q", "-f", commit, "--", ".", timeout=timeout)
     if source.keep_git_dir:
+        _run_git("--git-dir", str(repo / ".git"), "update-ref", "--no-deref", "HEAD", commit, timeout=timeout)
         shutil.move(str(repo / ".git"), str(tree / ".git"))
     shutil.rmtree(repo, ignore_errors=True)
     return tree

@@ -82,11 +82,26 @@ def _remote(node: dict, where: str):
         raise ConfigError(format_validation_error(exc, where)) from None
 
 
+def _check_keys(node: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(node) - allowed)
+    if unknown:
+        raise InvalidArgument(f"{where}.{unknown[0]}: unknown key for kind {node.get('kind')!r}")
+    if "url" not in node:
+        raise InvalidArgument(f"{where}.url: required for kind {node.get('kind')!r}")
+
+
 def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> ActionCache:
     """A `remote` node forwards to the upstream's ActionCache; any other node is a
     storage node holding serialized ActionResults."""
     if isinstance(node, dict) and node.get("kind") == "remote":
         return RemoteActionCache(_remote(node, where))
+    if isinstance(node, dict) and node.get("kind") in ("redis", "postgres"):
+        from casbah.storage.ac_shared import PostgresActionCache, RedisActionCache
+
+        _check_keys(node, {"kind", "url", "prefix", "ttl", "instance"}, where)
+        if node["kind"] == "redis":
+            return RedisActionCache(node["url"], node.get("prefix", "casbah:ac:"), node.get("ttl"))
+        return PostgresActionCache(node["url"], node.get("instance", ""))
     try:
         return StorageActionCache(loader.build(node, where))
     except ValueError as exc:
@@ -101,25 +116,37 @@ def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where
         index = MemoryAssetIndex()
     elif spec.get("kind") == "remote":
         index = RemoteAssetIndex(_remote(spec, f"{where}.asset-index"))
+    elif spec.get("kind") == "redis":
+        from casbah.assets.redis import RedisAssetIndex
+
+        _check_keys(spec, {"kind", "url"}, f"{where}.asset-index")
+        index = RedisAssetIndex(spec["url"], name)
+    elif spec.get("kind") == "postgres":
+        from casbah.assets.postgres import PostgresAssetIndex
+
+        _check_keys(spec, {"kind", "url"}, f"{where}.asset-index")
+        index = PostgresAssetIndex(spec["url"], name)
     elif spec.get("kind") == "sqlite":
         safe = "default" if not name else "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / f"{safe}.sqlite")
     else:
-        raise InvalidArgument(f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite, remote)")
+        raise InvalidArgument(
+            f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite, remote, redis, postgres)"
+        )
     origin = None
     if inst.origin_fetch is not None:
         origin = OriginFetcher(inst.origin_fetch.allow, Path(config.data_dir) / "origin-tmp", inst.origin_fetch.git)
     return AssetSettings(index=index, origin=origin, miss=inst.asset_miss)
 
 
-async def create_server(config: ServerConfig) -> Server:
+async def create_server(config: ServerConfig, reuse_port: bool = False) -> Server:
     instances, loader = build_instances(config)
     options = [
         ("grpc.max_receive_message_length", config.max_message_size),
         ("grpc.max_send_message_length", config.max_message_size),
         # grpcio turns SO_REUSEPORT on by default, which lets a second server bind the
         # same port silently and steal half the connections: a port in use must fail.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
     bytestream = ByteStreamService(instances)
@@ -148,8 +175,8 @@ async def create_server(config: ServerConfig) -> Server:
     return result
 
 
-async def serve(config: ServerConfig) -> None:
-    server = await create_server(config)
+async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> None:
+    server = await create_server(config, reuse_port)
     _warn_quota(config)
     await server.grpc_server.start()
     for instance in server.instances:
@@ -157,8 +184,9 @@ async def serve(config: ServerConfig) -> None:
             "instance %r: storage %s, services %s%s", instance.name, instance.cas.describe(),
             ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
         )
+    who = "casbah" if worker is None else f"casbah worker {worker}"
     for address in server.ports:
-        print(f"casbah: serving REAPI on grpc://{address} (instances: "
+        print(f"{who}: serving REAPI on grpc://{address} (instances: "
               f"{', '.join(repr(n) for n in server.instances.names())})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

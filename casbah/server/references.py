@@ -15,7 +15,7 @@ from casbah.errors import FailedPrecondition, InvalidArgument, NotFound
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
-from casbah.server.asset import _settings
+from casbah.server.asset import CANDIDATE_PAGE, _settings
 from casbah.server.base import Instances, rpc
 from casbah.tree import CompleteTrees
 
@@ -32,21 +32,26 @@ class ReferenceStorageService(bst_grpc.ReferenceStorageServicer):
         instance = self.instances.get(request.instance_name, "references")
         if not request.key:
             raise InvalidArgument("empty reference key")
-        candidates = await _settings(instance).index.candidates(
-            AssetKind.DIRECTORY, [URI_PREFIX + request.key], {}, DigestFunction.SHA256
-        )
+        index = _settings(instance).index
         now = time.time()
-        for record in candidates:
-            if record.expired(now):
-                continue
-            try:
-                incomplete = await self.trees.missing(instance.cas, record.digest)
-            except InvalidArgument:  # a stored "Directory" that does not parse: unusable, skip it
-                continue
-            if not incomplete:
-                return bst_pb2.GetReferenceResponse(
-                    digest=re_pb2.Digest(hash=record.digest.hash, size_bytes=record.digest.size)
-                )
+        offset = 0
+        while True:
+            page = await index.candidates(AssetKind.DIRECTORY, [URI_PREFIX + request.key], {},
+                                          DigestFunction.SHA256, limit=CANDIDATE_PAGE, offset=offset)
+            for record in page:
+                if record.expired(now):
+                    continue
+                try:
+                    incomplete = await self.trees.missing(instance.cas, record.digest)
+                except InvalidArgument:  # a stored "Directory" that does not parse: unusable, skip it
+                    continue
+                if not incomplete:
+                    return bst_pb2.GetReferenceResponse(
+                        digest=re_pb2.Digest(hash=record.digest.hash, size_bytes=record.digest.size)
+                    )
+            if len(page) < CANDIDATE_PAGE:
+                break
+            offset += CANDIDATE_PAGE
         raise NotFound(f"reference {request.key!r} not found (or its tree is no longer complete)")
 
     @rpc

@@ -90,12 +90,15 @@ class StorageLoader:
 def load_builtin_kinds() -> None:
     """Import every backend module so it registers its kind."""
     from casbah.storage import (  # noqa: F401
+        blob_index,
         cache,
         disk,
         existence_cache,
         memory,
+        redis_store,
         remote,
         replicated,
+        s3,
         sharded,
         size_routed,
     )

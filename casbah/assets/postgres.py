@@ -1,0 +1,107 @@
+"""Asset index in PostgreSQL, shared by every server of a deployment.
+
+Same model as the SQLite index: one row per asset, URIs and (uri, qualifier,
+value) triples in indexed side tables, a lookup = INTERSECT of index scans.
+"""
+
+from __future__ import annotations
+
+import json
+
+from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
+from casbah.digest import Digest, DigestFunction
+from casbah.postgres_client import ensure_schema, run
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS casbah_assets (
+    instance TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, fn TEXT NOT NULL, hash TEXT NOT NULL,
+    size BIGINT NOT NULL, uris JSONB NOT NULL, qualifiers JSONB NOT NULL, refs_blobs JSONB NOT NULL,
+    refs_dirs JSONB NOT NULL, pushed_at DOUBLE PRECISION NOT NULL, expire_at DOUBLE PRECISION,
+    PRIMARY KEY (instance, key)
+);
+CREATE TABLE IF NOT EXISTS casbah_asset_uris (instance TEXT NOT NULL, key TEXT NOT NULL, uri TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS casbah_asset_uris_uri ON casbah_asset_uris (instance, uri, key);
+CREATE INDEX IF NOT EXISTS casbah_asset_uris_key ON casbah_asset_uris (instance, key);
+CREATE TABLE IF NOT EXISTS casbah_asset_qualifiers (
+    instance TEXT NOT NULL, key TEXT NOT NULL, uri TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS casbah_asset_q_pair ON casbah_asset_qualifiers (instance, uri, name, value, key);
+CREATE INDEX IF NOT EXISTS casbah_asset_q_key ON casbah_asset_qualifiers (instance, key);
+"""
+
+
+def _digests(items: tuple[Digest, ...]) -> str:
+    return json.dumps([[d.hash, d.size] for d in items])
+
+
+class PostgresAssetIndex(AssetIndex):
+    def __init__(self, url: str, instance: str = "") -> None:
+        self.url = url
+        self.instance = instance
+
+    async def put(self, record: AssetRecord) -> None:
+        await ensure_schema(self.url, "assets", _DDL)
+        r, inst = record, self.instance
+
+        async def q(conn):
+            async with conn.transaction():
+                for table in ("casbah_assets", "casbah_asset_uris", "casbah_asset_qualifiers"):
+                    await conn.execute(f"DELETE FROM {table} WHERE instance = %s AND key = %s", (inst, r.key))
+                await conn.execute(
+                    "INSERT INTO casbah_assets VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                    (inst, r.key, r.kind.value, r.digest.function.value, r.digest.hash, r.digest.size,
+                     json.dumps(r.uris), json.dumps(r.qualifiers), _digests(r.references_blobs),
+                     _digests(r.references_directories), r.pushed_at, r.expire_at),
+                )
+                async with conn.cursor() as cur:
+                    await cur.executemany("INSERT INTO casbah_asset_uris VALUES (%s,%s,%s)",
+                                          [(inst, r.key, u) for u in r.uris])
+                    if r.qualifiers:
+                        await cur.executemany(
+                            "INSERT INTO casbah_asset_qualifiers VALUES (%s,%s,%s,%s,%s)",
+                            [(inst, r.key, u, n, v) for u in r.uris for n, v in r.qualifiers],
+                        )
+
+        await run(self.url, q)
+
+    async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str], function: str,
+                         limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
+        await ensure_schema(self.url, "assets", _DDL)
+        inst = self.instance
+        parts, args = [], []
+        for uri in uris:
+            if qualifiers:
+                sub = " INTERSECT ".join(
+                    ["SELECT key FROM casbah_asset_qualifiers WHERE instance = %s AND uri = %s AND name = %s "
+                     "AND value = %s"] * len(qualifiers)
+                )
+                parts.append(f"({sub})")
+                for n, v in qualifiers.items():
+                    args += [inst, uri, n, v]
+            else:
+                parts.append("(SELECT key FROM casbah_asset_uris WHERE instance = %s AND uri = %s)")
+                args += [inst, uri]
+        keys_sql = " UNION ".join(parts)
+        sql = (f"SELECT key, kind, fn, hash, size, uris, qualifiers, refs_blobs, refs_dirs, pushed_at, expire_at "
+               f"FROM casbah_assets WHERE instance = %s AND kind = %s AND fn = %s AND key IN ({keys_sql}) "
+               f"ORDER BY pushed_at DESC")
+        params = [inst, kind.value, function, *args]
+        if limit is not None:
+            sql += " LIMIT %s OFFSET %s"
+            params += [limit, offset]
+
+        async def q(conn):
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
+
+        rows = await run(self.url, q)
+        out = []
+        for key, kind_, fn, hash_, size, uris_, quals, refs_b, refs_d, pushed_at, expire_at in rows:
+            f = DigestFunction(fn)
+            out.append(AssetRecord(
+                kind=AssetKind(kind_), uris=tuple(uris_), qualifiers=tuple((n, v) for n, v in quals),
+                digest=Digest(hash_, size, f), references_blobs=tuple(Digest(h, s, f) for h, s in refs_b),
+                references_directories=tuple(Digest(h, s, f) for h, s in refs_d), pushed_at=pushed_at,
+                expire_at=expire_at, key=key,
+            ))
+        return out

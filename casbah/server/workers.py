@@ -1,0 +1,142 @@
+"""`casbah serve --workers N`: N server processes sharing one port (SO_REUSEPORT).
+
+One Python process saturates one core; several processes behind one port use
+them all, with the kernel spreading connections.  Only storage that several
+processes can share is allowed: disk (the workers exchange index updates through
+a journal file), S3, Redis, PostgreSQL, remote.  Memory storage, memory asset
+indexes and anything else process-local are refused with the offending config
+path, because each worker would silently hold a different cache.
+
+The parent only supervises: it checks the ports are free, starts the workers,
+restarts one that dies, and forwards SIGTERM so every worker drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from casbah.config import ServerConfig
+from casbah.server.app import StartupError
+
+log = logging.getLogger("casbah.workers")
+
+PROCESS_LOCAL_KINDS = frozenset({"memory"})
+WORKERS_ENV = "CASBAH_WORKERS"
+
+
+def process_local_nodes(config: ServerConfig) -> list[str]:
+    """Config paths of nodes that cannot be shared between processes."""
+    found: list[str] = []
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("kind") in PROCESS_LOCAL_KINDS:
+                found.append(f"{path} (kind {node['kind']})")
+            for key, value in node.items():
+                visit(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                visit(value, f"{path}[{i}]")
+
+    for name, node in config.storages.items():
+        visit(node, f"storages.{name}")
+    for name, inst in config.instances.items():
+        where = f"instances.{name!r}"
+        for key in ("storage", "action_cache"):
+            visit(getattr(inst, key), f"{where}.{key.replace('_', '-')}")
+        index = inst.asset_index
+        if index == "memory" or (isinstance(index, dict) and index.get("kind") == "memory"):
+            found.append(f"{where}.asset-index (memory)")
+    return found
+
+
+def check_ports_free(addresses: list[str]) -> None:
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, int(port)))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {address}: {exc.strerror} (is another server using it?)"
+                ) from None
+
+
+def _child(config_data: dict, log_level: str, index: int) -> None:
+    import asyncio
+
+    from casbah.server.app import serve
+
+    os.environ[WORKERS_ENV] = "1"
+    logging.basicConfig(level=getattr(logging, log_level.upper()),
+                        format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s", stream=sys.stderr)
+    config = ServerConfig.model_validate(config_data)
+    try:
+        asyncio.run(serve(config, reuse_port=True, worker=index))
+    except KeyboardInterrupt:
+        pass
+
+
+def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
+    local = process_local_nodes(config)
+    if local:
+        raise StartupError(
+            f"--workers {count} needs storage every worker can share, but these are process-local: "
+            f"{'; '.join(local)}. Use disk, s3, redis, postgres or remote, or run one worker."
+        )
+    check_ports_free(config.listen)
+    # The disk journal is per data directory; start it afresh (every worker scans the tree at startup).
+    journal = os.path.join(config.data_dir, "cas", "journal")
+    if os.path.exists(journal):
+        os.unlink(journal)
+    ctx = multiprocessing.get_context("spawn")
+    data = config.model_dump(by_alias=True)
+    workers: dict[int, multiprocessing.Process] = {}
+    stopping = False
+    restarts: list[float] = []
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=_child, args=(data, log_level, i), name=f"casbah-worker-{i}")
+        p.start()
+        workers[i] = p
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in workers.values():
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(count):
+        start(i)
+    print(f"casbah: {count} workers started", flush=True)
+    code = 0
+    while workers:
+        for i, p in list(workers.items()):
+            p.join(timeout=0.2)
+            if p.is_alive():
+                continue
+            del workers[i]
+            if stopping:
+                continue
+            now = time.monotonic()
+            restarts[:] = [t for t in restarts if now - t < 60] + [now]
+            if len(restarts) > 5:
+                log.error("workers keep dying (exit code %s); stopping", p.exitcode)
+                code = 1
+                stop(signal.SIGTERM, None)
+                continue
+            log.warning("worker %d exited with %s; restarting it", i, p.exitcode)
+            start(i)
+    return code

@@ -1,0 +1,68 @@
+"""ActionCache backends shared by several casbah servers: Redis and PostgreSQL.
+
+Every server of a scaled-out deployment must see the same ActionCache, so it
+cannot live in one server's disk.  PostgreSQL is the recommended default: an
+acknowledged UpdateActionResult is durable (fsync'd WAL) and survives a restart;
+Redis is faster but keeps that promise only when run with `appendonly yes` and
+`appendfsync always` (see docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+from casbah.digest import Digest
+from casbah.postgres_client import ensure_schema, run
+from casbah.redis_client import connect, translated
+from casbah.storage.action_cache import ActionCache
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS casbah_action_cache (
+    instance TEXT NOT NULL, key TEXT NOT NULL, result BYTEA NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (instance, key)
+)
+"""
+
+
+class RedisActionCache(ActionCache):
+    def __init__(self, url: str, prefix: str = "casbah:ac:", ttl: int | None = None) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.ttl = ttl
+        self.redis = connect(url)
+
+    @translated
+    async def get(self, action: Digest) -> bytes | None:
+        return await self.redis.get(self.prefix + action.key)
+
+    @translated
+    async def put(self, action: Digest, result: bytes) -> None:
+        await self.redis.set(self.prefix + action.key, result, ex=self.ttl)
+
+
+class PostgresActionCache(ActionCache):
+    def __init__(self, url: str, instance: str = "") -> None:
+        self.url = url
+        self.instance = instance
+
+    async def get(self, action: Digest) -> bytes | None:
+        await ensure_schema(self.url, "action_cache", _DDL)
+
+        async def q(conn):
+            cur = await conn.execute(
+                "SELECT result FROM casbah_action_cache WHERE instance = %s AND key = %s", (self.instance, action.key)
+            )
+            row = await cur.fetchone()
+            return bytes(row[0]) if row else None
+
+        return await run(self.url, q)
+
+    async def put(self, action: Digest, result: bytes) -> None:
+        await ensure_schema(self.url, "action_cache", _DDL)
+
+        async def q(conn):
+            await conn.execute(
+                "INSERT INTO casbah_action_cache (instance, key, result) VALUES (%s, %s, %s) "
+                "ON CONFLICT (instance, key) DO UPDATE SET result = EXCLUDED.result, updated_at = now()",
+                (self.instance, action.key, result),
+            )
+
+        await run(self.url, q)
