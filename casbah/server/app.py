@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import grpc
 
@@ -108,6 +110,30 @@ def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> Action
         raise InvalidArgument(f"{where}: {exc}") from None
 
 
+def _index_file(instance: str) -> str:
+    """One SQLite file per instance; percent-encoding keeps distinct names distinct."""
+    return "default.sqlite" if not instance else f"i_{quote(instance, safe='')}.sqlite"
+
+
+def _origin_tmp(root: Path) -> Path:
+    """This process's scratch area for origin downloads; leftovers of dead processes go."""
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in root.iterdir():
+        if entry.name.isdigit() and not _alive(int(entry.name)):
+            shutil.rmtree(entry, ignore_errors=True)
+    return root / str(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str) -> AssetSettings:
     spec = inst.asset_index
     spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
@@ -127,15 +153,15 @@ def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where
         _check_keys(spec, {"kind", "url"}, f"{where}.asset-index")
         index = PostgresAssetIndex(spec["url"], name)
     elif spec.get("kind") == "sqlite":
-        safe = "default" if not name else "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / f"{safe}.sqlite")
+        index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / _index_file(name))
     else:
         raise InvalidArgument(
             f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite, remote, redis, postgres)"
         )
     origin = None
     if inst.origin_fetch is not None:
-        origin = OriginFetcher(inst.origin_fetch.allow, Path(config.data_dir) / "origin-tmp", inst.origin_fetch.git)
+        origin = OriginFetcher(inst.origin_fetch.allow, _origin_tmp(Path(config.data_dir) / "origin-tmp"),
+                               inst.origin_fetch.git)
     return AssetSettings(index=index, origin=origin, miss=inst.asset_miss)
 
 
