@@ -98,8 +98,58 @@ class InstanceConfig(_Model):
         return value
 
 
+class ListenerConfig(_Model):
+    """One address: `HOST:PORT` or `unix:PATH`, optionally with TLS (and mTLS)."""
+
+    address: str
+    tls_cert: str | None = Field(default=None, alias="tls-cert")
+    tls_key: str | None = Field(default=None, alias="tls-key")
+    #: CA bundle that client certificates must chain to; set = mTLS required.
+    tls_client_ca: str | None = Field(default=None, alias="tls-client-ca")
+    #: File mode of a unix socket, e.g. "0660" (group members may connect).
+    unix_mode: str | None = Field(default=None, alias="unix-mode", pattern="^0?[0-7]{3}$")
+
+
+class LimitsConfig(_Model):
+    """Protection against overload and slow clients; every value has a sane default."""
+
+    max_concurrent_rpcs: int = Field(default=2000, alias="max-concurrent-rpcs", gt=0)
+    max_streams_per_connection: int = Field(default=200, alias="max-streams-per-connection", gt=0)
+    upload_bytes_in_flight: int | str = Field(default="2G", alias="upload-bytes-in-flight")
+    #: Seconds a streaming call may wait for the client's next message.
+    idle_timeout: float = Field(default=60.0, alias="idle-timeout", gt=0)
+    #: Seconds a connection with no call in progress stays open.
+    connection_idle: float = Field(default=600.0, alias="connection-idle", gt=0)
+
+    @field_validator("upload_bytes_in_flight")
+    @classmethod
+    def _size(cls, value: int | str) -> int:
+        return parse_size(value)
+
+
+class AuthConfig(_Model):
+    """Who may read and write.  With no method configured, anonymous clients may write."""
+
+    #: `read-write`, `read-only` or `none`; default: read-write when no other method is set, else none.
+    anonymous: str | None = Field(default=None, pattern="^(read-write|read-only|none)$")
+    #: File of `sha256:<hex of token> read|write [INSTANCE…]` lines.
+    tokens: str | None = None
+    jwt: dict[str, Any] | None = None
+    #: mTLS client subject (or CN) -> "read|write [INSTANCE…]".
+    mtls_subjects: dict[str, str] = Field(default_factory=dict, alias="mtls-subjects")
+    #: `any` (write scope suffices) or `authenticated` (anonymous writers may not poison the ActionCache).
+    action_cache_writers: str = Field(default="any", alias="action-cache-writers", pattern="^(any|authenticated)$")
+
+
 class ServerConfig(_Model):
-    listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN])
+    listen: list[str | ListenerConfig] = Field(default_factory=lambda: [DEFAULT_LISTEN])
+    tls_cert: str | None = Field(default=None, alias="tls-cert")
+    tls_key: str | None = Field(default=None, alias="tls-key")
+    tls_client_ca: str | None = Field(default=None, alias="tls-client-ca")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    metrics_listen: str | None = Field(default=None, alias="metrics-listen")
+    log_format: str = Field(default="text", alias="log-format", pattern="^(text|json)$")
     data_dir: str = Field(default=DEFAULT_DATA_DIR, alias="data-dir")
     quota: int | str = DEFAULT_QUOTA
     #: Largest gRPC message the server accepts or sends.
@@ -128,6 +178,16 @@ class ServerConfig(_Model):
             if inst.action_cache is None:
                 inst.action_cache = "action-cache"
         return self.model_copy(update={"storages": storages, "instances": instances})
+
+    def listeners(self) -> list[ListenerConfig]:
+        """Every listener, plain addresses getting the top-level TLS settings."""
+        out = []
+        for item in self.listen:
+            if isinstance(item, str):
+                item = ListenerConfig(address=item, tls_cert=self.tls_cert, tls_key=self.tls_key,
+                                      tls_client_ca=self.tls_client_ca)
+            out.append(item)
+        return out
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

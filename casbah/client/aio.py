@@ -55,7 +55,7 @@ class AsyncRemote:
     @property
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = open_aio_channel(self.spec, self.channel_options)
+            self._channel = open_aio_channel(self.spec, [*self.reconnect_options(), *self.channel_options])
             self.cas = re_grpc.ContentAddressableStorageStub(self._channel)
             self.bytestream = bs_grpc.ByteStreamStub(self._channel)
             self.action_cache = re_grpc.ActionCacheStub(self._channel)
@@ -63,6 +63,17 @@ class AsyncRemote:
             self.fetch = ra_grpc.FetchStub(self._channel)
             self.push = ra_grpc.PushStub(self._channel)
         return self._channel
+
+    def reconnect_options(self) -> list[tuple[str, int]]:
+        """gRPC backs off reconnecting for up to 2 minutes after a refused connection, and
+        fails calls at once meanwhile: an upstream back after a restart would then see
+        every retry of ours fail.  Cap its backoff at ours."""
+        cap_ms = int(min(max(self.policy.max_backoff, 0.1), 10.0) * 1000)
+        return [
+            ("grpc.initial_reconnect_backoff_ms", min(100, cap_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(100, cap_ms)),
+            ("grpc.max_reconnect_backoff_ms", cap_ms),
+        ]
 
     def stubs(self) -> AsyncRemote:
         _ = self.channel

@@ -48,9 +48,12 @@ class RetryPolicy:
         return code in TRANSIENT or (idempotent and code == grpc.StatusCode.DEADLINE_EXCEEDED)
 
     def _classify(self, exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-        if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-            return exc.code(), exc.details() or ""
         if isinstance(exc, grpc.RpcError):
+            # AioRpcError and the sync errors have code()/details() without being grpc.Call.
+            code = getattr(exc, "code", None)
+            details = getattr(exc, "details", None)
+            if callable(code):
+                return code(), (details() if callable(details) else "") or ""
             return grpc.StatusCode.UNKNOWN, str(exc)
         if isinstance(exc, CasbahError):
             return exc.code, str(exc)

@@ -261,6 +261,8 @@ def _extract_tar(archive: Path, root: Path) -> None:
                 # real paths (a chain of in-tree symlinks can still point out), and drops
                 # ownership and special permission bits.
                 tar.extract(member, root, filter="data")
+    except tarfile.FilterError as exc:
+        raise SourceError(f"{archive.name}: refused: {exc}") from None
     except tarfile.TarError as exc:
         raise SourceError(f"{archive.name}: not a readable tar archive: {exc}") from None
     except OSError as exc:

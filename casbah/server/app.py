@@ -18,7 +18,7 @@ from casbah.assets.memory import MemoryAssetIndex
 from casbah.assets.origin import OriginFetcher
 from casbah.assets.remote import RemoteAssetIndex
 from casbah.assets.sqlite import SqliteAssetIndex
-from casbah.config import InstanceConfig, ServerConfig
+from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
 from casbah.errors import InvalidArgument
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -167,14 +167,20 @@ def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where
 
 async def create_server(config: ServerConfig, reuse_port: bool = False) -> Server:
     instances, loader = build_instances(config)
+    limits = config.limits
     options = [
         ("grpc.max_receive_message_length", config.max_message_size),
         ("grpc.max_send_message_length", config.max_message_size),
         # grpcio turns SO_REUSEPORT on by default, which lets a second server bind the
         # same port silently and steal half the connections: a port in use must fail.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(limits.connection_idle * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
@@ -185,20 +191,63 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
     ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)
     bst_grpc.add_ReferenceStorageServicer_to_server(ReferenceStorageService(instances, fetch.trees), server)
     result = Server(config, instances, server)
-    for address in config.listen:
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
-        if port == 0:
-            raise StartupError(f"cannot listen on {address} (is another server using the port?)")
-        result.ports.append(address if not address.endswith(":0") else f"{address[:-2]}:{port}")
+    for listener in config.listeners():
+        result.ports.append(_listen(server, listener))
     result.closers.append(bytestream.close)
     for storage in loader.all():
         result.closers.append(storage.close)
     for instance in instances:
         result.closers.append(instance.extras["asset"].index.close)
     return result
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file nobody answers on is a leftover of a crash; one that answers is in use."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise StartupError(f"cannot listen on unix:{path}: another server is listening there")
+
+
+def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
+    """Bind one listener; returns the address as served (port 0 resolved)."""
+    address = listener.address
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:").removeprefix("//")
+        if os.path.exists(path):
+            _remove_stale_socket(path)
+    try:
+        if listener.tls_cert or listener.tls_key:
+            if not (listener.tls_cert and listener.tls_key):
+                raise StartupError(f"{address}: TLS needs both a certificate and a key")
+            credentials = grpc.ssl_server_credentials(
+                [(Path(listener.tls_key).read_bytes(), Path(listener.tls_cert).read_bytes())],
+                root_certificates=Path(listener.tls_client_ca).read_bytes() if listener.tls_client_ca else None,
+                require_client_auth=bool(listener.tls_client_ca),
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            if listener.tls_client_ca:
+                raise StartupError(f"{address}: a client CA (mTLS) needs a TLS certificate and key too")
+            port = server.add_insecure_port(address)
+    except OSError as exc:
+        raise StartupError(f"{address}: cannot read TLS material: {exc}") from None
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
+    if port == 0 and not address.startswith("unix:"):
+        raise StartupError(f"cannot listen on {address} (is another server using the port?)")
+    if address.startswith("unix:"):
+        if listener.unix_mode:
+            os.chmod(address.removeprefix("unix:").removeprefix("//"), int(listener.unix_mode, 8))
+        return address
+    scheme = "grpcs" if listener.tls_cert else "grpc"
+    shown = address if not address.endswith(":0") else f"{address[:-2]}:{port}"
+    return f"{scheme}://{shown}"
 
 
 async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> None:
@@ -212,7 +261,7 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
         )
     who = "casbah" if worker is None else f"casbah worker {worker}"
     for address in server.ports:
-        print(f"{who}: serving REAPI on grpc://{address} (instances: "
+        print(f"{who}: serving REAPI on {address} (instances: "
               f"{', '.join(repr(n) for n in server.instances.names())})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

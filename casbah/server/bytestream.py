@@ -83,7 +83,7 @@ class UploadSession:
             finally:
                 if not put.done():
                     put.cancel()
-            if put.cancelled():
+            if not put.done() or put.cancelled():  # the write ended first: the data was not queued
                 self._check_task()
         if data:
             self.committed += len(data)

@@ -74,6 +74,15 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         instance.check_writable("BatchUpdateBlobs")
         function = DigestFunction.from_proto(request.digest_function)
         self._check_batch_size(sum(len(r.data) for r in request.requests), "BatchUpdateBlobs request")
+        # Compressed blobs are expanded in memory, up to the size their digests claim:
+        # bound the total a client can make the server allocate for one request.
+        expanded = sum(r.digest.size_bytes for r in request.requests if r.compressor != _IDENTITY)
+        cap = max(self.instances.max_message_size, 16 * self.instances.max_batch_size)
+        if expanded > cap:
+            raise InvalidArgument(
+                f"BatchUpdateBlobs request names {expanded} bytes of blobs, over the {cap} a batch may expand to: "
+                "use ByteStream"
+            )
         statuses: list[status_pb2.Status | None] = []
         todo: list[tuple[Digest, bytes]] = []
         slots: list[int] = []
@@ -136,6 +145,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         cas = self._instance(request.instance_name).cas
         function = DigestFunction.from_proto(request.digest_function)
         root = make_digest(request.root_digest.hash, request.root_digest.size_bytes, function)
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size {request.page_size} is negative")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         skip = _parse_page_token(request.page_token, root)
         budget = min(self.instances.max_message_size, 4 << 20) - (64 << 10)

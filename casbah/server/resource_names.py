@@ -20,6 +20,7 @@ COMPRESSORS = frozenset({"zstd", "deflate", "brotli"})
 SERVED_COMPRESSORS = frozenset({"zstd"})
 # Functions whose name appears in the path (the others are implied by hash length).
 _NAMED_FUNCTIONS = {"blake3": DigestFunction.BLAKE3, "sha256": DigestFunction.SHA256}
+_MAX_SIZE = (1 << 63) - 1  # Digest.size_bytes is an int64
 _UNSERVED_FUNCTIONS = {"sha256tree", "gitsha1", "sha1", "md5", "sha384", "sha512", "vso", "murmur3"}
 
 
@@ -83,6 +84,7 @@ def _parse_blob(name: str, instance_parts: list[str], rest: list[str], upload_id
     if len(rest) < 2 or (len(rest) > 2 and not allow_metadata):
         raise InvalidArgument(f"malformed resource name {name!r}: expected HASH/SIZE")
     hash_hex, size = rest[0], rest[1]
-    if not size.isdigit():
-        raise InvalidArgument(f"malformed resource name {name!r}: size {size!r} is not a number")
+    # ASCII digits only: str.isdigit() accepts '²' (int() then fails) and other scripts' digits.
+    if not (size.isascii() and size.isdigit()) or int(size) > _MAX_SIZE:
+        raise InvalidArgument(f"malformed resource name {name!r}: size {size!r} is not a valid blob size")
     return ResourceName(instance, make_digest(hash_hex, int(size), function), compressor, upload_id)

@@ -59,6 +59,8 @@ def process_local_nodes(config: ServerConfig) -> list[str]:
 
 def check_ports_free(addresses: list[str]) -> None:
     for address in addresses:
+        if address.startswith("unix:"):
+            continue
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -93,7 +95,7 @@ def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
             f"--workers {count} needs storage every worker can share, but these are process-local: "
             f"{'; '.join(local)}. Use disk, s3, redis, postgres or remote, or run one worker."
         )
-    check_ports_free(config.listen)
+    check_ports_free([listener.address for listener in config.listeners()])
     # The disk journal is per data directory; start it afresh (every worker scans the tree at startup).
     journal = os.path.join(config.data_dir, "cas", "journal")
     if os.path.exists(journal):

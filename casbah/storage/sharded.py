@@ -31,13 +31,6 @@ from casbah.storage.loader import NodeOptions, StorageLoader, register
 _MASK = (1 << 64) - 1
 
 
-def _mix(x: int) -> int:
-    """splitmix64's finalizer: a cheap, well-mixed 64-bit hash of an integer."""
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
-    return x ^ (x >> 31)
-
-
 class ShardedStorage(Storage):
     kind = "sharded"
 
@@ -49,16 +42,24 @@ class ShardedStorage(Storage):
         self.weights = [weight for _, _, weight in shards]
         # A shard's identity is its key, not its position: reordering the list moves nothing.
         self.seeds = [int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") for key, _, _ in shards]
+        self._equal = len(set(self.weights)) == 1
 
     def children(self) -> Iterable[Storage]:
         return self.shards
 
     def shard_index(self, digest: Digest) -> int:
+        """The shard of `digest`: the highest score `-weight / ln(h)` (the argmax of h
+        itself when all weights are equal, which is the same shard, without the logs).
+        splitmix64 is inlined: this runs for every digest of every FindMissingBlobs."""
         base = int(digest.hash[:16], 16)
         best, best_score = 0, -math.inf
-        for i, (seed, weight) in enumerate(zip(self.seeds, self.weights, strict=True)):
-            h = (_mix(base ^ seed) + 1) / (_MASK + 2)  # in (0, 1)
-            score = -weight / math.log(h)
+        equal = self._equal
+        for i, seed in enumerate(self.seeds):
+            x = base ^ seed
+            x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+            x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+            x ^= x >> 31
+            score = x if equal else -self.weights[i] / math.log((x + 1) / (_MASK + 2))
             if score > best_score:
                 best, best_score = i, score
         return best
