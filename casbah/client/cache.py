@@ -38,6 +38,12 @@ from casbah.tree import build_tree
 
 _READ = 1024 * 1024
 _FN = DigestFunction.SHA256
+#: Files up to this size are read whole (one read, hashed, written only if new);
+#: larger ones are hashed first and copied only if new, so an unchanged file is never written.
+_SMALL = 1024 * 1024
+#: Threads hashing and storing files in commit, and placing them in checkout: the work is
+#: syscalls and hashing, which release the GIL, so a few threads overlap file-system latency.
+IO_THREADS = min(8, (os.cpu_count() or 2) * 2)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from casbah.client.remote import RemoteClient
 from casbah.client.sources import Source, SourceError, fetch_native
 from casbah.client.sync import pull, push
 from casbah.digest import Digest
-from casbah.errors import CasbahError, InvalidArgument, NotFound
+from casbah.errors import BlobNotFound, CasbahError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class SourceCache:
                 else:
                     root = remote.client.fetch_directory(source.uris, qualifiers)
                     if root is not None:
-                        pull(self.cache, remote.client, str(root))
+                        if not self._complete_locally(root):
+                            pull(self.cache, remote.client, str(root))
                         self._check_tree(source, root)
             except CasbahError as exc:
                 log.warning("source %s: asset fetch from %s failed: %s", source.uris[0], url, exc)
@@ -134,6 +135,13 @@ class SourceCache:
             )
         self.summary.count("fallback")
         return None
+
+    def _complete_locally(self, root: Digest) -> bool:
+        """The whole tree is already in the local cache: a hit then costs one RPC, no GetTree."""
+        try:
+            return not self.cache.missing(sorted(self.cache.tree_digests(root)))
+        except BlobNotFound:
+            return False
 
     def _check_tree(self, source: Source, root: Digest) -> None:
         """A git tree with `.git` answers only `with-git-dir` fetches.

@@ -97,6 +97,15 @@ async def missing_content(instance: Instance, trees: CompleteTrees, kind: AssetK
     return missing
 
 
+#: URIs only BuildStream 1.x uses; its CASCache takes any OK FetchDirectory as a hit.
+BST1_URI_PREFIX = "urn:fdc:buildstream.build:2020:v1:"
+
+
+def _wants_rpc_miss(context, uri: str) -> bool:
+    """Clients that read a miss only from the RPC status (Bazel 4.2, BuildStream 1.x)."""
+    return _tool_name(context) == "bazel" or uri.startswith(BST1_URI_PREFIX)
+
+
 class FetchService(ra_grpc.FetchServicer):
     def __init__(self, instances: Instances) -> None:
         self.instances = instances
@@ -200,7 +209,7 @@ class FetchService(ra_grpc.FetchServicer):
 
     def _miss(self, instance: Instance, context, kind: AssetKind, exc: CasbahError, uri: str):
         mode = _settings(instance).miss
-        if mode == "rpc-error" or (mode == "auto" and _tool_name(context) == "bazel"):
+        if mode == "rpc-error" or (mode == "auto" and _wants_rpc_miss(context, uri)):
             raise exc
         return _response(kind)(status=status_pb2.Status(code=status_code(exc).value[0], message=str(exc)), uri=uri)
 

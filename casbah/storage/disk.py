@@ -47,6 +47,7 @@ from casbah.config import parse_size
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DigestMismatch, ResourceExhausted
 from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, Verifier, check_range, empty_stream
+from casbah.storage.disk_journal import Journal
 from casbah.storage.loader import NodeOptions, register
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class DiskStorage(Storage):
         self._counter = itertools.count()
         self.evictions = 0
         self._open()
+        #: Several server processes share this directory (`serve --workers N`).
+        self._journal = Journal(self.root / "journal", _parse_key) if os.environ.get("CASBAH_WORKERS") else None
 
     # -- startup -------------------------------------------------------------------
 
@@ -152,7 +155,31 @@ class DiskStorage(Storage):
         return missing
 
     async def has(self, digest: Digest) -> bool:
-        return digest in self._index
+        return digest in self._index or self._discover(digest)
+
+    def _discover(self, digest: Digest) -> bool:
+        """With sibling workers, a blob may be on disk before its journal line is replayed."""
+        if self._journal is None:
+            return False
+        try:
+            size = os.stat(self._path(digest)).st_size
+        except FileNotFoundError:
+            return False
+        if self.verify and size != digest.size:
+            return False
+        self._index[digest] = size
+        self._used += size
+        return True
+
+    def _apply_journal(self, entries: list[tuple[str, Digest, int]]) -> None:
+        index = self._index
+        for op, digest, size in entries:
+            if op == "+":
+                if digest not in index:
+                    index[digest] = size
+                    self._used += size
+            elif digest in index and digest not in self._pins and digest not in self._committing:
+                self._used -= index.pop(digest)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -184,7 +211,9 @@ class DiskStorage(Storage):
         try:
             size = self._index[digest]
         except KeyError:
-            raise BlobNotFound(digest) from None
+            if not self._discover(digest):
+                raise BlobNotFound(digest) from None
+            size = self._index[digest]
         self._index.move_to_end(digest)
         self._touch(digest)
         return size
@@ -237,7 +266,7 @@ class DiskStorage(Storage):
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         index = self._index
-        present = [d for d in digests if d in index]
+        present = [d for d in digests if d in index or self._discover(d)]
         if not present:
             return {}
         for digest in present:
@@ -409,6 +438,9 @@ class DiskStorage(Storage):
         return f"{self._tmp}/{digest.key}.{os.getpid()}.{next(self._counter)}"
 
     def _add(self, digest: Digest, size: int) -> None:
+        if self._journal is not None:
+            self._journal.note_added(digest, size)
+            self._journal.start(self._apply_journal)
         old = self._index.pop(digest, None)
         if old is not None:
             self._used -= old
@@ -461,6 +493,9 @@ class DiskStorage(Storage):
             index[digest] = stored
         self._used -= freed
         self.evictions += len(victims)
+        if self._journal is not None:
+            for digest in victims:
+                self._journal.note_removed(digest)
         log.debug("disk storage %s: evicting %d blobs (%d bytes)", self.root, len(victims), freed)
         return victims
 
@@ -559,6 +594,8 @@ class DiskStorage(Storage):
                 self._used -= size
                 self._touched.pop(digest, None)
                 present.append(digest)
+                if self._journal is not None:
+                    self._journal.note_removed(digest)
         if present:
             await asyncio.shield(self._start_unlinks(present, self._unlink_all, present))
         return len(present)
@@ -585,6 +622,8 @@ class DiskStorage(Storage):
         if self._unlinking:
             await asyncio.wait(set(self._unlinking.values()))
         await self.flush_touches()
+        if self._journal is not None:
+            await self._journal.close()
 
 
 def _parse_key(name: str) -> Digest | None:
