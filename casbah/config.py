@@ -154,8 +154,10 @@ class ServerConfig(_Model):
     quota: int | str = DEFAULT_QUOTA
     #: Largest gRPC message the server accepts or sends.
     max_message_size: int | str = Field(default="64M", alias="max-message-size")
-    #: Advertised to clients; bounded by what a default 4 MiB client can receive.
-    max_batch_size: int | str = Field(default=4 * 1024 * 1024 - 64 * 1024, alias="max-batch-size")
+    #: Advertised max_batch_total_size_bytes.  2 MiB leaves room for ~26,000 blobs' worth
+    #: of protobuf overhead in a BatchReadBlobs response that a client with gRPC's
+    #: default 4 MiB receive limit must accept.
+    max_batch_size: int | str = Field(default="2M", alias="max-batch-size")
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
     grace_seconds: float = Field(default=30.0, alias="grace-seconds")

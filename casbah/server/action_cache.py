@@ -29,12 +29,12 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
     def __init__(self, instances: Instances) -> None:
         self.instances = instances
 
-    def _instance(self, name: str) -> Instance:
-        return self.instances.get(name, "action-cache")
+    def _instance(self, name: str, context, what: str, write: bool = False, detail: str = "") -> Instance:
+        return self.instances.get(name, "action-cache", context, write=write, what=what, detail=detail)
 
     @rpc
     async def GetActionResult(self, request, context):
-        instance = self._instance(request.instance_name)
+        instance = self._instance(request.instance_name, context, "GetActionResult")
         function = DigestFunction.from_proto(request.digest_function)
         action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
         data = await instance.action_cache.get(action)
@@ -64,7 +64,9 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
 
     @rpc
     async def UpdateActionResult(self, request, context):
-        instance = self._instance(request.instance_name)
+        d = request.action_digest
+        instance = self._instance(request.instance_name, context, "UpdateActionResult", write=True,
+                                  detail=f"action {d.hash}/{d.size_bytes}")
         instance.check_writable("UpdateActionResult")
         function = DigestFunction.from_proto(request.digest_function)
         action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)

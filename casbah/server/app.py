@@ -18,18 +18,19 @@ from casbah.assets.memory import MemoryAssetIndex
 from casbah.assets.origin import OriginFetcher
 from casbah.assets.remote import RemoteAssetIndex
 from casbah.assets.sqlite import SqliteAssetIndex
-from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
-from casbah.errors import InvalidArgument
+from casbah.config import ConfigError, InstanceConfig, ListenerConfig, ServerConfig
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
 from casbah.server.asset import AssetSettings, FetchService, PushService
+from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
+from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
 from casbah.storage.action_cache import ActionCache, RemoteActionCache, StorageActionCache
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
@@ -48,8 +49,11 @@ class Server:
     grpc_server: grpc.aio.Server
     ports: list[str] = field(default_factory=list)
     closers: list = field(default_factory=list)
+    observability: Observability | None = None
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.observability is not None:
+            await self.observability.enter_shutdown()  # health NOT_SERVING while draining
         await self.grpc_server.stop(self.config.grace_seconds if grace is None else grace)
         for close in self.closers:
             await close()
@@ -69,7 +73,8 @@ def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
             extras={"check_action_results": inst.check_action_results,
                     "asset": _asset_settings(config, name, inst, where)},
         )
-    return Instances(instances, config.max_batch_size, config.max_message_size), loader
+    authorizer = Authorizer(config.auth)
+    return Instances(instances, config.max_batch_size, config.max_message_size, authorizer), loader
 
 
 def _remote(node: dict, where: str):
@@ -87,9 +92,10 @@ def _remote(node: dict, where: str):
 def _check_keys(node: dict, allowed: set[str], where: str) -> None:
     unknown = sorted(set(node) - allowed)
     if unknown:
-        raise InvalidArgument(f"{where}.{unknown[0]}: unknown key for kind {node.get('kind')!r}")
-    if "url" not in node:
-        raise InvalidArgument(f"{where}.url: required for kind {node.get('kind')!r}")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key for kind {node.get('kind')!r} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+    if not isinstance(node.get("url"), str) or not node["url"]:
+        raise ConfigError(f"{where}.url: required for kind {node.get('kind')!r}")
 
 
 def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> ActionCache:
@@ -107,7 +113,7 @@ def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> Action
     try:
         return StorageActionCache(loader.build(node, where))
     except ValueError as exc:
-        raise InvalidArgument(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _index_file(instance: str) -> str:
@@ -155,7 +161,7 @@ def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where
     elif spec.get("kind") == "sqlite":
         index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / _index_file(name))
     else:
-        raise InvalidArgument(
+        raise ConfigError(
             f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite, remote, redis, postgres)"
         )
     origin = None
@@ -180,7 +186,11 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+    from casbah import __version__
+
+    observability = Observability(instances, version=__version__)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+                             interceptors=[observability.interceptor])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
@@ -190,14 +200,19 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
     ra_grpc.add_FetchServicer_to_server(fetch, server)
     ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)
     bst_grpc.add_ReferenceStorageServicer_to_server(ReferenceStorageService(instances, fetch.trees), server)
-    result = Server(config, instances, server)
+    await observability.add_health_and_reflection(server)
+    result = Server(config, instances, server, observability=observability)
     for listener in config.listeners():
         result.ports.append(_listen(server, listener))
+    observability.listen = list(result.ports)
+    result.closers.insert(0, observability.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)
     for storage in loader.all():
         result.closers.append(storage.close)
     for instance in instances:
         result.closers.append(instance.extras["asset"].index.close)
+        if not isinstance(instance.action_cache, StorageActionCache):  # its storage is closed above
+            result.closers.append(instance.action_cache.close)
     return result
 
 
@@ -263,6 +278,13 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
     for address in server.ports:
         print(f"{who}: serving REAPI on {address} (instances: "
               f"{', '.join(repr(n) for n in server.instances.names())})", flush=True)
+    if config.metrics_listen and server.observability is not None:
+        try:
+            url = await server.observability.start_http(config.metrics_listen, worker)
+        except (OSError, ValueError) as exc:
+            await server.stop(0)
+            raise StartupError(str(exc)) from None
+        print(f"{who}: metrics on {url}/metrics, status page on {url}/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

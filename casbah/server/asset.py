@@ -186,6 +186,9 @@ class FetchService(ra_grpc.FetchServicer):
 
     async def _fetch(self, request, context, kind: AssetKind):
         instance = self.instances.get(request.instance_name, "asset")
+        validate(request.uris, request.qualifiers)  # probes with empty requests get INVALID_ARGUMENT first
+        self.instances.get(request.instance_name, "asset", context, what=f"Fetch{kind.value.capitalize()}",
+                           detail=request.uris[0])
         try:
             record, uri = await self._lookup(instance, kind, request)
             if record is None:
@@ -231,9 +234,12 @@ class PushService(ra_grpc.PushServicer):
         self.instances = instances
         self.trees = trees
 
-    async def _push(self, request, kind: AssetKind, root_message) -> None:
+    async def _push(self, request, context, kind: AssetKind, root_message) -> None:
         instance = self.instances.get(request.instance_name, "asset")
         uris, qualifiers = validate(request.uris, request.qualifiers)
+        self.instances.get(request.instance_name, "asset", context, write=True,
+                           what=f"Push{kind.value.capitalize()}",
+                           detail=f"{uris[0]} -> {root_message.hash}/{root_message.size_bytes}")
         instance.check_writable(f"Push{kind.value.capitalize()}")
         function = DigestFunction.from_proto(request.digest_function)
 
@@ -262,10 +268,10 @@ class PushService(ra_grpc.PushServicer):
 
     @rpc
     async def PushBlob(self, request, context):
-        await self._push(request, AssetKind.BLOB, request.blob_digest)
+        await self._push(request, context, AssetKind.BLOB, request.blob_digest)
         return ra_pb2.PushBlobResponse()
 
     @rpc
     async def PushDirectory(self, request, context):
-        await self._push(request, AssetKind.DIRECTORY, request.root_directory_digest)
+        await self._push(request, context, AssetKind.DIRECTORY, request.root_directory_digest)
         return ra_pb2.PushDirectoryResponse()

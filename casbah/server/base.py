@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from casbah.config import AuthConfig
 from casbah.digest import DigestFunction
 from casbah.errors import CasbahError, InvalidArgument, PermissionDenied, Unsupported
+from casbah.server.auth import Authorizer
 from casbah.storage.action_cache import ActionCache
 from casbah.storage.base import Storage
 
@@ -42,12 +44,17 @@ class Instance:
 class Instances:
     """The instance registry every servicer resolves request names against."""
 
-    def __init__(self, instances: dict[str, Instance], max_batch_size: int, max_message_size: int) -> None:
+    def __init__(self, instances: dict[str, Instance], max_batch_size: int, max_message_size: int,
+                 authorizer: Authorizer | None = None) -> None:
         self._by_name = instances
         self.max_batch_size = max_batch_size
         self.max_message_size = max_message_size
+        self.authorizer = authorizer or Authorizer(AuthConfig())
 
-    def get(self, name: str, service: str | None = None) -> Instance:
+    def get(self, name: str, service: str | None = None, context=None, *, write: bool = False,
+            what: str = "", detail: str = "") -> Instance:
+        """Resolve an instance and, given the call's context, check the caller may read
+        (or `write`) it; `what` and `detail` (e.g. a digest) go to the audit log."""
         try:
             instance = self._by_name[name]
         except KeyError:
@@ -55,6 +62,10 @@ class Instances:
             raise InvalidArgument(f"unknown instance name {name!r}; this server serves {served}") from None
         if service is not None and service not in instance.services:
             raise Unsupported(f"instance {name!r} does not serve the {service} service")
+        if context is not None:
+            identity = self.authorizer.check(context, name, write, what or service or "call", detail)
+            if write and service == "action-cache":
+                self.authorizer.check_action_cache_writer(identity, name)
         return instance
 
     def __iter__(self):

@@ -131,7 +131,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     @rpc_stream
     async def Read(self, request, context) -> AsyncIterator:
         resource = parse_read(request.resource_name)
-        cas = self.instances.get(resource.instance, "bytestream").cas
+        cas = self.instances.get(resource.instance, "bytestream", context, what="ByteStream.Read",
+                                 detail=str(resource.digest)).cas
         digest = resource.digest
         if request.read_limit < 0:
             raise InvalidArgument(f"read_limit {request.read_limit} is negative")
@@ -161,7 +162,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             raise InvalidArgument("Write stream carried no request")
         name = first.resource_name
         resource = parse_write(name)
-        instance = self.instances.get(resource.instance, "bytestream")
+        instance = self.instances.get(resource.instance, "bytestream", context, write=True, what="ByteStream.Write",
+                                      detail=str(resource.digest))
         instance.check_writable("ByteStream.Write")
         digest = resource.digest
         key = (resource.instance, resource.upload_id, digest, resource.compressor)
@@ -179,6 +181,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 await instance.cas.write_bytes(digest, data)
                 return bs_pb2.WriteResponse(committed_size=len(first.data))
             session = UploadSession(key, resource, instance.cas, self.sessions)
+        elif first.write_offset == 0 and not session.parked:
+            # Another live stream is writing under this very name: a client that reuses
+            # one upload UUID for concurrent uploads of the same blob (BuildStream 1.6's
+            # forked pushers do).  Not a resume: write independently; the store keeps one.
+            session = UploadSession((*key, object()), resource, instance.cas, self.sessions)
         token = session.attach()
         try:
             request = first
@@ -227,7 +234,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     @rpc
     async def QueryWriteStatus(self, request, context):
         resource = parse_write(request.resource_name)
-        instance = self.instances.get(resource.instance, "bytestream")
+        instance = self.instances.get(resource.instance, "bytestream", context, what="QueryWriteStatus")
         key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
         session = self.sessions.get(key)
         if session is not None and not session.task.done():

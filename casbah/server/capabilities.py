@@ -18,7 +18,7 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
 
     @rpc
     async def GetCapabilities(self, request, context):
-        instance = self.instances.get(request.instance_name)
+        instance = self.instances.get(request.instance_name, None, context, what="GetCapabilities")
         functions = [f.proto_value for f in DigestFunction]
         cache = re_pb2.CacheCapabilities(
             digest_functions=functions,

@@ -47,12 +47,12 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     def __init__(self, instances: Instances) -> None:
         self.instances = instances
 
-    def _instance(self, name: str):
-        return self.instances.get(name, "cas")
+    def _instance(self, name: str, context, what: str, write: bool = False, detail: str = ""):
+        return self.instances.get(name, "cas", context, write=write, what=what, detail=detail)
 
     @rpc
     async def FindMissingBlobs(self, request, context):
-        cas = self._instance(request.instance_name).cas
+        cas = self._instance(request.instance_name, context, "FindMissingBlobs").cas
         function = DigestFunction.from_proto(request.digest_function)
         digests = digests_from(request.blob_digests, function)
         wanted = [d for d in digests if d.size or not is_empty_blob(d)]
@@ -70,7 +70,11 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc
     async def BatchUpdateBlobs(self, request, context):
-        instance = self._instance(request.instance_name)
+        detail = f"{len(request.requests)} blobs" + (
+            f", first {request.requests[0].digest.hash}/{request.requests[0].digest.size_bytes}"
+            if request.requests else ""
+        )
+        instance = self._instance(request.instance_name, context, "BatchUpdateBlobs", write=True, detail=detail)
         instance.check_writable("BatchUpdateBlobs")
         function = DigestFunction.from_proto(request.digest_function)
         self._check_batch_size(sum(len(r.data) for r in request.requests), "BatchUpdateBlobs request")
@@ -116,7 +120,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc
     async def BatchReadBlobs(self, request, context):
-        cas = self._instance(request.instance_name).cas
+        cas = self._instance(request.instance_name, context, "BatchReadBlobs").cas
         function = DigestFunction.from_proto(request.digest_function)
         digests = digests_from(request.digests, function)
         self._check_batch_size(sum(d.size for d in digests), "BatchReadBlobs request")
@@ -142,7 +146,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc_stream
     async def GetTree(self, request, context) -> AsyncIterator:
-        cas = self._instance(request.instance_name).cas
+        cas = self._instance(request.instance_name, context, "GetTree").cas
         function = DigestFunction.from_proto(request.digest_function)
         root = make_digest(request.root_digest.hash, request.root_digest.size_bytes, function)
         if request.page_size < 0:

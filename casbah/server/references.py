@@ -29,7 +29,7 @@ class ReferenceStorageService(bst_grpc.ReferenceStorageServicer):
 
     @rpc
     async def GetReference(self, request, context):
-        instance = self.instances.get(request.instance_name, "references")
+        instance = self.instances.get(request.instance_name, "references", context, what="GetReference")
         if not request.key:
             raise InvalidArgument("empty reference key")
         index = _settings(instance).index
@@ -56,7 +56,9 @@ class ReferenceStorageService(bst_grpc.ReferenceStorageServicer):
 
     @rpc
     async def UpdateReference(self, request, context):
-        instance = self.instances.get(request.instance_name, "references")
+        d = request.digest
+        instance = self.instances.get(request.instance_name, "references", context, write=True,
+                                      what="UpdateReference", detail=f"{list(request.keys)} -> {d.hash}/{d.size_bytes}")
         instance.check_writable("UpdateReference")
         if not request.keys or any(not k for k in request.keys):
             raise InvalidArgument("UpdateReference needs non-empty keys")
@@ -72,5 +74,5 @@ class ReferenceStorageService(bst_grpc.ReferenceStorageServicer):
 
     @rpc
     async def Status(self, request, context):
-        instance = self.instances.get(request.instance_name, "references")
+        instance = self.instances.get(request.instance_name, "references", context, what="Status")
         return bst_pb2.StatusResponse(allow_updates=not instance.read_only)
