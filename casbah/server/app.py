@@ -74,7 +74,7 @@ def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
                     "asset": _asset_settings(config, name, inst, where)},
         )
     authorizer = Authorizer(config.auth)
-    return Instances(instances, config.max_batch_size, config.max_message_size, authorizer), loader
+    return Instances(instances, config.max_batch_size, config.max_message_size, authorizer, config.limits), loader
 
 
 def _remote(node: dict, where: str):

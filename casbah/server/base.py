@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from casbah.config import AuthConfig
+from casbah.config import AuthConfig, LimitsConfig
 from casbah.digest import DigestFunction
-from casbah.errors import CasbahError, InvalidArgument, PermissionDenied, Unsupported
+from casbah.errors import (
+    CasbahError,
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unsupported,
+)
 from casbah.server.auth import Authorizer
 from casbah.storage.action_cache import ActionCache
 from casbah.storage.base import Storage
@@ -45,11 +52,13 @@ class Instances:
     """The instance registry every servicer resolves request names against."""
 
     def __init__(self, instances: dict[str, Instance], max_batch_size: int, max_message_size: int,
-                 authorizer: Authorizer | None = None) -> None:
+                 authorizer: Authorizer | None = None, limits: LimitsConfig | None = None) -> None:
         self._by_name = instances
         self.max_batch_size = max_batch_size
         self.max_message_size = max_message_size
         self.authorizer = authorizer or Authorizer(AuthConfig())
+        self.limits = limits or LimitsConfig()
+        self.uploads = ByteBudget(self.limits.upload_bytes_in_flight)
 
     def get(self, name: str, service: str | None = None, context=None, *, write: bool = False,
             what: str = "", detail: str = "") -> Instance:
@@ -73,6 +82,42 @@ class Instances:
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
+
+
+class ByteBudget:
+    """Upload bytes the server holds at once, across all calls.
+
+    A request over the budget is refused at once (RESOURCE_EXHAUSTED, which
+    clients retry with backoff) instead of queueing: the bytes are already in
+    memory by the time a handler runs, so waiting would only hold more.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def acquire(self, n: int, what: str) -> None:
+        if self.used + n > self.limit and self.used:
+            raise ResourceExhausted(
+                f"{what}: {self.used} bytes of uploads already in flight (limit {self.limit}); retry later"
+            )
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+async def next_message(requests, idle_seconds: float, what: str):
+    """The next message of a client stream, or None at its end.
+
+    A stream that sends nothing for `idle_seconds` is closed: an idle upload
+    holds a session, a queue and a concurrency slot, and a slowloris client would
+    open them by the hundred.
+    """
+    try:
+        return await asyncio.wait_for(anext(aiter(requests), None), idle_seconds)
+    except TimeoutError:
+        raise DeadlineExceeded(f"{what}: no message for {idle_seconds:.0f}s; closing the idle stream") from None
 
 
 def digest_function(value: int) -> DigestFunction:

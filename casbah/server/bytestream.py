@@ -26,7 +26,7 @@ from casbah.digest import is_empty_blob
 from casbah.errors import Aborted, InvalidArgument, NotFound, OutOfRange
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from casbah.server.base import Instances, rpc, rpc_stream
+from casbah.server.base import Instances, next_message, rpc, rpc_stream
 from casbah.server.resource_names import ResourceName, parse_read, parse_write
 from casbah.storage.base import Storage
 
@@ -157,7 +157,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     @rpc
     async def Write(self, request_iterator, context):
-        first = await anext(aiter(request_iterator), None)
+        idle = self.instances.limits.idle_timeout
+        first = await next_message(request_iterator, idle, "ByteStream.Write")
         if first is None:
             raise InvalidArgument("Write stream carried no request")
         name = first.resource_name
@@ -199,7 +200,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     if request.finish_write:
                         await session.finish()
                         return bs_pb2.WriteResponse(committed_size=session.committed)
-                request = await anext(aiter(request_iterator), None)
+                request = await next_message(request_iterator, idle, f"ByteStream.Write {name}")
                 if request is None:
                     if session.owner is token:
                         session.park()

@@ -87,6 +87,14 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                 f"BatchUpdateBlobs request names {expanded} bytes of blobs, over the {cap} a batch may expand to: "
                 "use ByteStream"
             )
+        held = sum(len(r.data) for r in request.requests) + expanded
+        self.instances.uploads.acquire(held, "BatchUpdateBlobs")
+        try:
+            return await self._batch_update(instance, request, function)
+        finally:
+            self.instances.uploads.release(held)
+
+    async def _batch_update(self, instance, request, function: DigestFunction):
         statuses: list[status_pb2.Status | None] = []
         todo: list[tuple[Digest, bytes]] = []
         slots: list[int] = []
