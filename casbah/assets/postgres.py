@@ -2,6 +2,12 @@
 
 Same model as the SQLite index: one row per asset, URIs and (uri, qualifier,
 value) triples in indexed side tables, a lookup = INTERSECT of index scans.
+
+"Most recently pushed" is push order as the database saw it: every put takes a
+new `seq` from a sequence (a re-push of the same names too), so the order is the
+same for every server whatever their clocks say.  Pushes of the same names are
+serialized by an advisory lock on the key, so two servers pushing at once never
+collide on the primary key.
 """
 
 from __future__ import annotations
@@ -10,15 +16,18 @@ import json
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.digest import Digest, DigestFunction
-from casbah.postgres_client import ensure_schema, run
+from casbah.postgres_client import PgClient
 
 _DDL = """
+CREATE SEQUENCE IF NOT EXISTS casbah_assets_seq;
 CREATE TABLE IF NOT EXISTS casbah_assets (
-    instance TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, fn TEXT NOT NULL, hash TEXT NOT NULL,
-    size BIGINT NOT NULL, uris JSONB NOT NULL, qualifiers JSONB NOT NULL, refs_blobs JSONB NOT NULL,
+    seq BIGINT NOT NULL DEFAULT nextval('casbah_assets_seq'), instance TEXT NOT NULL, key TEXT NOT NULL,
+    kind TEXT NOT NULL, fn TEXT NOT NULL, hash TEXT NOT NULL, size BIGINT NOT NULL, uris JSONB NOT NULL,
+    qualifiers JSONB NOT NULL, refs_blobs JSONB NOT NULL,
     refs_dirs JSONB NOT NULL, pushed_at DOUBLE PRECISION NOT NULL, expire_at DOUBLE PRECISION,
     PRIMARY KEY (instance, key)
 );
+CREATE INDEX IF NOT EXISTS casbah_assets_seq_idx ON casbah_assets (instance, seq);
 CREATE TABLE IF NOT EXISTS casbah_asset_uris (instance TEXT NOT NULL, key TEXT NOT NULL, uri TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS casbah_asset_uris_uri ON casbah_asset_uris (instance, uri, key);
 CREATE INDEX IF NOT EXISTS casbah_asset_uris_key ON casbah_asset_uris (instance, key);
@@ -38,17 +47,20 @@ class PostgresAssetIndex(AssetIndex):
     def __init__(self, url: str, instance: str = "") -> None:
         self.url = url
         self.instance = instance
+        self.db = PgClient(url)
 
     async def put(self, record: AssetRecord) -> None:
-        await ensure_schema(self.url, "assets", _DDL)
+        await self.db.ensure_schema("assets", _DDL)
         r, inst = record, self.instance
 
         async def q(conn):
             async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"casbah:asset:{inst}:{r.key}",))
                 for table in ("casbah_assets", "casbah_asset_uris", "casbah_asset_qualifiers"):
                     await conn.execute(f"DELETE FROM {table} WHERE instance = %s AND key = %s", (inst, r.key))
                 await conn.execute(
-                    "INSERT INTO casbah_assets VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                    "INSERT INTO casbah_assets (instance, key, kind, fn, hash, size, uris, qualifiers, refs_blobs,"
+                    " refs_dirs, pushed_at, expire_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                     (inst, r.key, r.kind.value, r.digest.function.value, r.digest.hash, r.digest.size,
                      json.dumps(r.uris), json.dumps(r.qualifiers), _digests(r.references_blobs),
                      _digests(r.references_directories), r.pushed_at, r.expire_at),
@@ -62,11 +74,13 @@ class PostgresAssetIndex(AssetIndex):
                             [(inst, r.key, u, n, v) for u in r.uris for n, v in r.qualifiers],
                         )
 
-        await run(self.url, q)
+        await self.db.run(q)
 
     async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str], function: str,
                          limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
-        await ensure_schema(self.url, "assets", _DDL)
+        if not uris:
+            return []
+        await self.db.ensure_schema("assets", _DDL)
         inst = self.instance
         parts, args = [], []
         for uri in uris:
@@ -84,17 +98,14 @@ class PostgresAssetIndex(AssetIndex):
         keys_sql = " UNION ".join(parts)
         sql = (f"SELECT key, kind, fn, hash, size, uris, qualifiers, refs_blobs, refs_dirs, pushed_at, expire_at "
                f"FROM casbah_assets WHERE instance = %s AND kind = %s AND fn = %s AND key IN ({keys_sql}) "
-               f"ORDER BY pushed_at DESC")
-        params = [inst, kind.value, function, *args]
-        if limit is not None:
-            sql += " LIMIT %s OFFSET %s"
-            params += [limit, offset]
+               f"ORDER BY seq DESC LIMIT %s OFFSET %s")
+        params = [inst, kind.value, str(function), *args, limit, offset]
 
         async def q(conn):
             cur = await conn.execute(sql, params)
             return await cur.fetchall()
 
-        rows = await run(self.url, q)
+        rows = await self.db.run(q)
         out = []
         for key, kind_, fn, hash_, size, uris_, quals, refs_b, refs_d, pushed_at, expire_at in rows:
             f = DigestFunction(fn)
@@ -105,3 +116,6 @@ class PostgresAssetIndex(AssetIndex):
                 expire_at=expire_at, key=key,
             ))
         return out
+
+    async def close(self) -> None:
+        await self.db.close()

@@ -1,7 +1,16 @@
 """Asset index in Redis, shared by every server of a deployment.
 
-Records are JSON strings; each URI and each (uri, qualifier, value) triple is a
-set of record keys, so a lookup is one SINTER (or SMEMBERS) per URI plus one MGET.
+Records are JSON strings.  Each (kind, function, URI) and each (kind, function,
+URI, qualifier, value) is a sorted set of record keys scored by push sequence: a
+counter every put increments, so "most recently pushed" is the order Redis saw
+the pushes, the same for every server whatever their clocks say (a re-push of
+the same names takes a new, higher score).  A put is one Lua script: the counter,
+the record and every set change atomically.
+
+A lookup per URI is ZREVRANGE of the URI's set (no qualifiers asked), reading
+only the page it needs, or ZINTER of the asked qualifiers' sets; candidates of
+all URIs are merged newest first, and only the requested page of records is
+fetched.
 """
 
 from __future__ import annotations
@@ -10,61 +19,80 @@ import json
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.digest import Digest, DigestFunction
-from casbah.redis_client import connect, translated
+from casbah.redis_client import connect, release, translated
+
+#: KEYS[1] = counter, KEYS[2] = record, KEYS[3..] = sorted sets; ARGV[1] = record JSON
+#: without its sequence (spliced in here), ARGV[2] = record key.
+_PUT = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], string.sub(ARGV[1], 1, -2) .. ',"seq":' .. seq .. '}')
+for i = 3, #KEYS do
+  redis.call('ZADD', KEYS[i], seq, ARGV[2])
+end
+return seq
+"""
 
 
 class RedisAssetIndex(AssetIndex):
     def __init__(self, url: str, instance: str = "", prefix: str = "casbah:asset:") -> None:
         self.url = url
         self.redis = connect(url)
-        self.prefix = f"{prefix}{instance}:"
+        # json.dumps keeps any instance name (even one containing ':') a distinct prefix.
+        self.prefix = f"{prefix}{json.dumps(instance)}:"
+        self._put = self.redis.register_script(_PUT)
 
     def _rec(self, key: str) -> str:
         return f"{self.prefix}rec:{key}"
 
-    def _uri(self, uri: str) -> str:
-        return f"{self.prefix}uri:{uri}"
+    def _uri(self, kind: str, fn: str, uri: str) -> str:
+        return f"{self.prefix}u:{json.dumps([kind, fn, uri])}"
 
-    def _pair(self, uri: str, name: str, value: str) -> str:
-        return f"{self.prefix}q:{json.dumps([uri, name, value])}"
+    def _pair(self, kind: str, fn: str, uri: str, name: str, value: str) -> str:
+        return f"{self.prefix}q:{json.dumps([kind, fn, uri, name, value])}"
 
     @translated
     async def put(self, record: AssetRecord) -> None:
         r = record
+        kind, fn = r.kind.value, r.digest.function.value
         doc = json.dumps({
-            "kind": r.kind.value, "fn": r.digest.function.value, "hash": r.digest.hash, "size": r.digest.size,
+            "kind": kind, "fn": fn, "hash": r.digest.hash, "size": r.digest.size,
             "uris": r.uris, "qualifiers": r.qualifiers, "refs_blobs": [[d.hash, d.size] for d in r.references_blobs],
             "refs_dirs": [[d.hash, d.size] for d in r.references_directories], "pushed_at": r.pushed_at,
             "expire_at": r.expire_at,
         })
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._rec(r.key), doc)
-            for uri in r.uris:
-                pipe.sadd(self._uri(uri), r.key)
-                for name, value in r.qualifiers:
-                    pipe.sadd(self._pair(uri, name, value), r.key)
-            await pipe.execute()
+        sets = []
+        for uri in r.uris:
+            sets.append(self._uri(kind, fn, uri))
+            sets += [self._pair(kind, fn, uri, name, value) for name, value in r.qualifiers]
+        await self._put(keys=[f"{self.prefix}seq", self._rec(r.key), *sets], args=[doc, r.key])
 
     @translated
     async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str], function: str,
                          limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
-        keys: set[bytes] = set()
+        want = None if limit is None else offset + limit
+        if want == 0:
+            return []
+        fn = str(function)
+        scores: dict[bytes, float] = {}
         for uri in uris:
             if qualifiers:
-                keys |= await self.redis.sinter([self._pair(uri, n, v) for n, v in qualifiers.items()])
+                found = await self.redis.zinter(
+                    [self._pair(kind.value, fn, uri, n, v) for n, v in qualifiers.items()], aggregate="MAX",
+                    withscores=True)
             else:
-                keys |= await self.redis.smembers(self._uri(uri))
+                found = await self.redis.zrevrange(self._uri(kind.value, fn, uri), 0, -1 if want is None else want - 1,
+                                                   withscores=True)
+            for key, score in found:
+                scores[key] = max(score, scores.get(key, score))
+        keys = sorted(scores, key=scores.__getitem__, reverse=True)[offset:want]
         if not keys:
             return []
-        ordered = sorted(keys)
-        docs = await self.redis.mget([self._rec(k.decode()) for k in ordered])
+        docs = await self.redis.mget([self._rec(k.decode()) for k in keys])
         out = []
-        for key, doc in zip(ordered, docs, strict=True):
+        for key, doc in zip(keys, docs, strict=True):
             if doc is None:
                 continue
             d = json.loads(doc)
-            if d["kind"] != kind.value or d["fn"] != function:
-                continue
             f = DigestFunction(d["fn"])
             out.append(AssetRecord(
                 kind=kind, uris=tuple(d["uris"]), qualifiers=tuple((n, v) for n, v in d["qualifiers"]),
@@ -73,5 +101,7 @@ class RedisAssetIndex(AssetIndex):
                 references_directories=tuple(Digest(h, s, f) for h, s in d["refs_dirs"]), pushed_at=d["pushed_at"],
                 expire_at=d["expire_at"], key=key.decode(),
             ))
-        out.sort(key=lambda rec: rec.pushed_at, reverse=True)
-        return out[offset : None if limit is None else offset + limit]
+        return out
+
+    async def close(self) -> None:
+        await release(self.url, self.redis)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 import click
@@ -11,12 +10,11 @@ import click
 from casbah.config import ALL_SERVICES, ConfigError, load_config
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    """Text or JSON lines on stderr, each carrying the ids of the request being handled."""
+    from casbah.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +50,7 @@ def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, inst
           tls_client_ca: str | None, tokens: str | None, metrics_listen: str | None, log_format: str | None,
           workers: int, log_level: str) -> None:
     """Run the REAPI server.  Flags override the config file."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format or "text")
     from casbah.server.app import StartupError
     from casbah.server.app import serve as run_server
 
@@ -62,6 +60,8 @@ def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, inst
     try:
         config = load_config(config_file, overrides)
         config = _apply_instance_flags(config, instances, services)
+        if config.log_format != (log_format or "text"):
+            _setup_logging(log_level, config.log_format)  # the config file chose the format
         if tokens:
             config = config.model_copy(update={"auth": config.auth.model_copy(update={"tokens": tokens})})
         if workers > 1:
@@ -91,12 +91,13 @@ def _apply_instance_flags(config, names: tuple[str, ...], services: str | None):
 
 
 def _register_subcommands() -> None:
+    from casbah.cli.admin import admin
     from casbah.cli.asset import asset
     from casbah.cli.cache import cache
     from casbah.cli.cas import cas
     from casbah.cli.source import source
 
-    for group in (asset, cache, cas, source):
+    for group in (admin, asset, cache, cas, source):
         main.add_command(group)
 
 

@@ -35,13 +35,24 @@ uri_option = click.option("--uri-template", default=DEFAULT_URI_TEMPLATE, show_d
 
 
 class CasbahCommand(click.Command):
-    """Turns casbah errors into one clean error line (and exit 1) instead of a traceback."""
+    """Turns casbah errors and file-system errors (a permission, a full disk) into one
+    clean error line and exit 1 instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except CasbahError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) \
+                from None
+
+
+def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.group()
@@ -112,10 +123,10 @@ def prune(cache_dir: str) -> None:
 
 @cache.command(cls=CasbahCommand)
 @cache_dir_option
-@click.option("--quota", required=True, metavar="SIZE", help="Target size, e.g. 10G.")
-def gc(cache_dir: str, quota: str) -> None:
+@click.option("--quota", required=True, metavar="SIZE", callback=_size_option, help="Target size, e.g. 10G.")
+def gc(cache_dir: str, quota: int) -> None:
     """Evict least recently used refs, then prune, until under SIZE."""
-    report = _cache(cache_dir).gc(parse_size(quota))
+    report = _cache(cache_dir).gc(quota)
     click.echo(f"removed refs {report.refs_removed or 'none'}; {report.objects_removed} objects, "
                f"{report.bytes_removed} bytes")
 
@@ -123,12 +134,15 @@ def gc(cache_dir: str, quota: str) -> None:
 @cache.command(cls=CasbahCommand)
 @cache_dir_option
 def fsck(cache_dir: str) -> None:
-    """Re-hash every object and remove corrupt ones (exit 1 if any were found)."""
-    corrupt = _cache(cache_dir).fsck()
-    for digest in corrupt:
+    """Re-hash every object, remove corrupt ones, and check every ref's tree is complete
+    (exit 1 if anything was wrong)."""
+    report = _cache(cache_dir).fsck()
+    for digest in report.corrupt:
         click.echo(f"corrupt: {digest} (removed)")
-    click.echo(f"{len(corrupt)} corrupt objects", err=True)
-    if corrupt:
+    for name, absent in sorted(report.incomplete.items()):
+        click.echo(f"incomplete: ref {name} lacks {len(absent)} objects, e.g. {absent[0]}")
+    click.echo(f"{len(report.corrupt)} corrupt objects, {len(report.incomplete)} incomplete refs", err=True)
+    if not report.clean:
         sys.exit(1)
 
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
+from google.protobuf.message import DecodeError
 
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import CasbahCommand
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
-from casbah.client.sync import pull
-from casbah.digest import Digest
+from casbah.client.sync import download_tree
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import CasbahError
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.tree import build_tree, hash_file
@@ -40,23 +40,25 @@ def upload(paths: tuple[str, ...], **kwargs) -> None:
                 client.upload({d: s for d, s in blobs.items() if d in missing})
                 click.echo(f"{build.root} {path}")
             else:
-                digest = hash_file(p)
+                digest = hash_file(p, DigestFunction.SHA256)
                 if client.find_missing([digest]):
                     client.upload({digest: p})
                 click.echo(f"{digest} {path}")
 
 
 def _is_directory(client: RemoteClient, digest: Digest) -> bool:
-    """Heuristic: a blob that parses as a Directory whose children all exist as named is a tree."""
+    """Heuristic: a blob is a tree root if it parses as a non-empty Directory whose
+    canonical serialization is exactly the blob (arbitrary bytes practically never are)."""
     if digest.size == 0 or digest.size > 4 * 1024 * 1024:
         return False
+    data = client.read_bytes(digest)
     try:
-        directory = re_pb2.Directory.FromString(client.read_bytes(digest))
-    except Exception:
+        directory = re_pb2.Directory.FromString(data)
+    except DecodeError:
         return False
     if not (directory.files or directory.directories or directory.symlinks):
         return False
-    return directory.SerializeToString(deterministic=True) == client.read_bytes(digest)
+    return directory.SerializeToString(deterministic=True) == data
 
 
 @cas.command(cls=CasbahCommand)
@@ -71,17 +73,19 @@ def download(digest: str, output: str, as_tree: bool | None, **kwargs) -> None:
         tree = _is_directory(client, d) if as_tree is None else as_tree
         if not tree:
             tmp = f"{output}.casbah-tmp"
-            with open(tmp, "wb") as f:
-                for chunk in client.read_stream(d):
-                    f.write(chunk)
+            try:
+                with open(tmp, "wb") as f:
+                    for chunk in client.read_stream(d):
+                        f.write(chunk)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
             os.replace(tmp, output)
             click.echo(f"{d} -> {output}", err=True)
             return
-        with tempfile.TemporaryDirectory(prefix="casbah-download-") as tmp_cache:
-            local = LocalCache(tmp_cache)
-            summary = pull(local, client, str(d), show_progress=sys.stderr.isatty())
-            local.checkout(d, output, copy=True)
-        click.echo(summary.line("downloaded"), err=True)
+        summary = download_tree(client, d, output, show_progress=sys.stderr.isatty())
+    click.echo(summary.line("downloaded"), err=True)
 
 
 @cas.command(cls=CasbahCommand)

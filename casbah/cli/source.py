@@ -24,7 +24,7 @@ from casbah.client.channel import RemoteSpec
 from casbah.client.remote import RemoteClient
 from casbah.client.source_cache import FETCH_POLICIES, PUSH_POLICIES, FetchSummary, RemotePolicy, SourceCache
 from casbah.client.sources import KINDS, Source, expand_aliases
-from casbah.config import expand_env, format_validation_error
+from casbah.config import ConfigError, expand_env, format_validation_error
 from casbah.errors import CasbahError, InvalidArgument
 
 
@@ -58,8 +58,10 @@ def source() -> None:
 @source.command(cls=CasbahCommand)
 @_source_options
 @remote_options
-@click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), default="fallback", show_default=True)
-@click.option("--asset-push", type=click.Choice(PUSH_POLICIES), default="off", show_default=True)
+@click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), default="fallback", show_default=True,
+              help="off: always native; fallback: the asset cache, else native; only: the asset cache or fail.")
+@click.option("--asset-push", type=click.Choice(PUSH_POLICIES), default="off", show_default=True,
+              help="on: push what a native fetch got (content, then the asset name).")
 @click.argument("dest", type=click.Path(file_okay=False))
 def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
           with_git_dir: bool, filename: str | None, cache_dir: str, asset_fetch: str, asset_push: str, dest: str,
@@ -88,7 +90,8 @@ def push_cmd(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | No
     click.echo(str(root))
     click.echo(f"summary: {cache.summary.line()}", err=True)
     if cache.summary.counts["pushed"] == 0:
-        sys.exit(1)
+        reason = "local sources are never cached" if not src.cacheable else "the push failed (see the warning above)"
+        raise click.ClickException(f"nothing was pushed: {reason}")
 
 
 class _Model(BaseModel):
@@ -139,6 +142,8 @@ def load_manifest(path: str | Path) -> Manifest:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
         raise click.ClickException(format_validation_error(exc, str(path))) from None
+    except ConfigError as exc:
+        raise click.ClickException(f"manifest {path}: {exc}") from None
     except (OSError, yaml.YAMLError) as exc:
         raise click.ClickException(f"cannot read manifest {path}: {exc}") from None
 

@@ -4,17 +4,19 @@ Layout (compatible in spirit with BuildStream's CASCache):
 
     objects/<2 hex>/<sha256>   content, read-only; `<sha256>.x` is the executable twin
     refs/<name>                 text `HASH/SIZE`; names may contain `/`; mtime = last use
-    tmp/                        writes in progress (same filesystem: renames are atomic)
+    tmp/                        writes in progress (same filesystem: links are atomic)
     lock                        flock: shared while adding objects, exclusive while pruning
 
-Safe for several processes at once: objects and refs appear by atomic rename, so
-nobody sees a torn one; and prune holds the lock exclusively, so it never deletes
-an object a concurrent commit has written but not yet referenced.
+Safe for several processes at once: objects and refs appear atomically (an object
+is hard-linked into place from tmp/, so an existing object is never replaced and
+nobody sees a torn one), and prune holds the lock exclusively, so it never deletes
+an object that a concurrent commit or pull has written but not yet referenced.
 
 Checkouts hard-link objects (they are read-only, so a build cannot corrupt the
-cache through a checkout); executable files link the `.x` twin, because a mode is
-per inode.  Where a hard link is impossible (another filesystem), or with
-`copy=True`, files are copied.
+cache through a checkout without first chmod-ing a file); executable files link
+the `.x` twin, because a mode is per inode.  Where a hard link is impossible
+(another filesystem), or with `copy=True`, files are copied and get ordinary
+0644/0755 modes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +41,15 @@ from casbah.tree import build_tree
 
 _READ = 1024 * 1024
 _FN = DigestFunction.SHA256
-#: Files up to this size are read whole (one read, hashed, written only if new);
-#: larger ones are hashed first and copied only if new, so an unchanged file is never written.
+#: Files up to this size are read whole (one read, hashed, written only if new); larger
+#: ones are hashed first and copied only if new.  Either way an unchanged file is never written.
 _SMALL = 1024 * 1024
-#: Threads hashing and storing files in commit, and placing them in checkout: the work is
-#: syscalls and hashing, which release the GIL, so a few threads overlap file-system latency.
-IO_THREADS = min(8, (os.cpu_count() or 2) * 2)
+#: Threads storing files in commit and placing them in checkout.  The work is syscalls and
+#: hashing, which release the GIL, so a few threads overlap file-system latency and use both cores.
+IO_THREADS = 4
+#: Below this many files a thread pool costs more than it saves.
+_PARALLEL_MIN = 64
+_LINK_FALLBACK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES)
 
 
 @dataclass
@@ -60,6 +66,17 @@ class PruneReport:
     refs_removed: list[str] = field(default_factory=list)
 
 
+@dataclass
+class FsckReport:
+    corrupt: list[Digest] = field(default_factory=list)
+    #: ref name -> digests its tree needs that the cache lacks
+    incomplete: dict[str, list[Digest]] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return not self.corrupt and not self.incomplete
+
+
 class LocalCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser()
@@ -68,6 +85,12 @@ class LocalCache:
         self.tmp = self.root / "tmp"
         for d in (self.objects, self.refs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        self._objects = str(self.objects)
+        self._tmp = str(self.tmp)
+        # All 256 fan-out directories up front: storing an object is then one link, no mkdir.
+        if not os.path.isdir(f"{self._objects}/ff"):
+            for i in range(256):
+                os.makedirs(f"{self._objects}/{i:02x}", exist_ok=True)
         self._lock_path = self.root / "lock"
         self._lock_path.touch(exist_ok=True)
 
@@ -83,7 +106,8 @@ class LocalCache:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def adding(self) -> contextlib.AbstractContextManager[None]:
-        """Hold while adding objects that no ref names yet (commit, pull)."""
+        """Hold while adding objects that no ref names yet (commit, pull), or while reading
+        a tree that must not be pruned underneath (checkout)."""
         return self._locked(exclusive=False)
 
     # -- objects -------------------------------------------------------------------
@@ -91,101 +115,150 @@ class LocalCache:
     def object_path(self, digest: Digest) -> Path:
         return self.objects / digest.hash[:2] / digest.hash
 
-    def has(self, digest: Digest) -> bool:
-        return digest.size == 0 or self.object_path(digest).exists()
+    def _object(self, hash_hex: str) -> str:
+        return f"{self._objects}/{hash_hex[:2]}/{hash_hex}"
 
-    def missing(self, digests: list[Digest]) -> list[Digest]:
+    def has(self, digest: Digest) -> bool:
+        return digest.size == 0 or os.path.exists(self._object(digest.hash))
+
+    def missing(self, digests: Iterable[Digest]) -> list[Digest]:
         return [d for d in digests if not self.has(d)]
 
     def _tmp_file(self) -> tuple[int, str]:
-        name = f"{self.tmp}/{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}"
+        name = f"{self._tmp}/{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}"
         return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444), name
 
     def _install(self, tmp: str, digest: Digest) -> bool:
-        """Move a verified temporary file into place; False if the object existed."""
-        target = self.object_path(digest)
-        if target.exists():
-            os.unlink(tmp)
+        """Link a verified temporary file into place; False if the object existed.
+
+        A link never replaces an existing object (its inode, mtime and any checkout
+        links stay as they are), and two processes storing the same blob both succeed.
+        """
+        try:
+            os.link(tmp, self._object(digest.hash))
+            return True
+        except FileExistsError:
             return False
-        target.parent.mkdir(exist_ok=True)
-        os.replace(tmp, target)
-        return True
+        finally:
+            os.unlink(tmp)
+
+    def _write_object(self, digest: Digest, data: bytes | memoryview) -> bool:
+        fd, tmp = self._tmp_file()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return self._install(tmp, digest)
 
     def add_bytes(self, data: bytes) -> Digest:
         digest = Digest.of(data, _FN)
         if not self.has(digest):
-            fd, tmp = self._tmp_file()
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            self._install(tmp, digest)
+            self._write_object(digest, data)
         return digest
 
-    def add_stream(self, digest: Digest, chunks: Iterator[bytes]) -> None:
-        """Store a downloaded blob, verified before it becomes visible."""
-        h = hashlib.sha256()
+    def add_verified(self, digest: Digest, data: bytes) -> None:
+        """Store a blob whose content the caller has already checked against `digest`
+        (the remote client verifies every download)."""
+        if digest.size and not os.path.exists(self._object(digest.hash)):
+            self._write_object(digest, data)
+
+    def add_stream(self, digest: Digest, chunks: Iterable[bytes], verify: bool = True) -> None:
+        """Store a downloaded blob, verified before it becomes visible (`verify=False`
+        when the chunks come from a source that raises on a mismatch at the end)."""
+        h = hashlib.sha256() if verify else None
         size = 0
         fd, tmp = self._tmp_file()
         try:
             with os.fdopen(fd, "wb") as f:
                 for chunk in chunks:
-                    h.update(chunk)
+                    if h is not None:
+                        h.update(chunk)
                     size += len(chunk)
                     f.write(chunk)
-            if size != digest.size or h.hexdigest() != digest.hash:
-                raise DigestMismatch(f"download of {digest} got {h.hexdigest()}/{size}")
-            self._install(tmp, digest)
+            if size != digest.size or (h is not None and h.hexdigest() != digest.hash):
+                raise DigestMismatch(f"download of {digest} got {h.hexdigest() if h else '?'}/{size}")
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        if digest.size:
+            self._install(tmp, digest)
+        else:
+            os.unlink(tmp)
 
     def add_file(self, path: str | os.PathLike, link: bool = False) -> Digest:
-        """Store a file, hashing it once while copying it.
+        """Store a file and return its digest; an object that exists already is not written.
 
         `link=True` hard-links the file itself into the cache when it is new (no
         copy): only for files nobody will modify afterwards, since the object and
-        the file are then the same inode; the file is made read-only.
+        the file are then the same inode; the file is made read-only.  Executable
+        files are copied anyway (the object must not carry an executable mode).
         """
-        if link:
-            digest = _hash_file(path)
-            target = self.object_path(digest)
-            if not target.exists():
-                target.parent.mkdir(exist_ok=True)
-                os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & 0o555)
-                try:
-                    os.link(path, target)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                        raise
-                    return self.add_file(path, link=False)
-            return digest
+        path = os.fspath(path)
+        with open(path, "rb", buffering=0) as src:
+            st = os.fstat(src.fileno())
+            if st.st_size <= _SMALL:
+                data = src.read()
+                if len(data) < st.st_size or src.read(1):
+                    raise InvalidArgument(f"{path} changed size while being stored")
+                digest = Digest(hashlib.sha256(data).hexdigest(), len(data), _FN)
+                if digest.size and not os.path.exists(self._object(digest.hash)):
+                    if not (link and self._link_in(path, st, digest)):
+                        self._write_object(digest, data)
+                return digest
+            digest = _hash_fileobj(src)
+            if os.path.exists(self._object(digest.hash)):
+                return digest
+            if link and self._link_in(path, st, digest):
+                return digest
+            src.seek(0)
+            self._copy_in(src, digest, path)
+        return digest
+
+    def _link_in(self, path: str, st: os.stat_result, digest: Digest) -> bool:
+        """Make `path` itself the object (read-only); False when that is not possible."""
+        if st.st_mode & 0o111:
+            return False
+        try:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & 0o444)
+            os.link(path, self._object(digest.hash))
+        except FileExistsError:
+            return True
+        except OSError as exc:
+            if exc.errno in _LINK_FALLBACK:
+                return False
+            raise
+        return True
+
+    def _copy_in(self, src, digest: Digest, path: str) -> None:
+        """Copy an open file into the cache, re-hashing it: a file modified since it was
+        hashed must not be stored under the old digest."""
         h = hashlib.sha256()
         size = 0
         fd, tmp = self._tmp_file()
         try:
-            with open(path, "rb", buffering=0) as src, os.fdopen(fd, "wb") as dst:
+            with os.fdopen(fd, "wb") as dst:
                 while chunk := src.read(_READ):
                     h.update(chunk)
                     size += len(chunk)
                     dst.write(chunk)
-            digest = Digest(h.hexdigest(), size, _FN)
-            if digest.size == 0:
-                os.unlink(tmp)
-            else:
-                self._install(tmp, digest)
-            return digest
+            if size != digest.size or h.hexdigest() != digest.hash:
+                raise InvalidArgument(f"{path} changed while being stored")
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        self._install(tmp, digest)
 
     def read_bytes(self, digest: Digest) -> bytes:
         if digest.size == 0:
             return b""
         try:
-            return self.object_path(digest).read_bytes()
+            with open(self._object(digest.hash), "rb") as f:
+                return f.read()
         except FileNotFoundError:
             raise BlobNotFound(digest, f"not in local cache {self.root}") from None
 
@@ -197,20 +270,40 @@ class LocalCache:
     def commit(self, path: str | os.PathLike, ref: str | None = None, link: bool = False) -> Digest:
         """Store a directory tree; returns (and optionally names) its root digest.
 
-        Unchanged files hash to existing objects, so re-committing an unchanged
-        tree writes no new object.
+        Unchanged files hash to existing objects, which are not written again, so
+        re-committing an unchanged tree writes no object.  Files are stored by a few
+        threads first; the Directory messages are then built by `casbah.tree.build_tree`
+        (the same code the server uses, so both agree on every digest), which looks the
+        stored files up instead of reading them again.
         """
         path = Path(path)
         if not path.is_dir():
             raise InvalidArgument(f"{path} is not a directory")
         with self.adding():
-            build = build_tree(path, _FN, hasher=lambda p, fn: self.add_file(p, link=link))
+            stored = self._store_files(_regular_files(str(path)), link)
+
+            def hasher(file: Path, function: DigestFunction) -> Digest:
+                digest = stored.get(str(file))
+                return digest if digest is not None else self.add_file(file, link=link)
+
+            build = build_tree(path, _FN, hasher=hasher)
             for digest, data in build.directories.items():
-                if not self.has(digest):
-                    self.add_bytes(data)
+                if digest.size and not self.has(digest):
+                    self._write_object(digest, data)
             if ref is not None:
                 self.set_ref(ref, build.root)
         return build.root
+
+    def _store_files(self, files: list[str], link: bool) -> dict[str, Digest]:
+        if len(files) < _PARALLEL_MIN:
+            return {f: self.add_file(f, link=link) for f in files}
+        with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="casbah-commit") as pool:
+            chunks = [files[i : i + 32] for i in range(0, len(files), 32)]
+            results = pool.map(lambda chunk: [self.add_file(f, link=link) for f in chunk], chunks)
+            stored: dict[str, Digest] = {}
+            for chunk, digests in zip(chunks, results, strict=True):
+                stored.update(zip(chunk, digests, strict=True))
+        return stored
 
     # -- refs ----------------------------------------------------------------------
 
@@ -222,7 +315,7 @@ class LocalCache:
     def set_ref(self, name: str, digest: Digest) -> None:
         path = self._ref_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{self.tmp}/ref-{os.getpid()}-{time.monotonic_ns()}"
+        tmp = f"{self._tmp}/ref-{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}"
         Path(tmp).write_text(f"{digest.hash}/{digest.size}\n")
         os.replace(tmp, path)
 
@@ -235,7 +328,7 @@ class LocalCache:
         path = self._ref_path(name_or_digest)
         try:
             digest = Digest.parse(path.read_text().strip())
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"no ref {name_or_digest!r} in {self.root}") from None
         if touch:
             with contextlib.suppress(FileNotFoundError):
@@ -260,7 +353,7 @@ class LocalCache:
         path = self._ref_path(name)
         try:
             path.unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             raise NotFound(f"no ref {name!r} in {self.root}") from None
         parent = path.parent
         while parent != self.refs:
@@ -298,54 +391,87 @@ class LocalCache:
     # -- checkout ------------------------------------------------------------------
 
     def checkout(self, root: Digest, dest: str | os.PathLike, copy: bool = False) -> int:
-        """Materialize a tree into `dest` (created; must be empty if it exists)."""
+        """Materialize a tree into `dest` (created; must be empty if it exists).
+
+        Everything the tree needs is checked first, so a tree with a missing object
+        fails before anything is written.
+        """
         dest = Path(dest)
+        if dest.exists() and not dest.is_dir():
+            raise InvalidArgument(f"checkout target {dest} exists and is not a directory")
         dest.mkdir(parents=True, exist_ok=True)
         if any(dest.iterdir()):
             raise InvalidArgument(f"checkout target {dest} is not empty")
-        files = 0
-        for prefix, directory in self.walk(root):
-            base = dest / prefix
-            for node in directory.directories:
-                (base / node.name).mkdir()
-            for node in directory.files:
-                self._place(Digest(node.digest.hash, node.digest.size_bytes), base / node.name,
-                            node.is_executable, copy)
-                files += 1
-            for node in directory.symlinks:
-                os.symlink(node.target, base / node.name)
-        return files
+        with self.adding():
+            base = str(dest)
+            dirs: list[str] = []
+            files: list[tuple[str, str, int, bool]] = []  # (hash, target, size, executable)
+            links: list[tuple[str, str]] = []
+            for prefix, directory in self.walk(root):
+                here = f"{base}/{prefix}"
+                dirs.extend(f"{here}{n.name}" for n in directory.directories)
+                files.extend((n.digest.hash, f"{here}{n.name}", n.digest.size_bytes, n.is_executable)
+                             for n in directory.files)
+                links.extend((n.target, f"{here}{n.name}") for n in directory.symlinks)
+            absent = {Digest(h, size) for h, _, size, _ in files if size and not os.path.exists(self._object(h))}
+            if absent:
+                example = min(absent)
+                raise BlobNotFound(example, f"not in local cache {self.root} ({len(absent)} objects of the tree "
+                                            "are missing; pull it again)")
+            for d in dirs:
+                os.mkdir(d)
+            if not copy:
+                for hash_hex, size in {(h, size) for h, _, size, x in files if x and size}:
+                    self._executable_twin(Digest(hash_hex, size))
+            if len(files) < _PARALLEL_MIN:
+                self._place_all(files, copy)
+            else:
+                with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="casbah-checkout") as pool:
+                    chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
+                    for _ in pool.map(lambda chunk: self._place_all(chunk, copy), chunks):
+                        pass
+            for target, path in links:
+                os.symlink(target, path)
+        return len(files)
 
-    def _place(self, digest: Digest, target: Path, executable: bool, copy: bool) -> None:
-        if digest.size == 0:
-            target.touch()
+    def _place_all(self, files: list[tuple[str, str, int, bool]], copy: bool) -> None:
+        for hash_hex, target, size, executable in files:
+            if size == 0:  # no object to link: a new file, read-only like the linked ones unless copying
+                mode = (0o755 if executable else 0o644) & (0o777 if copy else 0o555)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                os.fchmod(fd, mode)
+                os.close(fd)
+                continue
+            source = self._object(hash_hex)
+            if not copy:
+                if executable:
+                    source += ".x"
+                try:
+                    os.link(source, target)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _LINK_FALLBACK:
+                        raise
+            shutil.copyfile(source, target)
             os.chmod(target, 0o755 if executable else 0o644)
-            return
-        source = self._executable_twin(digest) if executable else self.object_path(digest)
-        if not source.exists():
-            raise BlobNotFound(digest, f"not in local cache {self.root}")
-        if not copy:
-            try:
-                os.link(source, target)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-        shutil.copyfile(source, target)
-        os.chmod(target, 0o755 if executable else 0o644)
 
-    def _executable_twin(self, digest: Digest) -> Path:
-        twin = self.object_path(digest).with_suffix(".x")
-        if not twin.exists():
+    def _executable_twin(self, digest: Digest) -> str:
+        """`<hash>.x`, a mode-0555 copy of the object (made on first use)."""
+        twin = self._object(digest.hash) + ".x"
+        if not os.path.exists(twin):
             fd, tmp = self._tmp_file()
             os.close(fd)
             try:
-                shutil.copyfile(self.object_path(digest), tmp)
+                shutil.copyfile(self._object(digest.hash), tmp)
+                os.chmod(tmp, 0o555)
+                os.link(tmp, twin)
+            except FileExistsError:
+                pass
             except FileNotFoundError:
-                os.unlink(tmp)
                 raise BlobNotFound(digest, f"not in local cache {self.root}") from None
-            os.chmod(tmp, 0o555)
-            os.replace(tmp, twin)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         return twin
 
     # -- diff ----------------------------------------------------------------------
@@ -396,16 +522,18 @@ class LocalCache:
 
     # -- maintenance ---------------------------------------------------------------
 
-    def _all_objects(self) -> Iterator[tuple[Path, Digest | None]]:
+    def _all_objects(self) -> Iterator[tuple[str, str | None, int]]:
+        """(path, hash or None for a stray file, size) of every object file."""
         for prefix in os.scandir(self.objects):
             if not prefix.is_dir():
                 continue
             for entry in os.scandir(prefix.path):
+                try:
+                    size = entry.stat().st_size
+                except FileNotFoundError:
+                    continue
                 name = entry.name.removesuffix(".x")
-                if len(name) == 64:
-                    yield Path(entry.path), Digest(name, entry.stat().st_size)
-                else:
-                    yield Path(entry.path), None
+                yield entry.path, (name if len(name) == 64 else None), size
 
     def reachable(self) -> set[str]:
         hashes: set[str] = set()
@@ -418,11 +546,12 @@ class LocalCache:
         report = PruneReport()
         with self._locked(exclusive=True):
             keep = self.reachable()
-            for path, digest in self._all_objects():
-                if digest is None or digest.hash not in keep:
-                    report.bytes_removed += path.stat().st_size if path.exists() else 0
-                    path.unlink(missing_ok=True)
-                    report.objects_removed += 1
+            for path, hash_hex, size in self._all_objects():
+                if hash_hex is None or hash_hex not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        report.bytes_removed += size
+                        report.objects_removed += 1
             horizon = time.time() - 3600
             for entry in os.scandir(self.tmp):
                 with contextlib.suppress(FileNotFoundError):
@@ -431,7 +560,7 @@ class LocalCache:
         return report
 
     def size(self) -> int:
-        return sum(p.stat().st_size for p, _ in self._all_objects() if p.exists())
+        return sum(size for _, _, size in self._all_objects())
 
     def gc(self, quota: int) -> PruneReport:
         """Evict least recently used refs, then prune, until the objects fit in `quota`."""
@@ -447,25 +576,58 @@ class LocalCache:
             report.bytes_removed += step.bytes_removed
         return report
 
-    def fsck(self, remove: bool = True) -> list[Digest]:
-        """Re-hash every object; corrupt ones are removed (and returned)."""
-        corrupt: list[Digest] = []
-        for path, digest in self._all_objects():
-            if digest is None:
+    def fsck(self, remove: bool = True) -> FsckReport:
+        """Re-hash every object (corrupt ones are removed and reported), then check that
+        every ref's tree is complete."""
+        report = FsckReport()
+        for path, hash_hex, size in self._all_objects():
+            if hash_hex is None:
                 continue
-            actual = _hash_file(path)
-            if actual.hash != digest.hash:
-                corrupt.append(digest)
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    actual = _hash_fileobj(f)
+            except FileNotFoundError:
+                continue
+            if actual.hash != hash_hex:
+                report.corrupt.append(Digest(hash_hex, size))
                 if remove:
-                    path.unlink(missing_ok=True)
-        return corrupt
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        for name, root, _ in self.list_refs():
+            try:
+                absent = sorted(self.missing(self.tree_digests(root, missing_ok=True)))
+            except Exception:  # an undecodable Directory is as broken as a missing one
+                report.incomplete[name] = [root]
+                continue
+            if absent:
+                report.incomplete[name] = absent
+        return report
+
+
+def _regular_files(top: str) -> list[str]:
+    """Every regular file under `top` (symlinks not followed); whatever else is there is
+    left for build_tree, which refuses special files by name."""
+    out: list[str] = []
+    stack = [top]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    out.append(entry.path)
+    return out
+
+
+def _hash_fileobj(f) -> Digest:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := f.read(_READ):
+        h.update(chunk)
+        size += len(chunk)
+    return Digest(h.hexdigest(), size, _FN)
 
 
 def _hash_file(path: str | os.PathLike) -> Digest:
-    h = hashlib.sha256()
-    size = 0
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-            size += len(chunk)
-    return Digest(h.hexdigest(), size, _FN)
+        return _hash_fileobj(f)

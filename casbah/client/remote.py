@@ -162,6 +162,9 @@ class RemoteClient:
         request = re_pb2.BatchUpdateBlobsRequest(instance_name=self.instance, requests=requests,
                                                  digest_function=_fn(fn))
         response = self._call(self.cas.BatchUpdateBlobs, request, "BatchUpdateBlobs")
+        if len(response.responses) != len(batch):
+            raise from_status(grpc.StatusCode.INTERNAL, f"BatchUpdateBlobs on {self.spec.url} answered "
+                              f"{len(response.responses)} of {len(batch)} blobs")
         for r in response.responses:
             if r.status.code != code_pb2.OK:
                 raise from_status(_status(r.status.code), f"upload of {r.digest.hash}/{r.digest.size_bytes}: "
@@ -252,6 +255,11 @@ class RemoteClient:
             digests=[re_pb2.Digest(hash=d.hash, size_bytes=d.size) for d in digests],
         )
         response = self._call(self.cas.BatchReadBlobs, request, "BatchReadBlobs")
+        answered = {(r.digest.hash, r.digest.size_bytes) for r in response.responses}
+        unanswered = [d for d in digests if (d.hash, d.size) not in answered]
+        if unanswered:
+            raise from_status(grpc.StatusCode.INTERNAL, f"BatchReadBlobs on {self.spec.url} left out "
+                              f"{len(unanswered)} of {len(digests)} blobs, e.g. {unanswered[0]}")
         for r in response.responses:
             digest = Digest(r.digest.hash, r.digest.size_bytes, fn)
             if r.status.code == code_pb2.NOT_FOUND:
@@ -327,8 +335,10 @@ class RemoteClient:
             return self._walk_tree(root)
         except NotFound:
             raise BlobNotFound(root, f"tree root not on {self.spec.url}") from None
-        if root not in directories and root.size:
-            # A server may serialize differently from us: fall back to exact bytes.
+        if root.size and not _closed(root, directories):
+            # A server may serialize differently from us (then our hashes of its messages
+            # name nothing), or leave out a subtree it lacks: fetch the exact bytes instead,
+            # which names a missing directory precisely.
             return self._walk_tree(root)
         return directories
 
@@ -411,6 +421,18 @@ class RemoteClient:
             instance_name=self.instance, keys=keys, digest=re_pb2.Digest(hash=root.hash, size_bytes=root.size)
         )
         self._call(self.references.UpdateReference, request, "UpdateReference")
+
+
+def _closed(root: Digest, directories: dict[Digest, bytes]) -> bool:
+    """Whether `directories` holds the root and every subdirectory any of them names."""
+    if root not in directories:
+        return False
+    for data in directories.values():
+        for node in re_pb2.Directory.FromString(data).directories:
+            if node.digest.size_bytes and Digest(node.digest.hash, node.digest.size_bytes, root.function) \
+                    not in directories:
+                return False
+    return True
 
 
 def _fn(function: DigestFunction) -> int:

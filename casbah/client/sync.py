@@ -5,22 +5,24 @@ ref's name: as a Remote Asset directory (`urn:casbah:ref:<name>` by default) or
 through BuildStream's ReferenceStorage.  A server with neither (BuildGrid 0.9.1)
 still gets the tree; the name is skipped with a warning.  Pull fetches only the
 objects the local cache lacks.  Both show a progress bar on a terminal and end
-with a summary.
+with a summary.  `download_tree` writes a server's tree straight into a
+directory, without a local cache (`casbah cas download`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from pathlib import Path
 
 from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
-from casbah.errors import CasbahError, NotFound, Unsupported
+from casbah.errors import BlobNotFound, InvalidArgument, NotFound, Unsupported
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,36 @@ class SyncSummary:
                 f"{self.blobs_sent} blobs, {self.bytes_sent} bytes in {self.seconds:.2f}s ({rate:.1f} MB/s)")
 
 
-def _progress(description: str, total: int, show: bool) -> tuple[Progress | None, Callable[[int, int], None]]:
-    if not show or total == 0:
-        return None, lambda blobs, nbytes: None
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), transient=True)
-    task = progress.add_task(description, total=total)
-    progress.start()
-    return progress, lambda blobs, nbytes: progress.update(task, advance=nbytes)
+class _Bar:
+    """A rich progress bar on a terminal; nothing otherwise (rich is imported only then)."""
+
+    def __init__(self, description: str, total: int, show: bool) -> None:
+        self._progress = None
+        self.advance: Callable[[int, int], None] = lambda blobs, nbytes: None
+        if not show or total == 0:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), transient=True)
+        task = progress.add_task(description, total=total)
+        progress.start()
+        self._progress = progress
+        self.advance = lambda blobs, nbytes: progress.update(task, advance=nbytes)
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 def _file_stats(cache: LocalCache, root: Digest) -> tuple[int, int]:
@@ -64,20 +88,26 @@ def _file_stats(cache: LocalCache, root: Digest) -> tuple[int, int]:
     return files, total
 
 
+def _is_digest(name: str) -> bool:
+    head, _, tail = name.rpartition("/")
+    return len(head) == 64 and tail.isdigit()
+
+
 def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "asset",
          uri_template: str = DEFAULT_URI_TEMPLATE, show_progress: bool = False) -> SyncSummary:
     started = time.monotonic()
     root = cache.resolve(name)
     summary = SyncSummary(root)
     summary.files, summary.total_bytes = _file_stats(cache, root)
-    missing = client.find_missing(cache.tree_digests(root))
+    needed = cache.tree_digests(root)
+    missing = client.find_missing(needed)
+    absent = cache.missing(missing)
+    if absent:
+        raise BlobNotFound(min(absent), f"{name}: {len(absent)} objects of the tree are missing from the local "
+                                        f"cache {cache.root} (run `casbah cache fsck`)")
     sources = {d: cache.object_path(d) for d in missing}
-    progress, advance = _progress(f"push {name}", sum(d.size for d in missing), show_progress)
-    try:
-        client.upload(sources, advance)
-    finally:
-        if progress is not None:
-            progress.stop()
+    with _Bar(f"push {name}", sum(d.size for d in missing), show_progress) as bar:
+        client.upload(sources, bar.advance)
     summary.blobs_sent = len(missing)
     summary.bytes_sent = sum(d.size for d in missing)
     is_ref = name != str(root)
@@ -92,9 +122,9 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
                 summary.published = f"reference {name}"
         except Unsupported:
             service = "Remote Asset" if publish == "asset" else "ReferenceStorage"
-            summary.warning = (f"{client.spec.url} has no {service} service: "
-                               f"the tree was pushed but the name {name!r} was not published")
-            log.warning(summary.warning)
+            summary.warning = (f"{client.spec.url} has no {service} service: the tree was pushed but the name "
+                               f"{name!r} was not published (pull it by digest: {root})")
+            log.debug(summary.warning)
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -102,20 +132,55 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
 def resolve_remote(client: RemoteClient, name: str, publish: str = "asset",
                    uri_template: str = DEFAULT_URI_TEMPLATE) -> Digest:
     """A digest (`HASH/SIZE`) as is, or a ref name looked up on the server."""
-    head, _, tail = name.rpartition("/")
-    if len(head) == 64 and tail.isdigit():
+    if _is_digest(name):
         return Digest.parse(name)
     digest = None
-    if publish == "references":
-        digest = client.get_reference(name)
-    else:
-        try:
-            digest = client.fetch_directory([uri_template.format(ref=name)])
-        except Unsupported:
+    try:
+        if publish == "references":
             digest = client.get_reference(name)
+        else:
+            try:
+                digest = client.fetch_directory([uri_template.format(ref=name)])
+            except Unsupported:
+                digest = client.get_reference(name)
+    except Unsupported:
+        raise Unsupported(f"{client.spec.url} serves neither Remote Asset nor ReferenceStorage, so ref names "
+                          f"cannot be looked up there: pull by digest (HASH/SIZE) instead of {name!r}") from None
     if digest is None:
         raise NotFound(f"{client.spec.url} has no ref {name!r}")
     return digest
+
+
+def fetch_directories(client: RemoteClient, root: Digest) -> dict[Digest, bytes]:
+    """Every Directory of the tree at `root` from the server, checked complete: GetTree
+    silently leaves out missing subtrees, and a partial tree must not be taken for a whole."""
+    if not root.size:
+        return {root: b""}
+    directories = client.get_tree(root)
+    if root not in directories:
+        raise BlobNotFound(root, f"tree root not on {client.spec.url}")
+    for data in directories.values():
+        for node in re_pb2.Directory.FromString(data).directories:
+            child = Digest(node.digest.hash, node.digest.size_bytes)
+            if child.size and child not in directories:
+                raise BlobNotFound(child, f"directory of the tree {root} is missing on {client.spec.url}")
+    return directories
+
+
+def _files_of(directories: dict[Digest, bytes]) -> set[Digest]:
+    files: set[Digest] = set()
+    for data in directories.values():
+        for node in re_pb2.Directory.FromString(data).files:
+            if node.digest.size_bytes:
+                files.add(Digest(node.digest.hash, node.digest.size_bytes))
+    return files
+
+
+def _complete_locally(cache: LocalCache, root: Digest) -> bool:
+    try:
+        return not cache.missing(cache.tree_digests(root))
+    except BlobNotFound:
+        return False
 
 
 def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "asset",
@@ -125,29 +190,86 @@ def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
     root = resolve_remote(client, name, publish, uri_template)
     summary = SyncSummary(root)
     with cache.adding():
-        directories = client.get_tree(root) if root.size else {root: b""}
-        for digest, data in directories.items():
-            if digest.size and not cache.has(digest):
-                if cache.add_bytes(data) != digest:
-                    raise CasbahError(f"server sent a Directory that does not hash to {digest}")
-        files: set[Digest] = set()
-        for data in directories.values():
-            directory = re_pb2.Directory.FromString(data)
-            for node in directory.files:
-                if node.digest.size_bytes:
-                    files.add(Digest(node.digest.hash, node.digest.size_bytes))
-        missing = cache.missing(sorted(files))
-        progress, advance = _progress(f"pull {name}", sum(d.size for d in missing), show_progress)
-        try:
-            client.download(missing, cache.add_stream, advance)
-        finally:
-            if progress is not None:
-                progress.stop()
-        summary.blobs_sent = len(missing) + sum(1 for d in directories if d.size)
-        summary.bytes_sent = sum(d.size for d in missing)
+        if not _complete_locally(cache, root):
+            directories = fetch_directories(client, root)
+            new_dirs = 0
+            for digest, data in directories.items():
+                if digest.size and not cache.has(digest):
+                    cache.add_verified(digest, data)  # get_tree keys each message by its own hash
+                    new_dirs += 1
+            missing = cache.missing(sorted(_files_of(directories)))
+            with _Bar(f"pull {name}", sum(d.size for d in missing), show_progress) as bar:
+                # The client verifies every blob before its last chunk reaches the sink.
+                client.download(missing, lambda d, chunks: cache.add_stream(d, chunks, verify=False), bar.advance)
+            summary.blobs_sent = len(missing) + new_dirs
+            summary.bytes_sent = sum(d.size for d in missing)
         summary.files, summary.total_bytes = _file_stats(cache, root)
-        ref = local_ref if local_ref is not None else (name if name != str(root) else None)
+        ref = local_ref if local_ref is not None else (name if not _is_digest(name) else None)
         if ref is not None:
             cache.set_ref(ref, root)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def download_tree(client: RemoteClient, root: Digest, dest: str | os.PathLike,
+                  show_progress: bool = False) -> SyncSummary:
+    """Write the tree at `root` into `dest` (created; must be empty) straight from the
+    server: each distinct blob is downloaded once, written to its first path, and copied
+    to the others.  Files get 0644/0755 modes."""
+    started = time.monotonic()
+    out = Path(dest)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidArgument(f"download target {out} exists and is not an empty directory")
+    directories = fetch_directories(client, root)
+    summary = SyncSummary(root)
+    out.mkdir(parents=True, exist_ok=True)
+    where: dict[Digest, list[tuple[str, bool]]] = {}
+    links: list[tuple[str, str]] = []
+    empty: list[tuple[str, bool]] = []
+    stack = [(str(out), root)]
+    while stack:
+        path, digest = stack.pop()
+        directory = re_pb2.Directory.FromString(directories[digest]) if digest.size else re_pb2.Directory()
+        for node in directory.directories:
+            os.mkdir(f"{path}/{node.name}")
+            stack.append((f"{path}/{node.name}", Digest(node.digest.hash, node.digest.size_bytes)))
+        for node in directory.files:
+            target = (f"{path}/{node.name}", node.is_executable)
+            summary.files += 1
+            summary.total_bytes += node.digest.size_bytes
+            if node.digest.size_bytes:
+                where.setdefault(Digest(node.digest.hash, node.digest.size_bytes), []).append(target)
+            else:
+                empty.append(target)
+        links.extend((node.target, f"{path}/{node.name}") for node in directory.symlinks)
+
+    def sink(digest: Digest, chunks: Iterator[bytes]) -> None:
+        first, *others = where[digest]
+        _write_file(first[0], first[1], chunks)
+        for path, executable in others:
+            shutil.copyfile(first[0], path)
+            os.chmod(path, 0o755 if executable else 0o644)
+
+    with _Bar(f"download {root}", sum(d.size for d in where), show_progress) as bar:
+        client.download(list(where), sink, bar.advance)
+    for path, executable in empty:
+        _write_file(path, executable, iter(()))
+    for target, path in links:
+        os.symlink(target, path)
+    summary.blobs_sent = len(where) + sum(1 for d in directories if d.size)
+    summary.bytes_sent = sum(d.size for d in where)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _write_file(path: str, executable: bool, chunks: Iterator[bytes]) -> None:
+    mode = 0o755 if executable else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the mode the tree says, whatever the umask
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+    except BaseException:
+        os.unlink(path)  # a blob that failed verification must not be left half-written
+        raise

@@ -268,6 +268,13 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
 async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> None:
     server = await create_server(config, reuse_port)
     _warn_quota(config)
+    metrics_url = None
+    if config.metrics_listen and server.observability is not None:
+        try:  # before gRPC starts: a bad metrics address must fail startup, not half of it
+            metrics_url = await server.observability.start_http(config.metrics_listen, worker)
+        except (OSError, ValueError) as exc:
+            await server.stop(0)
+            raise StartupError(str(exc)) from None
     await server.grpc_server.start()
     for instance in server.instances:
         log.info(
@@ -278,13 +285,8 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
     for address in server.ports:
         print(f"{who}: serving REAPI on {address} (instances: "
               f"{', '.join(repr(n) for n in server.instances.names())})", flush=True)
-    if config.metrics_listen and server.observability is not None:
-        try:
-            url = await server.observability.start_http(config.metrics_listen, worker)
-        except (OSError, ValueError) as exc:
-            await server.stop(0)
-            raise StartupError(str(exc)) from None
-        print(f"{who}: metrics on {url}/metrics, status page on {url}/", flush=True)
+    if metrics_url:
+        print(f"{who}: metrics on {metrics_url}/metrics, status page on {metrics_url}/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

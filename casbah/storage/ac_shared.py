@@ -10,8 +10,8 @@ Redis is faster but keeps that promise only when run with `appendonly yes` and
 from __future__ import annotations
 
 from casbah.digest import Digest
-from casbah.postgres_client import ensure_schema, run
-from casbah.redis_client import connect, translated
+from casbah.postgres_client import PgClient
+from casbah.redis_client import connect, release, translated
 from casbah.storage.action_cache import ActionCache
 
 _DDL = """
@@ -37,14 +37,18 @@ class RedisActionCache(ActionCache):
     async def put(self, action: Digest, result: bytes) -> None:
         await self.redis.set(self.prefix + action.key, result, ex=self.ttl)
 
+    async def close(self) -> None:
+        await release(self.url, self.redis)
+
 
 class PostgresActionCache(ActionCache):
     def __init__(self, url: str, instance: str = "") -> None:
         self.url = url
         self.instance = instance
+        self.db = PgClient(url)
 
     async def get(self, action: Digest) -> bytes | None:
-        await ensure_schema(self.url, "action_cache", _DDL)
+        await self.db.ensure_schema("action_cache", _DDL)
 
         async def q(conn):
             cur = await conn.execute(
@@ -53,10 +57,10 @@ class PostgresActionCache(ActionCache):
             row = await cur.fetchone()
             return bytes(row[0]) if row else None
 
-        return await run(self.url, q)
+        return await self.db.run(q)
 
     async def put(self, action: Digest, result: bytes) -> None:
-        await ensure_schema(self.url, "action_cache", _DDL)
+        await self.db.ensure_schema("action_cache", _DDL)
 
         async def q(conn):
             await conn.execute(
@@ -65,4 +69,7 @@ class PostgresActionCache(ActionCache):
                 (self.instance, action.key, result),
             )
 
-        await run(self.url, q)
+        await self.db.run(q)
+
+    async def close(self) -> None:
+        await self.db.close()

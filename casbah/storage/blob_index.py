@@ -19,7 +19,7 @@ from pydantic import Field
 
 from casbah.digest import Digest
 from casbah.errors import CasbahError
-from casbah.postgres_client import ensure_schema, run, safe_url
+from casbah.postgres_client import PgClient, safe_url
 from casbah.storage.base import BlobInfo, Storage
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
@@ -42,10 +42,12 @@ class BlobIndexStorage(Storage):
         super().__init__(**kwargs)
         self.inner = inner
         self.url = url
+        self.db = PgClient(url)
         self.store = store
         self.flush_interval = flush_interval
         self._touched: set[str] = set()
         self._flusher: asyncio.Task | None = None
+        self._closed = False
 
     def children(self) -> Iterable[Storage]:
         return (self.inner,)
@@ -54,8 +56,8 @@ class BlobIndexStorage(Storage):
         return f"blob-index({safe_url(self.url)}, {self.inner.describe()})"
 
     async def _ready(self) -> None:
-        await ensure_schema(self.url, "blobs", _DDL)
-        if self._flusher is None:
+        await self.db.ensure_schema("blobs", _DDL)
+        if self._flusher is None and not self._closed:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _record(self, digests: list[Digest]) -> None:
@@ -71,7 +73,7 @@ class BlobIndexStorage(Storage):
                     [(self.store, d.key, d.size) for d in digests],
                 )
 
-        await run(self.url, q)
+        await self.db.run(q)
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         await self._ready()
@@ -82,7 +84,7 @@ class BlobIndexStorage(Storage):
                                      (self.store, keys))
             return {row[0] for row in await cur.fetchall()}
 
-        present = await run(self.url, q)
+        present = await self.db.run(q)
         self._touched.update(present)
         return [d for d in digests if d.key not in present]
 
@@ -111,9 +113,10 @@ class BlobIndexStorage(Storage):
         return results
 
     async def delete(self, digests: Sequence[Digest]) -> int:
+        await self._ready()
         removed = await self.inner.delete(digests)
         keys = [d.key for d in digests]
-        await run(self.url, lambda conn: conn.execute(
+        await self.db.run(lambda conn: conn.execute(
             "DELETE FROM casbah_blobs WHERE store = %s AND key = ANY(%s)", (self.store, keys)))
         return removed
 
@@ -131,17 +134,20 @@ class BlobIndexStorage(Storage):
     async def flush(self) -> None:
         touched, self._touched = self._touched, set()
         if touched:
+            await self._ready()
             keys = sorted(touched)
-            await run(self.url, lambda conn: conn.execute(
+            await self.db.run(lambda conn: conn.execute(
                 "UPDATE casbah_blobs SET last_access = now() WHERE store = %s AND key = ANY(%s)", (self.store, keys)))
 
     async def close(self) -> None:
+        self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(BaseException):
                 await self._flusher
         with contextlib.suppress(CasbahError):
             await self.flush()
+        await self.db.close()
         await self.inner.close()
 
 

@@ -3,7 +3,9 @@
 Reads try the fast store and fill it from the slow one on a miss, streaming:
 the blob is teed into the fast store while it is served, never buffered whole.
 Writes go to both (`write-through`, the default) or to the slow store only
-(`write-slow`: the fast store fills on the next read).  FindMissingBlobs asks
+(`write-slow`: the fast store fills on the next read).  Small blobs (batch reads
+and writes) are copied into the fast store in the background, within a budget,
+so a miss costs the slow store's latency and not the fast store's as well.  FindMissingBlobs asks
 the fast store first and only forwards what it lacks.
 
 The slow store's answer is the truth for writes (a write fails if the slow store
@@ -29,6 +31,8 @@ from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 log = logging.getLogger(__name__)
 _QUEUE = 4
+#: Bytes of small blobs being copied into the fast store in the background, at most.
+FILL_BUDGET = 64 * 1024 * 1024
 
 
 class CacheStorage(Storage):
@@ -39,6 +43,8 @@ class CacheStorage(Storage):
         self.fast = fast
         self.slow = slow
         self.write_mode = write_mode
+        self._fills: set[asyncio.Task] = set()
+        self._fill_bytes = 0
 
     def children(self) -> Iterable[Storage]:
         return (self.fast, self.slow)
@@ -65,12 +71,43 @@ class CacheStorage(Storage):
         if rest:
             filled = await self.slow.read_many(rest)
             if filled:
-                try:
-                    await self.fast.write_many(list(filled.items()))
-                except CasbahError as exc:
-                    log.warning("cache %s: could not fill the fast store: %s", self.name, exc)
+                await self._fill(list(filled.items()))
             found.update(filled)
         return found
+
+    async def _fill(self, blobs: list[tuple[Digest, bytes]]) -> None:
+        """Copy small blobs into the fast store in the background: the caller already has
+        them, and a disk store's file creations would otherwise double a miss's latency.
+        Bounded: past FILL_BUDGET bytes in flight, the caller waits for its own copy."""
+        size = sum(len(data) for _, data in blobs)
+        if self._fill_bytes + size > FILL_BUDGET:
+            await self._fill_now(blobs)
+            return
+        self._fill_bytes += size
+        task = asyncio.get_running_loop().create_task(self._fill_now(blobs))
+        self._fills.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self._fills.discard(task)
+            self._fill_bytes -= size
+
+        task.add_done_callback(done)
+
+    async def _fill_now(self, blobs: list[tuple[Digest, bytes]]) -> None:
+        try:
+            results = await self.fast.write_many(blobs)
+        except Exception as exc:
+            log.warning("cache %s: could not fill the fast store: %s", self.name, exc)
+            return
+        failed = [(d, e) for (d, _), e in zip(blobs, results, strict=True) if e is not None]
+        if failed:
+            log.warning("cache %s: could not copy %d blob(s) into the fast store, e.g. %s: %s", self.name,
+                        len(failed), failed[0][0], failed[0][1])
+
+    async def settle(self) -> None:
+        """Wait for background copies into the fast store (tests, shutdown)."""
+        while self._fills:
+            await asyncio.gather(*list(self._fills), return_exceptions=True)
 
     async def read_bytes(self, digest: Digest) -> bytes:
         found = await self.read_many([digest])
@@ -84,18 +121,22 @@ class CacheStorage(Storage):
             return
         await write_both(self.slow, self.fast, digest, chunks)
 
+    async def write_bytes(self, digest: Digest, data: bytes) -> None:
+        """Through write_many: a blob held in memory can be retried by a remote slow store."""
+        error = (await self.write_many([(digest, data)]))[0]
+        if error is not None:
+            raise error
+
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         results = await self.slow.write_many(blobs)
         if self.write_mode == "write-through":
             stored = [b for b, err in zip(blobs, results, strict=True) if err is None]
             if stored:
-                try:
-                    await self.fast.write_many(stored)
-                except CasbahError as exc:
-                    log.warning("cache %s: could not fill the fast store: %s", self.name, exc)
+                await self._fill(stored)
         return results
 
     async def delete(self, digests: Sequence[Digest]) -> int:
+        await self.settle()  # a copy still in flight would bring a deleted blob back
         removed = await self.fast.delete(digests)
         try:
             removed = max(removed, await self.slow.delete(digests))
@@ -110,6 +151,7 @@ class CacheStorage(Storage):
         return await self.fast.stats()
 
     async def close(self) -> None:
+        await self.settle()
         await close_all(self.children())
 
 

@@ -89,6 +89,10 @@ class ExistenceCacheStorage(Storage):
         await self.inner.write(digest, chunks)
         self._remember([digest])
 
+    async def write_bytes(self, digest: Digest, data: bytes) -> None:
+        await self.inner.write_bytes(digest, data)
+        self._remember([digest])
+
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         results = await self.inner.write_many(blobs)
         self._remember(d for (d, _), err in zip(blobs, results, strict=True) if err is None)

@@ -9,6 +9,7 @@ front so they never get here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 
 from pydantic import Field
@@ -16,8 +17,8 @@ from pydantic import Field
 from casbah.config import parse_size
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, ResourceExhausted
-from casbah.redis_client import connect, safe_url, translated
-from casbah.storage.base import BlobInfo, Storage, check_range
+from casbah.redis_client import connect, release, safe_url, translated
+from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range
 from casbah.storage.loader import NodeOptions, register
 
 
@@ -58,7 +59,7 @@ class RedisStorage(Storage):
         if data is None:
             raise BlobNotFound(digest, f"not in {self.describe()}")
         count = check_range(digest, len(data), offset, limit)
-        return _one(data[offset : offset + count])
+        return _chunks(memoryview(data)[offset : offset + count])
 
     @translated
     async def read_bytes(self, digest: Digest) -> bytes:
@@ -95,11 +96,12 @@ class RedisStorage(Storage):
         good = []
         for digest, data in blobs:
             try:
-                if len(data) > self.max_blob_size and self.verify:
-                    raise ResourceExhausted(f"blob {digest} exceeds max-blob-size {self.max_blob_size}")
-                verifier = self.verifier(digest)
+                verifier = self.verifier(digest)  # wrong data is INVALID_ARGUMENT whatever its size
                 verifier.update(data)
                 verifier.finish()
+                if len(data) > self.max_blob_size and self.verify:
+                    raise ResourceExhausted(f"blob {digest} exceeds the Redis store's max-blob-size "
+                                            f"{self.max_blob_size}")
                 good.append((digest, data))
                 results.append(None)
             except Exception as exc:
@@ -122,12 +124,41 @@ class RedisStorage(Storage):
         return await self.redis.delete(*[self._key(d) for d in digests])
 
     async def iterate(self) -> AsyncIterator[BlobInfo]:
+        """SCANs the keyspace (for GC and stats, never for requests); last access is
+        now minus the key's OBJECT IDLETIME, which Redis keeps for its LRU."""
         from casbah.storage.disk import _parse_key
 
-        async for key in self.redis.scan_iter(match=self.prefix + "*", count=1000):
-            digest = _parse_key(key.decode()[len(self.prefix):])
-            if digest is not None:
-                yield BlobInfo(digest, digest.size, 0.0)
+        keys: list[bytes] = []
+        for key in await self._scan():
+            keys.append(key)
+            if len(keys) >= 1000:
+                for info in await self._infos(keys, _parse_key):
+                    yield info
+                keys = []
+        for info in await self._infos(keys, _parse_key):
+            yield info
+
+    @translated
+    async def _scan(self) -> list[bytes]:
+        return [key async for key in self.redis.scan_iter(match=_glob_escape(self.prefix) + "*", count=1000)]
+
+    @translated
+    async def _infos(self, keys: list[bytes], parse) -> list[BlobInfo]:
+        if not keys:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.object("idletime", key)
+            idle = await pipe.execute(raise_on_error=False)
+        now = time.time()
+        out = []
+        for key, seconds in zip(keys, idle, strict=True):
+            digest = parse(key.decode()[len(self.prefix):])
+            if digest is None or seconds is None:  # None: deleted meanwhile
+                continue
+            # An error instead of a number: an LFU policy keeps no idle time.
+            out.append(BlobInfo(digest, digest.size, now - seconds if isinstance(seconds, int) else now))
+        return out
 
     @translated
     async def stats(self) -> dict[str, int]:
@@ -135,8 +166,19 @@ class RedisStorage(Storage):
         return {"bytes": int(info.get("used_memory", 0)), "quota_bytes": int(info.get("maxmemory", 0))}
 
 
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+    async def close(self) -> None:
+        await release(self.url, self.redis)
+
+
+async def _chunks(data: memoryview) -> AsyncIterator[bytes]:
+    """A stored blob in CHUNK_SIZE pieces, like every other store's stream."""
+    for start in range(0, len(data), CHUNK_SIZE):
+        yield bytes(data[start : start + CHUNK_SIZE])
+
+
+def _glob_escape(text: str) -> str:
+    """A prefix as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class RedisOptions(NodeOptions):

@@ -161,6 +161,11 @@ class ReplicatedStorage(Storage):
         raise Unavailable(f"{digest}: stored on {len(results) - len(errors)} replicas, quorum is {self.quorum}: "
                           f"{errors[0]}")
 
+    async def write_bytes(self, digest: Digest, data: bytes) -> None:
+        error = (await self.write_many([(digest, data)]))[0]
+        if error is not None:
+            raise error
+
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         per_replica = await asyncio.gather(*(r.write_many(blobs) for r in self.replicas), return_exceptions=True)
         results: list[Exception | None] = []

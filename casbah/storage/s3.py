@@ -58,8 +58,11 @@ class S3Storage(Storage):
         )
         self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="casbah-s3")
         self.endpoint = endpoint or "aws"
-        if create_bucket:
-            self._ensure_bucket()
+        # Checked on first use, not here: a stateless server must start (and answer
+        # UNAVAILABLE) while the store is down, and N workers must not race at startup.
+        self._bucket_ready = not create_bucket
+        self._bucket_lock = asyncio.Lock()
+        self._flights: dict[str, asyncio.Future[bool]] = {}
 
     def describe(self) -> str:
         return f"s3({self.endpoint}/{self.bucket}/{self.prefix})"
@@ -67,15 +70,35 @@ class S3Storage(Storage):
     def _ensure_bucket(self) -> None:
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except botocore.exceptions.ClientError:
+            return
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") not in _NOT_FOUND | {"NoSuchBucket"}:
+                raise
+        try:
             self.client.create_bucket(Bucket=self.bucket)
             log.info("created bucket %s on %s", self.bucket, self.endpoint)
+        except botocore.exceptions.ClientError as exc:  # another server or worker was first
+            if exc.response.get("Error", {}).get("Code", "") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    async def _ready(self) -> None:
+        if self._bucket_ready:
+            return
+        async with self._bucket_lock:
+            if not self._bucket_ready:
+                await self._call(self._ensure_bucket)
+                self._bucket_ready = True
 
     def _key(self, digest: Digest) -> str:
         return f"{self.prefix}{digest.key}"
 
     async def _run(self, fn, *args, **kwargs):
-        """Run a boto3 call in the pool, turning transport failures into Unavailable."""
+        """Run a boto3 call in the pool (creating the bucket first if asked to),
+        turning store and transport failures into Unavailable; a 404 stays a ClientError."""
+        await self._ready()
+        return await self._call(fn, *args, **kwargs)
+
+    async def _call(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
@@ -83,9 +106,9 @@ class S3Storage(Storage):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in _NOT_FOUND:
                 raise
-            raise Unavailable(f"{self.describe()}: {code}: {exc}") from None
+            raise Unavailable(f"{self.describe()} refused the request: {code}: {exc}") from None
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise Unavailable(f"{self.describe()} unreachable: {exc}") from None
+            raise Unavailable(f"{self.describe()} is unavailable: {exc}") from None
 
     async def _exists(self, digest: Digest) -> bool:
         try:
@@ -142,7 +165,9 @@ class S3Storage(Storage):
                 verifier.update(chunk)
                 parts.append(chunk)
             verifier.finish()
-            await self._run(self.client.put_object, Bucket=self.bucket, Key=self._key(digest), Body=b"".join(parts))
+            body = b"".join(parts)
+            await self._once(self._key(digest), lambda: self._run(self.client.put_object, Bucket=self.bucket,
+                                                                   Key=self._key(digest), Body=body))
             return
         key = self._key(digest)
         upload = await self._run(self.client.create_multipart_upload, Bucket=self.bucket, Key=key)
@@ -161,14 +186,40 @@ class S3Storage(Storage):
             verifier.finish()
             if buffered or not etags:
                 await self._part(key, upload_id, etags, b"".join(buffered))
-            await self._run(self.client.complete_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id,
-                            MultipartUpload={"Parts": etags})
+            completed = await self._once(key, lambda: self._run(
+                self.client.complete_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": etags}))
+            if not completed:  # a concurrent writer stored the same blob meanwhile: ours is redundant
+                await self._abort(digest, key, upload_id)
         except BaseException:
-            try:
-                await self._run(self.client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except CasbahError as exc:
-                log.warning("could not abort multipart upload of %s: %s", digest, exc)
+            await self._abort(digest, key, upload_id)
             raise
+
+    async def _abort(self, digest: Digest, key: str, upload_id: str) -> None:
+        try:
+            await self._run(self.client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except CasbahError as exc:
+            log.warning("could not abort multipart upload of %s: %s", digest, exc)
+
+    async def _once(self, key: str, store) -> bool:
+        """Run `store()` (the call that makes `key` visible) unless a writer of the same
+        key in this process is doing so right now: then wait for it, and return False
+        if it succeeded (the blob is there; same digest, so the same verified bytes),
+        or take over if it failed.  Concurrent identical uploads are common (several
+        clients building the same thing), and they need not all reach the store."""
+        while (flight := self._flights.get(key)) is not None:
+            if await asyncio.shield(flight):
+                return False
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        ok = False
+        try:
+            await store()
+            ok = True
+        finally:
+            del self._flights[key]
+            flight.set_result(ok)
+        return True
 
     async def _part(self, key: str, upload_id: str, etags: list[dict], data: bytes) -> None:
         number = len(etags) + 1

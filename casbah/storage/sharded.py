@@ -92,6 +92,9 @@ class ShardedStorage(Storage):
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         await self.shards[self.shard_index(digest)].write(digest, chunks)
 
+    async def write_bytes(self, digest: Digest, data: bytes) -> None:
+        await self.shards[self.shard_index(digest)].write_bytes(digest, data)
+
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         groups: dict[int, list[int]] = {}
         for i, (d, _) in enumerate(blobs):

@@ -58,6 +58,9 @@ class SizeRoutedStorage(Storage):
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         await self._route(digest).write(digest, chunks)
 
+    async def write_bytes(self, digest: Digest, data: bytes) -> None:
+        await self._route(digest).write_bytes(digest, data)
+
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         results: list[Exception | None] = [None] * len(blobs)
         for store in (self.small, self.large):

@@ -1,0 +1,56 @@
+"""`casbah admin …`: operations on a server's storage, run beside (or instead of) the server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from casbah.config import ConfigError, load_config, parse_size
+
+
+@click.group()
+def admin() -> None:
+    """Operator commands on the storage a server config describes."""
+
+
+@admin.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="The server's config.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="The server's data directory (default config).")
+@click.option("--instance", "names", multiple=True, help="Instances to scrub (default: all).")
+@click.option("--rate", default="100M", show_default=True, metavar="SIZE",
+              help="Bytes read per second at most (0 = unlimited), so builds are not starved.")
+@click.option("--dry-run", is_flag=True, help="Report corrupt blobs without removing them.")
+def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...], rate: str, dry_run: bool) -> None:
+    """Re-hash every stored blob; remove corrupt ones; print a report (exit 1 if any were found)."""
+    from casbah.scrub import scrub as run_scrub
+    from casbah.server.app import build_instances
+
+    try:
+        config = load_config(config_file, {"data-dir": data_dir})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def main() -> int:
+        instances, loader = build_instances(config)
+        corrupt = 0
+        seen: set[int] = set()
+        try:
+            for instance in instances:
+                if names and instance.name not in names:
+                    continue
+                if id(instance.cas) in seen:  # instances sharing a storage are scrubbed once
+                    continue
+                seen.add(id(instance.cas))
+                report = await run_scrub(instance.cas, parse_size(rate), remove=not dry_run)
+                click.echo(f"instance {instance.name!r} ({instance.cas.describe()}): {report.line()}")
+                for digest in report.corrupt:
+                    click.echo(f"  corrupt: {digest}{'' if dry_run else ' (removed)'}")
+                corrupt += len(report.corrupt)
+        finally:
+            for storage in loader.all():
+                await storage.close()
+        return corrupt
+
+    sys.exit(1 if asyncio.run(main()) else 0)

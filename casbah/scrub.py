@@ -1,0 +1,81 @@
+"""Scrubbing: re-hash every stored blob and remove the ones that no longer match.
+
+Bit rot, a bad disk, or somebody editing files under the data directory would
+otherwise be served to every build forever: writes are verified, reads are not
+(hashing every read would halve throughput).  Scrubbing is the read-side check,
+run by an operator (or a timer) at a bounded rate so it does not starve builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from casbah.digest import Digest
+from casbah.errors import BlobNotFound, DigestMismatch
+from casbah.storage.base import Storage, Verifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScrubReport:
+    scanned: int = 0
+    bytes: int = 0
+    corrupt: list[Digest] = field(default_factory=list)
+    removed: int = 0
+    vanished: int = 0  # evicted or deleted while the scrub ran
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"scanned {self.scanned} blobs ({self.bytes} bytes) in {self.seconds:.1f}s: "
+                f"{len(self.corrupt)} corrupt, {self.removed} removed, {self.vanished} vanished meanwhile")
+
+
+class RateLimiter:
+    """Keeps a byte rate under `rate` per second (0 = unlimited) by sleeping."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.done = 0
+
+    async def spend(self, n: int) -> None:
+        self.done += n
+        if self.rate:
+            ahead = self.done / self.rate - (time.monotonic() - self.start)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+
+async def scrub(storage: Storage, rate: int = 0, remove: bool = True,
+                on_blob: Callable[[ScrubReport], None] | None = None) -> ScrubReport:
+    report = ScrubReport()
+    limiter = RateLimiter(rate)
+    started = time.monotonic()
+    async for info in storage.iterate():
+        digest = info.digest
+        verifier = Verifier(digest)
+        try:
+            stream = await storage.read(digest)
+            async for chunk in stream:
+                verifier.update(chunk)
+                await limiter.spend(len(chunk))
+            verifier.finish()
+        except BlobNotFound:
+            report.vanished += 1
+            continue
+        except DigestMismatch as exc:
+            report.corrupt.append(digest)
+            log.warning("scrub: %s is corrupt: %s", digest, exc)
+            if remove:
+                report.removed += await storage.delete([digest])
+        report.scanned += 1
+        report.bytes += verifier.received
+        if on_blob is not None:
+            on_blob(report)
+    report.seconds = time.monotonic() - started
+    return report
