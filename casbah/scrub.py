@@ -70,7 +70,8 @@ async def scrub(storage: Storage, rate: int = 0, remove: bool = True,
             continue
         except DigestMismatch as exc:
             report.corrupt.append(digest)
-            log.warning("scrub: %s is corrupt: %s", digest, exc)
+            log.warning("scrub: %s is corrupt: its stored bytes do not match it (%s)", digest,
+                        str(exc).replace("upload for", "content of"))
             if remove:
                 report.removed += await storage.delete([digest])
         report.scanned += 1
