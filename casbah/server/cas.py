@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import AsyncIterator, Sequence
+from operator import attrgetter
 
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
@@ -17,7 +17,6 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.server.base import Instances, rpc, rpc_stream
 from casbah.storage.base import Storage
 
-_HEX_RUN = re.compile(r"[0-9a-f]*")
 _ZSTD = re_pb2.Compressor.ZSTD
 _IDENTITY = re_pb2.Compressor.IDENTITY
 OK = status_pb2.Status()
@@ -26,17 +25,30 @@ MAX_PAGE_SIZE = 10_000
 
 
 def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
-    """Build validated digests fast: one regex over all hashes instead of one per digest."""
-    hashes = [m.hash for m in messages]
+    """Validated digests, built fast: FindMissingBlobs turns a thousand a call.
+
+    Validation runs over all hashes at once in C (`bytes.fromhex` accepts exactly
+    hex digit pairs, plus whitespace and upper case, which the other checks
+    exclude); only a failing request pays the per-digest path that names the culprit.
+    """
+    hashes = list(map(_HASH, messages))
+    sizes = list(map(_SIZE, messages))
+    n = len(hashes)
     joined = "".join(hashes)
-    if len(joined) != 64 * len(hashes) or not _HEX_RUN.fullmatch(joined) or any(len(h) != 64 for h in hashes):
-        for m in messages:
-            make_digest(m.hash, m.size_bytes, function)  # raises with the culprit named
-    digests = [Digest(h, m.size_bytes, function) for h, m in zip(hashes, messages, strict=True)]
-    for d in digests:
-        if d.size < 0:
-            raise InvalidArgument(f"negative size in digest {d}")
-    return digests
+    try:
+        ok = (len(joined) == 64 * n and len(bytes.fromhex(joined)) == 32 * n and joined == joined.lower()
+              and (not n or (min(map(len, hashes)) == 64 and min(sizes) >= 0)))
+    except ValueError:
+        ok = False
+    if not ok:
+        for h, size in zip(hashes, sizes, strict=True):
+            make_digest(h, size, function)  # raises, naming the culprit
+    new = tuple.__new__
+    return [new(Digest, (h, size, function)) for h, size in zip(hashes, sizes, strict=True)]
+
+
+_HASH = attrgetter("hash")
+_SIZE = attrgetter("size_bytes")
 
 
 def error_status(exc: BaseException) -> status_pb2.Status:
@@ -57,9 +69,11 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         digests = digests_from(request.blob_digests, function)
         wanted = [d for d in digests if d.size or not is_empty_blob(d)]
         missing = await cas.find_missing(wanted) if wanted else []
-        return re_pb2.FindMissingBlobsResponse(
-            missing_blob_digests=[re_pb2.Digest(hash=d.hash, size_bytes=d.size) for d in missing]
-        )
+        response = re_pb2.FindMissingBlobsResponse()
+        add = response.missing_blob_digests.add  # half the cost of building Digest messages first
+        for d in missing:
+            add(hash=d.hash, size_bytes=d.size)
+        return response
 
     def _check_batch_size(self, total: int, what: str) -> None:
         limit = self.instances.max_batch_size
