@@ -16,11 +16,12 @@ last end, so ops/s = total ops / wall time counts stragglers honestly.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.queues
-import math
 import queue
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class WorkerContext:
     def __init__(self, index: int) -> None:
         self.index = index
         self.cache: dict[Any, Any] = {}
+        # Data that does not depend on the server (big random bodies) survives `reset`.
+        self.keep: dict[Any, Any] = {}
         self._channels: dict[str, grpc.Channel] = {}
 
     def channel(self, address: str) -> grpc.Channel:
@@ -67,6 +70,7 @@ class JobResult:
     counters: dict[str, int] = field(default_factory=dict)
     start: float = 0.0
     end: float = 0.0
+    cpu: float = 0.0  # the worker's CPU seconds (all threads) during run: is the client the bottleneck?
 
 
 class Job(Protocol):
@@ -86,6 +90,7 @@ class PhaseResult:
 
     wall: float
     results: list[JobResult]
+    server_cpu: float | None = None  # filled in by the caller, which knows the server
 
     @property
     def ops(self) -> int:
@@ -109,6 +114,10 @@ class PhaseResult:
             out.extend(r.latencies if kind is None else r.kinds.get(kind, []))
         return out
 
+    @property
+    def client_cpu(self) -> float:
+        return sum(r.cpu for r in self.results)
+
     def counter(self, name: str) -> int:
         return sum(r.counters.get(name, 0) for r in self.results)
 
@@ -128,6 +137,8 @@ def percentile(samples: list[float], q: float) -> float:
 def _worker_main(index: int, inbox: multiprocessing.queues.Queue, outbox: multiprocessing.queues.Queue) -> None:
     """Serve commands until told to stop.  Every failure goes back to the parent as text,
     because an exception cannot be raised across processes."""
+    # Ctrl-C reaches the whole process group; the parent decides how to wind down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = WorkerContext(index)
     job: Job | None = None
     while True:
@@ -147,15 +158,21 @@ def _worker_main(index: int, inbox: multiprocessing.queues.Queue, outbox: multip
             elif command == "go":
                 assert job is not None
                 start = time.monotonic()
+                cpu = time.process_time()
                 result = job.run(ctx)
+                result.cpu = time.process_time() - cpu
                 result.end = result.end or time.monotonic()
                 result.start = result.start or start
                 job = None
                 outbox.put((index, "done", result))
-        except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
+        except BaseException as err:  # reported to the parent, which raises
             job = None
-            kind = "verify" if type(err).__name__ == "VerificationError" else "error"
-            outbox.put((index, kind, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+            if isinstance(err, VerificationError):
+                outbox.put((index, "verify", str(err)))
+            elif isinstance(err, BenchError):
+                outbox.put((index, "error", str(err)))
+            else:  # a bug in the bench itself: the traceback is what helps
+                outbox.put((index, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
 
 
 # --------------------------------------------------------------------------- parent side
@@ -201,11 +218,10 @@ class LoadGenerator:
             if kind in ("error", "verify"):
                 # Let the other workers finish so the pool stays usable for the next phase.
                 self._drain(count - len(replies) - 1, timeout=max(5.0, deadline - time.monotonic()))
-                first_line = payload.splitlines()[0] if payload else "?"
-                detail = f"worker {index}: {first_line}"
+                detail = f"worker {index}: {payload}"
                 if kind == "verify":
                     raise VerificationError(detail)
-                raise BenchError(f"{detail}\n{payload}")
+                raise BenchError(detail)
             if kind != expect:
                 raise BenchError(f"load generator: unexpected reply {kind!r} from worker {index}")
             replies[index] = payload
@@ -217,7 +233,7 @@ class LoadGenerator:
         got = 0
         while got < count and time.monotonic() < deadline:
             try:
-                _, kind, _ = self._outbox.get(timeout=0.5)
+                self._outbox.get(timeout=0.5)
             except queue.Empty:
                 continue
             got += 1
@@ -241,6 +257,9 @@ class LoadGenerator:
         results: list[JobResult] = [replies[i] for i in sorted(replies)]
         wall = max(r.end for r in results) - min(r.start for r in results)
         return PhaseResult(wall=wall, results=results)
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc, _ in self._workers if proc.pid is not None]
 
     def reset(self) -> None:
         """Close every worker's channels and drop cached data (between targets)."""

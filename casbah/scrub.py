@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, DigestMismatch
+from casbah.errors import BlobNotFound, CasbahError, DigestMismatch
 from casbah.storage.base import Storage, Verifier
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,16 @@ class ScrubReport:
     scanned: int = 0
     bytes: int = 0
     corrupt: list[Digest] = field(default_factory=list)
+    #: Blobs that could not be read at all (an I/O error, a backend refusing): not removed.
+    unreadable: list[tuple[Digest, str]] = field(default_factory=list)
     removed: int = 0
     vanished: int = 0  # evicted or deleted while the scrub ran
     seconds: float = 0.0
 
     def line(self) -> str:
         return (f"scanned {self.scanned} blobs ({self.bytes} bytes) in {self.seconds:.1f}s: "
-                f"{len(self.corrupt)} corrupt, {self.removed} removed, {self.vanished} vanished meanwhile")
+                f"{len(self.corrupt)} corrupt, {self.removed} removed, {self.vanished} vanished meanwhile"
+                + (f", {len(self.unreadable)} unreadable" if self.unreadable else ""))
 
 
 class RateLimiter:
@@ -74,6 +77,10 @@ async def scrub(storage: Storage, rate: int = 0, remove: bool = True,
                         str(exc).replace("upload for", "content of"))
             if remove:
                 report.removed += await storage.delete([digest])
+        except (CasbahError, OSError) as exc:  # one bad file must not end the scrub of the rest
+            report.unreadable.append((digest, str(exc)))
+            log.warning("scrub: %s cannot be read: %s", digest, exc)
+            continue
         report.scanned += 1
         report.bytes += verifier.received
         if on_blob is not None:

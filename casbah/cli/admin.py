@@ -15,26 +15,44 @@ def admin() -> None:
     """Operator commands on the storage a server config describes."""
 
 
+def _rate(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @admin.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="The server's config.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="The server's data directory (default config).")
 @click.option("--instance", "names", multiple=True, help="Instances to scrub (default: all).")
-@click.option("--rate", default="100M", show_default=True, metavar="SIZE",
+@click.option("--rate", default="100M", show_default=True, metavar="SIZE", callback=_rate,
               help="Bytes read per second at most (0 = unlimited), so builds are not starved.")
 @click.option("--dry-run", is_flag=True, help="Report corrupt blobs without removing them.")
-def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...], rate: str, dry_run: bool) -> None:
-    """Re-hash every stored blob; remove corrupt ones; print a report (exit 1 if any were found)."""
+def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...], rate: int, dry_run: bool) -> None:
+    """Re-hash every stored CAS blob; remove corrupt ones; print a report.
+
+    Exit status: 0 when every blob matched its digest, 1 when any was corrupt or
+    unreadable.  Only CAS storage is scrubbed (ActionCache entries are not
+    content-addressed); instances sharing a storage are scrubbed once.
+    """
+    from casbah.logs import setup_logging
     from casbah.scrub import scrub as run_scrub
     from casbah.server.app import build_instances
 
+    setup_logging("info")  # storage startup (e.g. truncated files dropped) and each corrupt blob, on stderr
     try:
         config = load_config(config_file, {"data-dir": data_dir})
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    unknown = sorted(set(names) - set(config.instances))
+    if unknown:
+        served = ", ".join(repr(n) for n in sorted(config.instances))
+        raise click.BadParameter(f"unknown instance(s) {unknown}; the config has {served}", param_hint="--instance")
 
     async def main() -> int:
         instances, loader = build_instances(config)
-        corrupt = 0
+        problems = 0
         seen: set[int] = set()
         try:
             for instance in instances:
@@ -43,14 +61,19 @@ def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...],
                 if id(instance.cas) in seen:  # instances sharing a storage are scrubbed once
                     continue
                 seen.add(id(instance.cas))
-                report = await run_scrub(instance.cas, parse_size(rate), remove=not dry_run)
+                report = await run_scrub(instance.cas, rate, remove=not dry_run)
                 click.echo(f"instance {instance.name!r} ({instance.cas.describe()}): {report.line()}")
                 for digest in report.corrupt:
                     click.echo(f"  corrupt: {digest}{'' if dry_run else ' (removed)'}")
-                corrupt += len(report.corrupt)
+                for digest, error in report.unreadable:
+                    click.echo(f"  unreadable: {digest}: {error}")
+                problems += len(report.corrupt) + len(report.unreadable)
         finally:
             for storage in loader.all():
                 await storage.close()
-        return corrupt
+        return problems
 
-    sys.exit(1 if asyncio.run(main()) else 0)
+    try:
+        sys.exit(1 if asyncio.run(main()) else 0)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -46,11 +47,25 @@ class AsyncRemote:
         self.policy = policy
         self.channel_options = channel_options or []
         self.max_message = max_message
-        self.metadata = spec.metadata()
+        self._metadata = spec.metadata()
+        self._token_mtime = _mtime(spec.token_file)
         self._channel: grpc.aio.Channel | None = None
         self._caps: RemoteCapabilities | None = None
         self._caps_lock: asyncio.Lock | None = None
         self._caps_retry_at: float | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata (the bearer token).  The token file is read again when it changes,
+        so a long-running proxy follows a rotated token without a restart."""
+        mtime = _mtime(self.spec.token_file)
+        if mtime is not None and mtime != self._token_mtime:
+            try:
+                self._metadata = self.spec.metadata()
+                self._token_mtime = mtime
+            except OSError as exc:
+                log.warning("%s: cannot read token file %s: %s", self.describe(), self.spec.token_file, exc)
+        return self._metadata
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -151,3 +166,12 @@ class AsyncRemote:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+def _mtime(path: str | None) -> int | None:
+    if not path:
+        return None
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None

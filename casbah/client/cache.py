@@ -30,7 +30,6 @@ import shutil
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,11 +43,6 @@ _FN = DigestFunction.SHA256
 #: Files up to this size are read whole (one read, hashed, written only if new); larger
 #: ones are hashed first and copied only if new.  Either way an unchanged file is never written.
 _SMALL = 1024 * 1024
-#: Threads storing files in commit and placing them in checkout.  The work is syscalls and
-#: hashing, which release the GIL, so a few threads overlap file-system latency and use both cores.
-IO_THREADS = 4
-#: Below this many files a thread pool costs more than it saves.
-_PARALLEL_MIN = 64
 _LINK_FALLBACK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES)
 
 
@@ -271,16 +265,17 @@ class LocalCache:
         """Store a directory tree; returns (and optionally names) its root digest.
 
         Unchanged files hash to existing objects, which are not written again, so
-        re-committing an unchanged tree writes no object.  Files are stored by a few
-        threads first; the Directory messages are then built by `casbah.tree.build_tree`
-        (the same code the server uses, so both agree on every digest), which looks the
-        stored files up instead of reading them again.
+        re-committing an unchanged tree writes no object.  Files are stored first; the
+        Directory messages are then built by `casbah.tree.build_tree` (the same code the
+        server uses, so both agree on every digest), which looks the stored files up
+        instead of reading them again.  (One thread: on a 2-core machine, threads only
+        added GIL hand-offs; the cost is the file system's inode allocation.)
         """
         path = Path(path)
         if not path.is_dir():
             raise InvalidArgument(f"{path} is not a directory")
         with self.adding():
-            stored = self._store_files(_regular_files(str(path)), link)
+            stored = {f: self.add_file(f, link=link) for f in _regular_files(str(path))}
 
             def hasher(file: Path, function: DigestFunction) -> Digest:
                 digest = stored.get(str(file))
@@ -293,17 +288,6 @@ class LocalCache:
             if ref is not None:
                 self.set_ref(ref, build.root)
         return build.root
-
-    def _store_files(self, files: list[str], link: bool) -> dict[str, Digest]:
-        if len(files) < _PARALLEL_MIN:
-            return {f: self.add_file(f, link=link) for f in files}
-        with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="casbah-commit") as pool:
-            chunks = [files[i : i + 32] for i in range(0, len(files), 32)]
-            results = pool.map(lambda chunk: [self.add_file(f, link=link) for f in chunk], chunks)
-            stored: dict[str, Digest] = {}
-            for chunk, digests in zip(chunks, results, strict=True):
-                stored.update(zip(chunk, digests, strict=True))
-        return stored
 
     # -- refs ----------------------------------------------------------------------
 
@@ -423,13 +407,7 @@ class LocalCache:
             if not copy:
                 for hash_hex, size in {(h, size) for h, _, size, x in files if x and size}:
                     self._executable_twin(Digest(hash_hex, size))
-            if len(files) < _PARALLEL_MIN:
-                self._place_all(files, copy)
-            else:
-                with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="casbah-checkout") as pool:
-                    chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
-                    for _ in pool.map(lambda chunk: self._place_all(chunk, copy), chunks):
-                        pass
+            self._place_all(files, copy)
             for target, path in links:
                 os.symlink(target, path)
         return len(files)

@@ -42,7 +42,7 @@ from casbah.client.remote import RemoteClient
 from casbah.client.sources import Source, SourceError, fetch_native
 from casbah.client.sync import pull, push
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, CasbahError, InvalidArgument, NotFound
+from casbah.errors import BlobNotFound, CasbahError, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,21 @@ class RemotePolicy:
     client: RemoteClient
     fetch: str = "fallback"
     push: str = "off"
+    #: Set when the remote stayed UNAVAILABLE through the client's retries: the rest of the
+    #: run skips it, so a thousand-source fetch-all does not wait out the retries a
+    #: thousand times when the cache is down.
+    unreachable: str | None = None
 
     def __post_init__(self) -> None:
         if self.fetch not in FETCH_POLICIES:
             raise InvalidArgument(f"asset-fetch must be one of {FETCH_POLICIES}, not {self.fetch!r}")
         if self.push not in PUSH_POLICIES:
             raise InvalidArgument(f"asset-push must be one of {PUSH_POLICIES}, not {self.push!r}")
+
+    def failed(self, exc: CasbahError) -> None:
+        if isinstance(exc, Unavailable) and self.unreachable is None:
+            self.unreachable = str(exc)
+            log.warning("%s is unreachable; skipping it for the rest of this run", self.client.spec.url)
 
 
 @dataclass
@@ -105,6 +114,10 @@ class SourceCache:
         problems: list[str] = []
         for remote in askers:
             url = remote.client.spec.url
+            if remote.unreachable is not None:
+                problems.append(f"{url}: unreachable ({remote.unreachable})")
+                self.summary.count("error")
+                continue
             try:
                 if source.is_blob:
                     blob = remote.client.fetch_blob(source.uris, qualifiers)
@@ -117,6 +130,7 @@ class SourceCache:
                         self._check_tree(source, root)
             except CasbahError as exc:
                 log.warning("source %s: asset fetch from %s failed: %s", source.uris[0], url, exc)
+                remote.failed(exc)
                 problems.append(f"{url}: {exc}")
                 self.summary.count("error")
                 continue
@@ -171,7 +185,9 @@ class SourceCache:
         with tempfile.TemporaryDirectory(prefix="casbah-src-") as tmp:
             try:
                 tree = fetch_native(source, Path(tmp))
-                root = self.cache.commit(tree)
+                # Scratch files are nobody's: link them into the cache instead of copying
+                # (a `local` tree is the user's own and is copied).
+                root = self.cache.commit(tree, link=source.kind != "local")
             except CasbahError:
                 self.summary.count("failed")
                 raise
@@ -183,6 +199,9 @@ class SourceCache:
     def _push(self, source: Source, root: Digest, tree: Path) -> None:
         for remote in self.remotes:
             if remote.push != "on" or not source.cacheable:
+                continue
+            if remote.unreachable is not None:
+                self.summary.count("error")
                 continue
             try:
                 client = remote.client
@@ -196,6 +215,7 @@ class SourceCache:
                     client.push_directory(source.uris, root, source.push_qualifiers())
             except CasbahError as exc:
                 log.warning("source %s: push to %s failed: %s", source.uris[0], remote.client.spec.url, exc)
+                remote.failed(exc)
                 self.summary.count("error")
                 continue
             log.info("source %s: pushed to %s", source.uris[0], remote.client.spec.url)

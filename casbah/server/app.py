@@ -26,7 +26,7 @@ from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
-from casbah.server.base import Instance, Instances
+from casbah.server.base import Instance, Instances, MalformedRequests
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
@@ -190,7 +190,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
 
     observability = Observability(instances, version=__version__)
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-                             interceptors=[observability.interceptor])
+                             interceptors=[MalformedRequests(), observability.interceptor])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)

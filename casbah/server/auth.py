@@ -109,8 +109,7 @@ class JwtVerifier:
             if header.get("alg") == "HS256" and self.secret:
                 key, algorithms = self.secret, ["HS256"]
             elif header.get("alg") == "RS256" and self.keys:
-                key = self.keys.get(header.get("kid", "")) or next(iter(self.keys.values()))
-                algorithms = ["RS256"]
+                key, algorithms = self._rsa_key(header.get("kid")), ["RS256"]
             else:
                 raise Unauthenticated(f"JWT algorithm {header.get('alg')!r} is not accepted")
             claims = jwt.decode(token, key, algorithms=algorithms, audience=self.audience, issuer=self.issuer,
@@ -125,18 +124,90 @@ class JwtVerifier:
         elif granted & {"read", "casbah:read"}:
             scopes = _SCOPES["read"]
         instances = claims.get(self.instances_claim)
+        if isinstance(instances, str):
+            instances = [instances]
         return Identity(f"jwt:{claims.get('sub', '?')}", scopes,
-                        frozenset(instances) if isinstance(instances, list) else None, authenticated=True)
+                        frozenset(map(str, instances)) if isinstance(instances, list) else None, authenticated=True)
+
+    def _rsa_key(self, kid: str | None) -> Any:
+        """The JWKS key a token names; a token without `kid` only when the set has one key."""
+        if kid is not None:
+            key = self.keys.get(kid)
+            if key is None:
+                raise Unauthenticated(f"JWT key id {kid!r} is not in the JWKS file")
+            return key
+        if len(self.keys) != 1:
+            raise Unauthenticated("JWT has no 'kid' header and the JWKS file holds several keys")
+        return next(iter(self.keys.values()))
+
+
+def digest_list(messages, limit: int = 64) -> str:
+    """`HASH/SIZE, …` of digest messages for an audit line; long batches end with `(+N more)`."""
+    shown = [f"{m.hash}/{m.size_bytes}" for m in messages[:limit]]
+    rest = len(messages) - len(shown)
+    return ", ".join(shown) + (f" (+{rest} more)" if rest > 0 else "")
+
+
+def parse_subject(text: str) -> tuple[tuple[str, str], ...]:
+    """A distinguished name as a sorted tuple of (ATTRIBUTE, value), so that spellings agree.
+
+    gRPC reports a client certificate's subject in RFC 2253 form, most specific
+    attribute *last* in the certificate but *first* in the string
+    (`O=Example,CN=ci-writer`), while `openssl x509 -subject` prints
+    `CN = ci-writer, O = Example` or `/CN=ci-writer/O=Example`, depending on
+    version and flags.  Comparing attribute sets makes every one of these match.
+    """
+    text = text.strip()
+    if text.startswith("/"):  # OpenSSL's legacy one-line form
+        parts = [p for p in text.split("/") if p]
+    else:
+        parts, current, escaped = [], [], False
+        for char in text:
+            if escaped:
+                current.append(char)
+                escaped = False
+            elif char == "\\":
+                current.append(char)
+                escaped = True
+            elif char in ",+":  # RDN separator, or several attributes in one RDN
+                parts.append("".join(current))
+                current = []
+            else:
+                current.append(char)
+        parts.append("".join(current))
+    pairs = []
+    for part in parts:
+        attribute, sep, value = part.partition("=")
+        if not sep or not attribute.strip():
+            raise ValueError(f"{text!r} is not a distinguished name (want e.g. 'CN=ci-writer,O=Example')")
+        value = value.strip()
+        # Unescape RFC 2253 `\,` `\+` `\"` … (hex escapes `\2C` are rare in subjects: left as written).
+        value = "".join(c for i, c in enumerate(value) if c != "\\" or (i and value[i - 1] == "\\"))
+        pairs.append((attribute.strip().upper(), value))
+    return tuple(sorted(pairs))
+
+
+def _first(values) -> list[str]:
+    return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values or ()]
 
 
 class Authorizer:
     def __init__(self, config: AuthConfig) -> None:
         self.tokens = load_tokens(config.tokens) if config.tokens else {}
         self.jwt = JwtVerifier(config.jwt) if config.jwt else None
-        self.subjects = {
-            subject: Identity(f"mtls:{subject}", *_grant(spec, f"auth.mtls-subjects.{subject}"), authenticated=True)
-            for subject, spec in config.mtls_subjects.items()
-        }
+        #: mTLS subjects: keys with `=` are whole distinguished names, others a common name.
+        self.subjects: dict[tuple[tuple[str, str], ...], Identity] = {}
+        self.common_names: dict[str, Identity] = {}
+        for subject, spec in config.mtls_subjects.items():
+            where = f"auth.mtls-subjects.{subject}"
+            identity = Identity(f"mtls:{subject}", *_grant(spec, where), authenticated=True)
+            if "=" in subject:
+                try:
+                    self.subjects[parse_subject(subject)] = identity
+                except ValueError as exc:
+                    raise InvalidArgument(f"{where}: {exc}") from None
+            else:
+                self.common_names[subject.strip()] = identity
         configured = bool(config.tokens or config.jwt or config.mtls_subjects)
         anonymous = config.anonymous or ("none" if configured else "read-write")
         scopes = {"read-write": _SCOPES["write"], "read-only": _SCOPES["read"], "none": frozenset()}[anonymous]
@@ -150,51 +221,75 @@ class Authorizer:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 scheme, _, rest = str(value).partition(" ")
-                if scheme.lower() != "bearer" or not rest:
+                if scheme.lower() != "bearer" or not rest.strip():
                     raise Unauthenticated("the authorization header must be 'Bearer <token>'")
                 token = rest.strip()
                 break
         if token is not None:
+            hexdigest = hashlib.sha256(token.encode()).hexdigest()
+            identity = self.tokens.get(hexdigest)
+            if identity is not None:
+                return identity
             if self.jwt is not None and token.count(".") == 2:
                 return self.jwt.verify(token)
-            identity = self.tokens.get(hashlib.sha256(token.encode()).hexdigest())
-            if identity is None:
-                raise Unauthenticated("unknown bearer token")
-            return identity
-        if self.subjects:
+            # The hash names the token in the audit log without revealing it.
+            raise Unauthenticated(f"unknown bearer token (sha256:{hexdigest[:12]}…)")
+        if self.subjects or self.common_names:
             auth = context.auth_context() or {}
-            for field in ("x509_subject_name", "x509_common_name"):
-                for value in auth.get(field, ()):
-                    identity = self.subjects.get(value.decode() if isinstance(value, bytes) else value)
-                    if identity is not None:
-                        return identity
+            # grpc-core names the RFC 2253 subject `x509_subject` (older releases: `x509_subject_name`).
+            for subject in _first(auth.get("x509_subject")) + _first(auth.get("x509_subject_name")):
+                try:
+                    identity = self.subjects.get(parse_subject(subject))
+                except ValueError:
+                    continue
+                if identity is not None:
+                    return identity
+            for common_name in _first(auth.get("x509_common_name")):
+                identity = self.common_names.get(common_name)
+                if identity is not None:
+                    return identity
         return self.anonymous
 
-    def check(self, context, instance: str, write: bool, what: str, detail: str = "") -> Identity:
-        """Raise PERMISSION_DENIED / UNAUTHENTICATED unless the caller may do this."""
+    def check(self, context, instance: str, write: bool, what: str, detail: str = "",
+              action_cache: bool = False) -> Identity:
+        """Raise PERMISSION_DENIED / UNAUTHENTICATED unless the caller may do this.
+
+        `action_cache` marks an ActionCache write, which `action-cache-writers:
+        authenticated` reserves for authenticated identities.  Audit lines read
+        `DENIED|WRITE <what> on instance '<name>' [<digests>] by <who> (peer <address>)`.
+        """
+        target = f" {detail}" if detail else ""
         if self.open:
             if write:
-                audit.info("write by anonymous: %s on instance %r%s", what, instance, f" {detail}" if detail else "")
+                audit.info("WRITE %s on instance %r%s by anonymous (peer %s)", what, instance, target, _peer(context))
             return self.anonymous
         try:
             identity = self.identify(context)
         except Unauthenticated as exc:
-            audit.warning("denied %s on instance %r%s: %s", what, instance, f" {detail}" if detail else "", exc)
+            audit.warning("DENIED %s on instance %r%s by unauthenticated caller (peer %s): %s", what, instance,
+                          target, _peer(context), exc)
             raise
         scope = "write" if write else "read"
         if not identity.allows(scope, instance):
-            audit.warning("denied %s to %s on instance %r%s: no %s scope", what, identity.name, instance,
-                          f" {detail}" if detail else "", scope)
+            audit.warning("DENIED %s on instance %r%s by %s (peer %s): no %s scope", what, instance, target,
+                          identity.name, _peer(context), scope)
             if not identity.authenticated:
                 raise Unauthenticated(f"{what} on instance {instance!r} needs credentials with the {scope} scope")
             raise PermissionDenied(f"{identity.name} has no {scope} scope on instance {instance!r} ({what})")
+        if write and action_cache and self.authenticated_ac_writers and not identity.authenticated:
+            audit.warning("DENIED %s on instance %r%s by %s (peer %s): action-cache-writers is 'authenticated'",
+                          what, instance, target, identity.name, _peer(context))
+            raise PermissionDenied(
+                f"{what} needs an authenticated writer on this server (action-cache-writers: authenticated)"
+            )
         if write:
-            audit.info("write by %s: %s on instance %r%s", identity.name, what, instance,
-                       f" {detail}" if detail else "")
+            audit.info("WRITE %s on instance %r%s by %s (peer %s)", what, instance, target, identity.name,
+                       _peer(context))
         return identity
 
-    def check_action_cache_writer(self, identity: Identity, instance: str) -> None:
-        if self.authenticated_ac_writers and not identity.authenticated:
-            audit.warning("denied UpdateActionResult to %s on instance %r: action-cache-writers is authenticated",
-                          identity.name, instance)
-            raise PermissionDenied("UpdateActionResult needs an authenticated writer on this server")
+
+def _peer(context) -> str:
+    try:
+        return str(context.peer()) if context is not None else "?"
+    except Exception:  # a context without a peer (tests, closed calls): the line still gets written
+        return "?"

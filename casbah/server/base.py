@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from casbah.config import AuthConfig, LimitsConfig
 from casbah.digest import DigestFunction
@@ -72,9 +74,8 @@ class Instances:
         if service is not None and service not in instance.services:
             raise Unsupported(f"instance {name!r} does not serve the {service} service")
         if context is not None:
-            identity = self.authorizer.check(context, name, write, what or service or "call", detail)
-            if write and service == "action-cache":
-                self.authorizer.check_action_cache_writer(identity, name)
+            self.authorizer.check(context, name, write, what or service or "call", detail,
+                                  action_cache=service == "action-cache")
         return instance
 
     def __iter__(self):
@@ -124,7 +125,92 @@ def digest_function(value: int) -> DigestFunction:
     return DigestFunction.from_proto(value)
 
 
+class _Malformed:
+    """What a request that is not a valid message deserializes to (see `MalformedRequests`)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable) -> Callable:
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or whatever else garbage makes a parser raise
+            return _Malformed(exc)
+
+    return parse
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Answers a unary request that does not parse with INVALID_ARGUMENT.
+
+    grpc.aio deserializes the request of a unary call before any handler runs and
+    answers UNKNOWN (with a traceback in the log) when that fails: a client's bad
+    bytes would look like a server bug.  This interceptor swaps in a deserializer
+    that never raises and refuses the call itself.  It must be the outermost
+    interceptor, so no other sees the placeholder.  Messages of a client stream
+    are parsed inside the handler; `rpc` maps their DecodeError the same way.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _refuse_malformed(handler, method)
+        self._handlers[method] = (handler, wrapped)
+        return wrapped
+
+
+def _refuse_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    deserializer = _tolerant(handler.request_deserializer)
+
+    async def refuse(request: _Malformed, context) -> None:
+        log.debug("%s: request does not parse: %s", method, request.error)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{method}: the request is not a valid message: {request.error}")
+
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, handler.response_serializer)
+    inner = handler.unary_stream
+    if inspect.iscoroutinefunction(inner):  # a handler that writes with context.write()
+
+        async def unary_stream_writer(request, context):
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await inner(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream_writer, deserializer, handler.response_serializer)
+
+    async def unary_stream(request, context):
+        if isinstance(request, _Malformed):
+            await refuse(request, context)
+        async for response in inner(request, context):
+            yield response
+
+    return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, handler.response_serializer)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, DecodeError):  # a message of a client stream that does not parse
+        log.debug("%s: a request message does not parse: %s", method, exc)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: a request message does not parse: {exc}")
     if isinstance(exc, CasbahError):
         log.debug("%s: %s: %s", method, exc.code.name, exc)
         await context.abort(exc.code, str(exc))

@@ -14,6 +14,7 @@ from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import InvalidArgument, NotFound, status_code
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.server.auth import digest_list
 from casbah.server.base import Instances, rpc, rpc_stream
 from casbah.storage.base import Storage
 
@@ -84,10 +85,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc
     async def BatchUpdateBlobs(self, request, context):
-        detail = f"{len(request.requests)} blobs" + (
-            f", first {request.requests[0].digest.hash}/{request.requests[0].digest.size_bytes}"
-            if request.requests else ""
-        )
+        detail = digest_list([r.digest for r in request.requests])
         instance = self._instance(request.instance_name, context, "BatchUpdateBlobs", write=True, detail=detail)
         instance.check_writable("BatchUpdateBlobs")
         function = DigestFunction.from_proto(request.digest_function)

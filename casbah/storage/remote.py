@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import TypeVar
@@ -522,6 +523,12 @@ def remote_from_options(options: RemoteOptions, where: str = "remote") -> AsyncR
         spec.target()  # a malformed URL is a config error at startup, not at the first request
     except InvalidArgument as exc:
         raise ConfigError(f"{where}.url: {exc}") from None
+    for key, file in (("server-cert", spec.server_cert), ("client-key", spec.client_key),
+                      ("client-cert", spec.client_cert), ("token-file", spec.token_file)):
+        if file is not None and not os.access(file, os.R_OK):
+            raise ConfigError(f"{where}.{key}: cannot read {file}")
+    if (spec.client_key is None) != (spec.client_cert is None):
+        raise ConfigError(f"{where}: client-key and client-cert go together (mutual TLS)")
     policy = RetryPolicy(retries=options.retries, max_backoff=options.max_backoff,
                          request_timeout=options.request_timeout)
     return AsyncRemote(spec, policy, list(options.channel_options.items()))

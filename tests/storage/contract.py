@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import composed
+import scale_factories
 
 from casbah.storage.base import Storage
 from casbah.storage.disk import DiskStorage
@@ -79,6 +80,11 @@ FACTORIES.append(composed.size_routed_memory)
 FACTORIES.append(composed.sharded_3_memory)
 FACTORIES.append(composed.replicated_2_memory)
 FACTORIES.append(composed.existence_cache_memory)
+# The scale-out kinds, against real S3 (moto), Redis and PostgreSQL servers (scale_factories.py):
+FACTORIES.append(scale_factories.s3)
+FACTORIES.append(scale_factories.redis)
+FACTORIES.append(scale_factories.size_routed_redis_s3)
+FACTORIES.append(scale_factories.blob_index_s3)
 
 
 def _load(node: dict) -> Storage:

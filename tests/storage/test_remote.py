@@ -372,6 +372,8 @@ def test_tls_and_mutual_tls_upstreams(tmp_path: Path) -> None:
 
 
 def test_token_file_is_sent_as_a_bearer_header_on_every_call(tmp_path: Path) -> None:
+    """The token arrives on every kind of call (seen by a server interceptor), and
+    a rotated token file is read again."""
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
 
@@ -380,11 +382,84 @@ def test_token_file_is_sent_as_a_bearer_header_on_every_call(tmp_path: Path) -> 
         async with casbah_in_process(faults) as address:
             storage = remote(f"grpc://{address}", **{"token-file": str(token)})
             await _round_trip(storage)
+            methods = {m for m, _ in faults.calls}
+            assert {"GetCapabilities", "FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "Write",
+                    "Read"} <= methods
+            assert all(metadata.get("authorization") == "Bearer s3cret-token" for _, metadata in faults.calls), \
+                faults.calls
+            # A rotated token is picked up without a restart.
+            token.write_text("rotated-token\n")
+            os.utime(token, ns=(time.time_ns(), time.time_ns() + 10**9))
+            await storage.find_missing([blob(10)[0]])
+            assert faults.calls[-1][1].get("authorization") == "Bearer rotated-token"
             await storage.close()
-        methods = {m for m, _ in faults.calls}
-        assert {"GetCapabilities", "FindMissingBlobs", "BatchUpdateBlobs", "BatchReadBlobs", "Write",
-                "Read"} <= methods
-        assert all(metadata.get("authorization") == "Bearer s3cret-token" for _, metadata in faults.calls), \
-            faults.calls
 
     asyncio.run(body())
+
+
+def test_central_killed_during_uploads_through_an_edge(start_server, tmp_path: Path) -> None:
+    """Real failures, through a real edge (cache(disk, remote), 20 retries):
+
+    - the central server is SIGKILLed while a 48 MiB ByteStream upload streams through
+      the edge: the upload fails cleanly with UNAVAILABLE (a client stream cannot be
+      replayed; the client retries, as Bazel does) and no partial blob is visible
+      anywhere; the client's retry then succeeds;
+    - while the central server is down, a BatchUpdateBlobs and a one-message
+      ByteStream.Write through the edge wait in the edge's retries until it is back,
+      and succeed.
+    """
+    central = start_server()
+    fast = tmp_path / "edge-fast"
+    config = tmp_path / "edge.yaml"
+    config.write_text(f"""
+storages:
+  upstream: {{kind: remote, url: "{central.url}", retries: 20, max-backoff: 0.5}}
+instances:
+  "":
+    storage: {{kind: cache, fast: {{kind: disk, path: {fast}}}, slow: upstream}}
+""")
+    edge = start_server(["--config", str(config)])
+    digest, data = blob(48 * MiB)
+    resource = f"blobs/{digest.hash}/{digest.size}"
+
+    def requests(kill_at: int | None):
+        for i, pos in enumerate(range(0, len(data), MiB)):
+            if i == kill_at:
+                central.kill()
+            yield bs_pb2.WriteRequest(resource_name=f"uploads/{os.urandom(8).hex()}/{resource}" if i == 0 else "",
+                                      write_offset=pos, data=data[pos : pos + MiB],
+                                      finish_write=pos + MiB >= len(data))
+
+    with grpc.insecure_channel(edge.address, options=OPTIONS) as channel:
+        stub = bs_grpc.ByteStreamStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Write(requests(kill_at=16))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        central.start()
+        assert upstream_missing(central.address, [digest]) == [digest]
+        assert not list((fast / "objects").rglob(f"{digest.hash}*"))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Read(bs_pb2.ReadRequest(resource_name=resource)))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.Write(requests(kill_at=None)).committed_size == digest.size
+        assert upstream_read(central.address, digest) == data
+
+        # Small writes while the central server is down: retried until it is back.
+        central.kill()
+        restarter = threading.Timer(1.5, central.start)
+        restarter.start()
+        try:
+            small = [blob(n) for n in (10, 2000, 30_000)]
+            one_digest, one = blob(5000)
+            cas = re_grpc.ContentAddressableStorageStub(channel)
+            started = time.monotonic()
+            response = cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=x) for d, x in small]))
+            assert [r.status.code for r in response.responses] == [0, 0, 0]
+            assert time.monotonic() - started > 1  # it really waited for the central server
+            one_resource = f"uploads/{os.urandom(8).hex()}/blobs/{one_digest.hash}/{one_digest.size}"
+            assert stub.Write(iter([bs_pb2.WriteRequest(resource_name=one_resource, data=one,
+                                                        finish_write=True)])).committed_size == one_digest.size
+        finally:
+            restarter.join()
+        assert upstream_missing(central.address, [d for d, _ in small] + [one_digest]) == []

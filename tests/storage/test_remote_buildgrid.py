@@ -12,16 +12,13 @@ runs); without it this test skips, saying so.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from buildgrid import start_buildgrid
 
 from casbah.digest import Digest
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -29,80 +26,16 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 
-TOOLS = Path(os.environ.get("CASBAH_TOOLS_HOME") or Path.home() / ".cache" / "casbah-tools")
-BGD = TOOLS / "buildgrid" / "bin" / "bgd"
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(not BGD.exists(), reason=f"BuildGrid 0.9.1 is not installed at {BGD} "
-                                "(scripts/buildgrid-venv installs it; it needs Python 3.13)")
-
-#: The benchmark's BuildGrid setup (bench/targets.py): disk CAS, LRU ActionCache, no auth.
-CONFIG = """\
-server:
-  - !channel
-    address: "{address}"
-    insecure-mode: true
-authorization:
-  method: none
-storages:
-  - !disk-storage &main-storage
-    path: {cas_dir}
-caches:
-  - !lru-action-cache &main-action
-    storage: *main-storage
-    max-cached-refs: 10000
-    allow-updates: true
-    cache-failed-actions: true
-instances:
-  - name: ""
-    services:
-      - !cas
-        storage: *main-storage
-      - !bytestream
-        storage: *main-storage
-      - !action-cache
-        cache: *main-action
-thread-pool-size: 30
-maximum-concurrent-rpcs: 60
-"""
-
 
 @pytest.fixture
 def buildgrid(tmp_path: Path) -> Iterator[str]:
-    """`bgd server start` on a free loopback port; yields its address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    config = tmp_path / "buildgrid.yml"
-    config.write_text(CONFIG.format(address=address, cas_dir=tmp_path / "bg-cas"))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    log_path = tmp_path / "buildgrid.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(BGD), "server", "start", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=tmp_path, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(address) as channel:
-            stub = re_grpc.CapabilitiesStub(channel)
-            while True:
-                assert proc.poll() is None, f"BuildGrid exited:\n{log_path.read_text()[-3000:]}"
-                try:
-                    stub.GetCapabilities(re_pb2.GetCapabilitiesRequest(), timeout=1)
-                    break
-                except grpc.RpcError:
-                    assert time.monotonic() < deadline, f"BuildGrid did not start:\n{log_path.read_text()[-3000:]}"
-                    time.sleep(0.2)
-        yield address
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """BuildGrid (tests/buildgrid.py: the benchmark's config) on loopback; yields its address."""
+    with start_buildgrid(tmp_path / "buildgrid") as bg:  # skips, naming scripts/buildgrid-venv, if missing
+        yield bg.address
 
 
 def test_edge_in_front_of_buildgrid(buildgrid: str, start_server, tmp_path: Path) -> None:

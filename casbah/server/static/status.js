@@ -198,7 +198,7 @@ function storageNode(node) {
   const s = node.stats || {};
   const bits = [];
   if ("bytes" in s) bits.push(bytes(s.bytes) + (s.quota_bytes ? " of " + bytes(s.quota_bytes) : ""));
-  if ("objects" in s) bits.push(s.objects.toLocaleString("en-US") + " objects");
+  if ("objects" in s) bits.push(s.objects.toLocaleString("en-US") + (s.objects === 1 ? " object" : " objects"));
   if (s.evictions) bits.push(s.evictions.toLocaleString("en-US") + " evicted");
   const used = s.quota_bytes ? s.bytes / s.quota_bytes : null;
   return el("div", { class: "node", "data-node": node.node || "" },
