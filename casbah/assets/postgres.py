@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS casbah_assets (
     refs_dirs JSONB NOT NULL, pushed_at DOUBLE PRECISION NOT NULL, expire_at DOUBLE PRECISION,
     PRIMARY KEY (instance, key)
 );
+-- Tables made before push order was a sequence (ordered by pushed_at) get the column.
+ALTER TABLE casbah_assets ADD COLUMN IF NOT EXISTS seq BIGINT NOT NULL DEFAULT nextval('casbah_assets_seq');
 CREATE INDEX IF NOT EXISTS casbah_assets_seq_idx ON casbah_assets (instance, seq);
 CREATE TABLE IF NOT EXISTS casbah_asset_uris (instance TEXT NOT NULL, key TEXT NOT NULL, uri TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS casbah_asset_uris_uri ON casbah_asset_uris (instance, uri, key);

@@ -15,10 +15,12 @@ from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 
 
-def remote_options(fn):
+def remote_options(fn=None, *, required: bool = True):
     """The options every command that talks to a server takes."""
+    if fn is None:
+        return lambda f: remote_options(f, required=required)
     options = [
-        click.option("--remote", envvar="CASBAH_REMOTE", required=True, metavar="URL",
+        click.option("--remote", envvar="CASBAH_REMOTE", required=required, metavar="URL",
                      help="grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH (env CASBAH_REMOTE)."),
         click.option("--instance", default="", help="Remote instance name."),
         click.option("--server-cert", type=click.Path(exists=True), help="CA certificate for grpcs://."),

@@ -57,7 +57,7 @@ def source() -> None:
 
 @source.command(cls=CasbahCommand)
 @_source_options
-@remote_options
+@remote_options(required=False)
 @click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), default="fallback", show_default=True,
               help="off: always native; fallback: the asset cache, else native; only: the asset cache or fail.")
 @click.option("--asset-push", type=click.Choice(PUSH_POLICIES), default="off", show_default=True,
@@ -69,9 +69,16 @@ def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None,
     """Stage a source into DEST: from the asset cache or natively, as the policies say."""
     _logging()
     src = _source(kind, uris, ref, branch, sha256, with_git_dir, filename)
-    with RemoteClient(spec_from(kwargs)) as client:
-        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, asset_fetch, asset_push)])
+    local = LocalCache(Path(cache_dir).expanduser())
+    if not kwargs.get("remote"):
+        if asset_fetch != "off" or asset_push == "on":
+            raise click.UsageError("--remote (or CASBAH_REMOTE) is needed unless --asset-fetch off --asset-push off")
+        cache = SourceCache(local, [])
         root = cache.fetch(src, dest)
+    else:
+        with RemoteClient(spec_from(kwargs)) as client:
+            cache = SourceCache(local, [RemotePolicy(client, asset_fetch, asset_push)])
+            root = cache.fetch(src, dest)
     click.echo(f"{root} {dest}")
     click.echo(f"summary: {cache.summary.line()}", err=True)
 

@@ -372,8 +372,10 @@ class RemoteClient:
             response = self._call(self.fetch.FetchDirectory, request, "FetchDirectory")
         except NotFound:
             return None
-        if response.status.code != code_pb2.OK:
+        if response.status.code == code_pb2.NOT_FOUND:
             return None
+        if response.status.code != code_pb2.OK:  # e.g. PERMISSION_DENIED: say so, not "miss"
+            raise from_status(_status(response.status.code), f"{uris[0]}: {response.status.message}")
         d = response.root_directory_digest
         return Digest(d.hash, d.size_bytes, function)
 
@@ -387,8 +389,10 @@ class RemoteClient:
             response = self._call(self.fetch.FetchBlob, request, "FetchBlob")
         except NotFound:
             return None
-        if response.status.code != code_pb2.OK:
+        if response.status.code == code_pb2.NOT_FOUND:
             return None
+        if response.status.code != code_pb2.OK:  # e.g. PERMISSION_DENIED: say so, not "miss"
+            raise from_status(_status(response.status.code), f"{uris[0]}: {response.status.message}")
         d = response.blob_digest
         return Digest(d.hash, d.size_bytes, function)
 

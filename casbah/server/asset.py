@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 REQUEST_METADATA_KEY = "build.bazel.remote.execution.v2.requestmetadata-bin"
 #: Qualifiers an origin fetch knows how to honour; the index honours any qualifier.
-ORIGIN_QUALIFIERS = frozenset({"resource_type", "checksum.sri", "vcs.commit", "vcs.branch", "vcs.tag"})
+ORIGIN_QUALIFIERS = frozenset({"resource_type", "checksum.sri", "vcs.commit", "vcs.branch"})
+#: What an origin fetch verifies (and so may index): the content pins.  `vcs.branch`
+#: is accepted on a request but not indexed, since the fetch checks the commit, not
+#: which branch holds it; `resource_type` describes the content and is kept.
+ORIGIN_INDEXED = frozenset({"resource_type", "checksum.sri", "vcs.commit"})
 
 
 @dataclass
@@ -177,7 +181,8 @@ class FetchService(ra_grpc.FetchServicer):
                 log.warning("origin fetch of %s failed: %s", uri, exc)
                 last_error = exc
                 continue
-            record = AssetRecord(kind, tuple(uris), tuple(sorted(qualifiers.items())), digest, pushed_at=time.time())
+            verified = tuple(sorted((n, v) for n, v in qualifiers.items() if n in ORIGIN_INDEXED))
+            record = AssetRecord(kind, tuple(uris), verified, digest, pushed_at=time.time())
             await settings.index.put(record)
             return record, uri
         if last_error is not None:

@@ -97,7 +97,7 @@ class Origins:
         return self.http.root / self.ns / name
 
     def url(self, name: str) -> str:
-        return self.url(f"{self.ns}/{name}")
+        return self.http.url(f"{self.ns}/{name}")
 
     def git_url(self, name: str = "proj.git") -> str:
         return self.git.url(f"{self.ns}/{name}")
