@@ -83,6 +83,10 @@ class JsonFormatter(logging.Formatter):
     Keys with no value are left out rather than written empty.
     """
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": _iso_time(record.created),
@@ -90,6 +94,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         rpc = getattr(record, "rpc", "")
         if rpc:
             entry["rpc"] = rpc
@@ -109,7 +115,7 @@ def _iso_time(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
 
 
-def setup_logging(level: str, fmt: str = "text") -> None:
+def setup_logging(level: str, fmt: str = "text", worker: int | None = None) -> None:
     """Configure the root logger: one stderr handler with the request-context filter.
 
     Callable again (it replaces the handler) because the format may only be known
@@ -117,5 +123,6 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace("%(name)s", f"worker{worker} %(name)s")
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else logging.Formatter(text))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,7 +66,20 @@ class SqliteAssetIndex(AssetIndex):
         self._db = self._pool.submit(self._connect).result()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        """Open (and on first use create) the index; several processes may race here
+        (`serve --workers N`), and SQLite answers a racing journal-mode switch or schema
+        creation with "database is locked" without waiting: retry for a while."""
+        for attempt in range(100):
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    def _connect_once(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]

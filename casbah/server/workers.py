@@ -19,11 +19,11 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
 from casbah.config import ServerConfig
+from casbah.logs import setup_logging
 from casbah.server.app import StartupError
 
 log = logging.getLogger("casbah.workers")
@@ -85,6 +85,9 @@ def check_ports_free(addresses: list[str]) -> None:
             continue
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
+        if port == "0":
+            raise StartupError(f"cannot listen on {address} with several workers: each would get a port of its own "
+                               "(give a fixed port)")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
@@ -101,9 +104,8 @@ def _child(config_data: dict, log_level: str, index: int) -> None:
     from casbah.server.app import serve
 
     os.environ[WORKERS_ENV] = "1"
-    logging.basicConfig(level=getattr(logging, log_level.upper()),
-                        format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s", stream=sys.stderr)
     config = ServerConfig.model_validate(config_data)
+    setup_logging(log_level, config.log_format, worker=index)
     try:
         asyncio.run(serve(config, reuse_port=True, worker=index))
     except KeyboardInterrupt:
