@@ -24,7 +24,7 @@ from rich.markup import escape
 from bench.common import BenchError
 from bench.loadgen import LoadGenerator
 from bench.report import BUSY_CORES, Outcome, TargetReport, fmt, print_table, to_json, write_json
-from bench.scenarios import SCENARIOS, Context, run_scenario
+from bench.scenarios import CORE_SCENARIOS, SCENARIOS, Context, run_scenario
 from bench.targets import (
     CASBAH_VARIANTS,
     MANAGED,
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="bench",
         description="REAPI cache benchmark: casbah vs BuildGrid vs buildbox-casd (or any endpoint).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Scenarios: " + ", ".join(SCENARIOS),
+        epilog="Core scenarios: " + ", ".join(CORE_SCENARIOS) + ". Extras (run when named): "
+        + (", ".join(s for s in SCENARIOS if s not in CORE_SCENARIOS) or "none") + ".",
     )
     p.add_argument("--targets", default=None,
                    help=f"managed servers to start, comma-separated from {','.join([*MANAGED, *CASBAH_VARIANTS])} "
@@ -56,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a running REAPI server to measure (repeatable)")
     p.add_argument("--instance", action="append", default=[],
                    help="instance name for the endpoints: once for all, or once per --endpoint (default '')")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenarios (default: all)")
+    p.add_argument("--scenarios", default=",".join(CORE_SCENARIOS),
+                   help="comma-separated scenarios, or 'all' (default: the core suite, "
+                        f"{','.join(CORE_SCENARIOS)})")
     p.add_argument("--scale", type=float, default=1.0, help="multiply sizes and counts (e.g. 0.05 for a smoke run)")
     p.add_argument("--repeat", type=int, default=None,
                    help="runs of each scenario's timed phase, median reported (default 3; 2 for the long ones)")
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.scale <= 0:
         p.error("--scale must be positive")
+    if args.scenarios.strip() == "all":
+        args.scenarios = ",".join(SCENARIOS)
     unknown = [s for s in _split(args.scenarios) if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console.print(f"[bold]bench[/bold]: targets {', '.join(names)}; scenarios {', '.join(scenarios)}; "
                   f"scale {args.scale}; {os.cpu_count()} CPUs; results -> {json_path}")
+    started_at = time.time()
     loadgen = LoadGenerator()
     reports: list[TargetReport] = []
     try:
@@ -140,8 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         loadgen.close()
-        if not args.keep and args.work_dir is None:
-            shutil.rmtree(work_root, ignore_errors=True)
+        if not args.keep:
+            removing = time.monotonic()
+            if args.work_dir is None:
+                shutil.rmtree(work_root, ignore_errors=True)
+            else:  # only what this run created
+                for path in work_root.iterdir():
+                    if path.name.split("-")[0] in MANAGED and path.stat().st_mtime >= started_at:
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+            console.print(f"[dim]servers' data removed ({time.monotonic() - removing:.1f}s)[/dim]")
 
     console.print()
     print_table(console, reports, scenarios, baseline)
@@ -227,10 +240,10 @@ def _run_target(
         loadgen.reset()
         if target is not None and target.process is not None:
             stopping = time.monotonic()
-            stop_target(target, remove=not args.keep)
-            # Removing ~100k blob files takes a while on a busy disk: say where the time goes.
-            console.print(f"  [dim]{name} stopped{'' if args.keep else ', data removed'} "
-                          f"({time.monotonic() - stopping:.1f}s)[/dim]")
+            # Data is removed after the last target: deleting ~100k blob files takes tens of
+            # seconds of disk work on a busy machine, which must not overlap the next server.
+            stop_target(target, remove=False)
+            console.print(f"  [dim]{name} stopped ({time.monotonic() - stopping:.1f}s)[/dim]")
             if args.keep:
                 console.print(f"  kept {target.data_dir} (log {target.log_path})")
     return report

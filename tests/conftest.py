@@ -50,16 +50,23 @@ class ServerProcess:
         return self
 
     def wait_ready(self, timeout: float) -> None:
+        """Poll with plain TCP connects (cheap), then confirm once over gRPC."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"casbah exited with {self.proc.returncode}:\n{self.log()}")
             try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    pass
+            except OSError:
+                time.sleep(0.05)
+                continue
+            try:
                 with grpc.insecure_channel(self.address) as channel:
-                    grpc.channel_ready_future(channel).result(timeout=0.5)
+                    grpc.channel_ready_future(channel).result(timeout=max(0.1, deadline - time.monotonic()))
                 return
             except grpc.FutureTimeoutError:
-                continue
+                break
         raise RuntimeError(f"casbah did not listen on {self.address}:\n{self.log()}")
 
     def log(self) -> str:

@@ -168,9 +168,17 @@ def push_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, **kwargs
 @publish_option
 @uri_option
 @click.argument("ref")
-def pull_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, **kwargs) -> None:
+@click.option("--checkout", "dest", type=click.Path(file_okay=False), metavar="DIR",
+              help="Then check the tree out into DIR (as `casbah cache checkout`).")
+def pull_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, dest: str | None, **kwargs) -> None:
     """Download REF (a ref name or HASH/SIZE): only what the local cache lacks."""
+    local = _cache(cache_dir)
+    if dest is not None and os.path.isdir(dest) and os.listdir(dest):
+        raise click.ClickException(f"checkout target {dest} is not empty")
     with RemoteClient(spec_from(kwargs)) as client:
-        summary = pull(_cache(cache_dir), client, ref, publish, uri_template, show_progress=sys.stderr.isatty())
+        summary = pull(local, client, ref, publish, uri_template, show_progress=sys.stderr.isatty())
     click.echo(summary.line("pulled"), err=True)
+    if dest is not None:
+        files = local.checkout(summary.root, dest)
+        click.echo(f"checked out {files} files into {dest}", err=True)
     click.echo(str(summary.root))

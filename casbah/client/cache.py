@@ -7,10 +7,11 @@ Layout (compatible in spirit with BuildStream's CASCache):
     tmp/                        writes in progress (same filesystem: links are atomic)
     lock                        flock: shared while adding objects, exclusive while pruning
 
-Safe for several processes at once: objects and refs appear atomically (an object
-is hard-linked into place from tmp/, so an existing object is never replaced and
-nobody sees a torn one), and prune holds the lock exclusively, so it never deletes
-an object that a concurrent commit or pull has written but not yet referenced.
+Safe for several processes at once: objects and refs appear atomically (renamed
+into place from tmp/, so nobody sees a torn one; an object is written only when
+absent, so an existing one is not rewritten), and prune holds the lock
+exclusively, so it never deletes an object that a concurrent commit or pull has
+written but not yet referenced.
 
 Checkouts hard-link objects (they are read-only, so a build cannot corrupt the
 cache through a checkout without first chmod-ing a file); executable files link
@@ -25,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 import shutil
 import stat
@@ -81,6 +83,8 @@ class LocalCache:
             d.mkdir(parents=True, exist_ok=True)
         self._objects = str(self.objects)
         self._tmp = str(self.tmp)
+        self._tmp_prefix = f"{self._tmp}/{os.getpid()}-{os.urandom(6).hex()}-"
+        self._tmp_counter = itertools.count()
         # All 256 fan-out directories up front: storing an object is then one link, no mkdir.
         if not os.path.isdir(f"{self._objects}/ff"):
             for i in range(256):
@@ -119,33 +123,32 @@ class LocalCache:
         return [d for d in digests if not self.has(d)]
 
     def _tmp_file(self) -> tuple[int, str]:
-        name = f"{self._tmp}/{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}"
-        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444), name
-
-    def _install(self, tmp: str, digest: Digest) -> bool:
-        """Link a verified temporary file into place; False if the object existed.
-
-        A link never replaces an existing object (its inode, mtime and any checkout
-        links stay as they are), and two processes storing the same blob both succeed.
-        """
+        """A new read-only file in tmp/ (named without a syscall: a pull creates thousands)."""
+        name = f"{self._tmp_prefix}{next(self._tmp_counter)}"
         try:
-            os.link(tmp, self._object(digest.hash))
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444), name
+        except FileExistsError:  # a forked child shares the prefix; start a new series
+            self._tmp_prefix = f"{self._tmp}/{os.getpid()}-{os.urandom(6).hex()}-"
+            return self._tmp_file()
 
-    def _write_object(self, digest: Digest, data: bytes | memoryview) -> bool:
+    def _install(self, tmp: str, digest: Digest) -> None:
+        """Move a verified temporary file into place (one atomic rename).
+
+        Callers check first that the object is absent, so an object is only ever
+        replaced when two writers race on the same blob, and then by identical bytes.
+        """
+        os.rename(tmp, self._object(digest.hash))
+
+    def _write_object(self, digest: Digest, data: bytes | memoryview) -> None:
         fd, tmp = self._tmp_file()
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            _write_all(fd, data)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            os.close(fd)
+            os.unlink(tmp)
             raise
-        return self._install(tmp, digest)
+        os.close(fd)
+        self._install(tmp, digest)
 
     def add_bytes(self, data: bytes) -> Digest:
         digest = Digest.of(data, _FN)
@@ -166,18 +169,18 @@ class LocalCache:
         size = 0
         fd, tmp = self._tmp_file()
         try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    if h is not None:
-                        h.update(chunk)
-                    size += len(chunk)
-                    f.write(chunk)
+            for chunk in chunks:
+                if h is not None:
+                    h.update(chunk)
+                size += len(chunk)
+                _write_all(fd, chunk)
             if size != digest.size or (h is not None and h.hexdigest() != digest.hash):
                 raise DigestMismatch(f"download of {digest} got {h.hexdigest() if h else '?'}/{size}")
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            os.close(fd)
+            os.unlink(tmp)
             raise
+        os.close(fd)
         if digest.size:
             self._install(tmp, digest)
         else:
@@ -234,17 +237,17 @@ class LocalCache:
         size = 0
         fd, tmp = self._tmp_file()
         try:
-            with os.fdopen(fd, "wb") as dst:
-                while chunk := src.read(_READ):
-                    h.update(chunk)
-                    size += len(chunk)
-                    dst.write(chunk)
+            while chunk := src.read(_READ):
+                h.update(chunk)
+                size += len(chunk)
+                _write_all(fd, chunk)
             if size != digest.size or h.hexdigest() != digest.hash:
                 raise InvalidArgument(f"{path} changed while being stored")
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            os.close(fd)
+            os.unlink(tmp)
             raise
+        os.close(fd)
         self._install(tmp, digest)
 
     def read_bytes(self, digest: Digest) -> bytes:
@@ -580,6 +583,12 @@ class LocalCache:
             if absent:
                 report.incomplete[name] = absent
         return report
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _regular_files(top: str) -> list[str]:

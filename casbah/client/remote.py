@@ -67,7 +67,7 @@ Progress = Callable[[int, int], None]  # (blobs, bytes) just completed
 
 
 class RemoteClient:
-    def __init__(self, spec: RemoteSpec, policy: RetryPolicy | None = None, parallelism: int = 8) -> None:
+    def __init__(self, spec: RemoteSpec, policy: RetryPolicy | None = None, parallelism: int = 4) -> None:
         self.spec = spec
         self.policy = policy or RetryPolicy()
         self.parallelism = parallelism

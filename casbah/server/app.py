@@ -101,6 +101,10 @@ def _check_keys(node: dict, allowed: set[str], where: str) -> None:
 def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> ActionCache:
     """A `remote` node forwards to the upstream's ActionCache; any other node is a
     storage node holding serialized ActionResults."""
+    if isinstance(node, str) and loader.named_kind(node) == "remote":
+        # A remote *storage* node as the ActionCache: forward to the upstream's
+        # ActionCache, never store ActionResults in its CAS under the action digest.
+        return RemoteActionCache(_remote(loader.named_node(node), f"storages.{node}"))
     if isinstance(node, dict) and node.get("kind") == "remote":
         return RemoteActionCache(_remote(node, where))
     if isinstance(node, dict) and node.get("kind") in ("redis", "postgres"):

@@ -52,6 +52,8 @@ class StorageLoader:
         self._named = named
         self._built: dict[str, Storage] = {}
         self._building: set[str] = set()
+        #: Every node built, named or inline, so the server can close them all.
+        self._every: list[Storage] = []
 
     def build(self, node: str | dict[str, Any], path: str) -> Storage:
         if isinstance(node, str):
@@ -67,7 +69,9 @@ class StorageLoader:
             raise ConfigError(format_validation_error(exc, path)) from None
         from casbah.storage.metrics import MetricsStorage
 
-        return MetricsStorage(kind.build(options, self, path), node_path=path)
+        node = MetricsStorage(kind.build(options, self, path), node_path=path)
+        self._every.append(node)
+        return node
 
     def _build_named(self, name: str, path: str) -> Storage:
         if name in self._built:
@@ -83,8 +87,16 @@ class StorageLoader:
         self._built[name] = storage
         return storage
 
+    def named_node(self, name: str) -> dict[str, Any]:
+        return self._named[name]
+
+    def named_kind(self, name: str) -> str | None:
+        node = self._named.get(name)
+        return node.get("kind") if isinstance(node, dict) else None
+
     def all(self) -> list[Storage]:
-        return list(self._built.values())
+        """Every node built, parents before children (closing is idempotent)."""
+        return list(reversed(self._every))
 
 
 def load_builtin_kinds() -> None:

@@ -31,6 +31,7 @@ class MetricsStorage(Storage):
         self.inner = inner
         self.kind = inner.kind
         self.node_path = node_path
+        self._closed = False
         labels = {"node": node_path}
         self._ok = {op: CALLS.labels(op=op, outcome="ok", **labels) for op in _OPS}
         self._err = {op: CALLS.labels(op=op, outcome="error", **labels) for op in _OPS}
@@ -138,7 +139,10 @@ class MetricsStorage(Storage):
         return await self.inner.stats()
 
     async def close(self) -> None:
-        await self.inner.close()
+        """Idempotent: a node shared by several decorators is closed by each of them."""
+        if not self._closed:
+            self._closed = True
+            await self.inner.close()
 
     def children(self) -> Iterable[Storage]:
         return self.inner.children()

@@ -50,12 +50,12 @@ OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 def edge_config(path: Path, central_url: str, fast_dir: Path) -> Path:
     path.write_text(f"""
 storages:
-  upstream: {{kind: remote, url: "{central_url}", retries: 20, max-backoff: 1}}
+  upstream: {{kind: remote, url: "{central_url}", retries: 30, max-backoff: 1}}
   fast: {{kind: disk, path: {fast_dir}, max-size: 2G}}
 instances:
   "":
     storage: {{kind: cache, fast: fast, slow: {{kind: existence-cache, backend: upstream}}}}
-    action-cache: {{kind: remote, url: "{central_url}", retries: 20, max-backoff: 1}}
+    action-cache: {{kind: remote, url: "{central_url}", retries: 30, max-backoff: 1}}
     asset-index: memory
 """)
     return path

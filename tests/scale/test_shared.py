@@ -309,6 +309,10 @@ def test_workers_refuse_a_port_in_use(tmp_path: Path, s3_server: S3Server, postg
     assert proc.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+    # Port 0 would give each worker a different port: refused too.
+    proc = _serve(["--config", str(CONFIGS["s3-postgres"]), "--workers", "2", "--listen", "127.0.0.1:0",
+                   "--data-dir", str(tmp_path / "d")], env=env)
+    assert proc.returncode != 0 and "give a fixed port" in proc.stderr, proc.stderr
 
 
 def test_workers_supervisor_restarts_a_dead_worker(example_servers, postgres_server: PostgresServer) -> None:

@@ -138,13 +138,14 @@ class Casbah:
 
     def start(self, timeout: float = 30.0) -> Casbah:
         with open(self.log_path, "ab") as log:
+            start = log.tell()  # a restart appends: only this run's lines count
             self.proc = subprocess.Popen([sys.executable, "-m", "casbah", "serve", *self.args], stdout=log,
                                          stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"casbah exited with {self.proc.returncode}:\n{self.log()}")
-            self.urls = re.findall(r"serving REAPI on (\S+) ", self.log())
+            self.urls = re.findall(r"serving REAPI on (\S+) ", self.log()[start:])
             if len(self.urls) >= self.listeners:
                 return self
             time.sleep(0.05)

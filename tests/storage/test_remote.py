@@ -228,7 +228,7 @@ def test_read_survives_a_real_upstream_restart(start_server, caplog: pytest.LogC
     caplog.set_level("INFO", logger="casbah.storage.remote")
 
     async def body() -> None:
-        storage = remote(upstream.url, compression="identity", retries=50, **{"max-backoff": 0.2})
+        storage = remote(upstream.url, compression="identity", retries=60, **{"max-backoff": 0.5})
         await storage.write(digest, pieces(data, MiB))
         stream = await storage.read(digest)
         got = [await anext(stream)]
@@ -398,7 +398,8 @@ def test_token_file_is_sent_as_a_bearer_header_on_every_call(tmp_path: Path) -> 
 
 
 def test_central_killed_during_uploads_through_an_edge(start_server, tmp_path: Path) -> None:
-    """Real failures, through a real edge (cache(disk, remote), 20 retries):
+    """Real failures, through a real edge (cache(disk, remote), 40 retries: ~20 s, room
+    for a slow restart on a busy machine):
 
     - the central server is SIGKILLed while a 48 MiB ByteStream upload streams through
       the edge: the upload fails cleanly with UNAVAILABLE (a client stream cannot be
@@ -413,7 +414,7 @@ def test_central_killed_during_uploads_through_an_edge(start_server, tmp_path: P
     config = tmp_path / "edge.yaml"
     config.write_text(f"""
 storages:
-  upstream: {{kind: remote, url: "{central.url}", retries: 20, max-backoff: 0.5}}
+  upstream: {{kind: remote, url: "{central.url}", retries: 40, max-backoff: 1}}
 instances:
   "":
     storage: {{kind: cache, fast: {{kind: disk, path: {fast}}}, slow: upstream}}
