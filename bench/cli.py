@@ -132,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
 
     console.print(f"[bold]bench[/bold]: targets {', '.join(names)}; scenarios {', '.join(scenarios)}; "
                   f"scale {args.scale}; {os.cpu_count()} CPUs; results -> {json_path}")
-    started_at = time.time()
+    created: list[Path] = []  # servers' data directories and logs, removed at the end
     loadgen = LoadGenerator()
     reports: list[TargetReport] = []
     try:
         for name in names:
             endpoint = next((e for e in endpoints if e.name == name), None)
-            report = _run_target(console, loadgen, name, endpoint, scenarios, args, seed, work_root)
+            report = _run_target(console, loadgen, name, endpoint, scenarios, args, seed, work_root, created)
             reports.append(report)
             write_json(json_path, to_json(reports, scenarios, baseline, arg_record))
     except KeyboardInterrupt:
@@ -151,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.work_dir is None:
                 shutil.rmtree(work_root, ignore_errors=True)
             else:  # only what this run created
-                for path in work_root.iterdir():
-                    if path.name.split("-")[0] in MANAGED and path.stat().st_mtime >= started_at:
-                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+                for path in created:
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
             console.print(f"[dim]servers' data removed ({time.monotonic() - removing:.1f}s)[/dim]")
 
     console.print()
@@ -186,6 +188,7 @@ def _run_target(
     args: argparse.Namespace,
     seed: int,
     work_root: Path,
+    created: list[Path],
 ) -> TargetReport:
     """Start (if managed) one target, run every scenario against it, stop it."""
     target: Target | None = endpoint
@@ -236,13 +239,20 @@ def _run_target(
     except BenchError as err:
         report.error = str(err)
         console.print(f"[bold red]{name}:[/bold red] {escape(str(err))}")
+    except KeyboardInterrupt:
+        loadgen.close()  # workers may be mid-phase: stop them rather than wait for them
+        raise
     finally:
-        loadgen.reset()
+        try:
+            loadgen.reset()
+        except BenchError:
+            loadgen.close()
         if target is not None and target.process is not None:
             stopping = time.monotonic()
             # Data is removed after the last target: deleting ~100k blob files takes tens of
             # seconds of disk work on a busy machine, which must not overlap the next server.
             stop_target(target, remove=False)
+            created.extend(p for p in (target.data_dir, target.log_path) if p is not None)
             console.print(f"  [dim]{name} stopped ({time.monotonic() - stopping:.1f}s)[/dim]")
             if args.keep:
                 console.print(f"  kept {target.data_dir} (log {target.log_path})")

@@ -14,7 +14,8 @@ included):
 | `casbah cas upload DIR` (hash + FindMissing + upload) | same |
 | `casbah cache pull DIGEST` (GetTree + download into the cache) | - |
 | `casbah cache checkout DIGEST OUT` (hard links) | - |
-| pull + checkout | `bgd cas download-dir DIGEST OUT` |
+| pull + checkout (two processes) | `bgd cas download-dir DIGEST OUT` |
+| `casbah cache pull DIGEST --checkout OUT` (one process) | same |
 | `casbah cas download DIGEST -o OUT` (straight to files) | same |
 
 Each side uploads its own copy of the tree (same shape and sizes, different bytes):
@@ -23,8 +24,10 @@ re-uploading present blobs would measure FindMissingBlobs, not the upload path.
 Repeats alternate which client goes first, so a drifting machine load favours neither.
 Every download is checked: the tree written must hash back to the root digest.
 
-Ratios (> 1 means casbah is faster): push = upload-dir / push, pull = download-dir /
-(pull + checkout); also `cas upload` and `cas download` against the same bgd figures.
+Ratios (> 1 means casbah is faster): push = upload-dir / push, pull = download-dir / pull,
+and the stricter ones that include what bgd does and casbah splits off: upload-dir /
+(commit + push), download-dir / (pull + checkout), download-dir / `pull --checkout`; also
+`cas upload` and `cas download`, which like bgd work without a local cache.
 """
 
 from __future__ import annotations
@@ -191,7 +194,7 @@ def client_tree(ctx: Context) -> ScenarioResult:
     mb = tree_bytes / 1e6
     metrics: list = []
     for name in ("commit", "push", "commit + push", "cas upload", "bgd upload-dir", "pull", "checkout",
-                 "pull + checkout", "cas download", "bgd download-dir"):
+                 "pull + checkout", "pull --checkout", "cas download", "bgd download-dir"):
         walls = figures[name]
         metrics.append(Metric(name, "files/s", [nfiles / w for w in walls]))
         metrics.append(Metric(name, "MB/s", [mb / w for w in walls]))
@@ -203,8 +206,9 @@ def client_tree(ctx: Context) -> ScenarioResult:
         ("push vs bgd upload-dir", "push", "bgd upload-dir"),
         ("commit+push vs bgd upload-dir", "commit + push", "bgd upload-dir"),
         ("cas upload vs bgd upload-dir", "cas upload", "bgd upload-dir"),
-        ("pull+checkout vs bgd download-dir", "pull + checkout", "bgd download-dir"),
         ("pull vs bgd download-dir", "pull", "bgd download-dir"),
+        ("pull --checkout vs bgd download-dir", "pull --checkout", "bgd download-dir"),
+        ("pull+checkout vs bgd download-dir", "pull + checkout", "bgd download-dir"),
         ("cas download vs bgd download-dir", "cas download", "bgd download-dir"),
     ):
         metrics.append(Metric(label, "x", ratios(ours, theirs)))
@@ -253,6 +257,7 @@ def _one_repeat(ctx: Context, clients: Clients, remote: list[str], base: Path, r
 
     pulled = base / "casbah" / "pulled-cache"
     checkout = base / "casbah" / "checkout"
+    checkout2 = base / "casbah" / "checkout2"
     direct = base / "casbah" / "direct"
     bgd_out = base / "bgd" / "download"
 
@@ -262,6 +267,11 @@ def _one_repeat(ctx: Context, clients: Clients, remote: list[str], base: Path, r
         note("checkout", clients.casbah("cache", "checkout", "--cache-dir", str(pulled), roots["casbah_push"],
                                         str(checkout), what="casbah cache checkout"))
 
+    def casbah_pull_checkout() -> None:
+        note("pull --checkout", clients.casbah("cache", "pull", "--cache-dir", str(base / "casbah" / "cache2"),
+                                               *remote, roots["casbah_push"], "--checkout", str(checkout2),
+                                               what="casbah cache pull --checkout"))
+
     def bgd_pull() -> None:
         note("bgd download-dir", clients.bgd_cas("download-dir", roots["bgd_push"], str(bgd_out),
                                                  what="bgd cas download-dir"))
@@ -270,9 +280,11 @@ def _one_repeat(ctx: Context, clients: Clients, remote: list[str], base: Path, r
         note("cas download", clients.casbah("cas", "download", *remote, roots["cas_upload"], "-o", str(direct),
                                             what="casbah cas download"))
 
-    for fn in [casbah_pull, bgd_pull, cas_download] if r % 2 == 0 else [bgd_pull, cas_download, casbah_pull]:
+    steps = [casbah_pull, bgd_pull, cas_download, casbah_pull_checkout]
+    for fn in steps if r % 2 == 0 else steps[::-1]:
         fn()
     _check_tree(checkout, roots["casbah_push"], "casbah cache pull + checkout")
+    _check_tree(checkout2, roots["casbah_push"], "casbah cache pull --checkout")
     _check_tree(direct, roots["cas_upload"], "casbah cas download")
     _check_tree(bgd_out, roots["bgd_push"], "bgd cas download-dir")
     return tree_bytes

@@ -146,6 +146,7 @@ def _worker_main(index: int, inbox: multiprocessing.queues.Queue, outbox: multip
         try:
             if command == "stop":
                 ctx.reset()
+                outbox.cancel_join_thread()  # exit even if the parent no longer reads
                 return
             if command == "reset":
                 ctx.reset()
@@ -198,8 +199,9 @@ class LoadGenerator:
             proc.start()
             self._workers.append((proc, inbox))
 
-    def _collect(self, count: int, expect: str, timeout: float) -> dict[int, Any]:
-        """Wait for `count` replies of kind `expect`; raise on the first failure."""
+    def _collect(self, count: int, expect: str, timeout: float, skip_stale: bool = False) -> dict[int, Any]:
+        """Wait for `count` replies of kind `expect`; raise on the first failure (or, with
+        `skip_stale`, ignore replies left over from an abandoned phase)."""
         replies: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
         while len(replies) < count:
@@ -214,6 +216,8 @@ class LoadGenerator:
                 if dead:
                     self.close()
                     raise BenchError(f"load generator: worker(s) died: {', '.join(dead)}") from None
+                continue
+            if skip_stale and kind != expect:
                 continue
             if kind in ("error", "verify"):
                 # Let the other workers finish so the pool stays usable for the next phase.
@@ -266,19 +270,23 @@ class LoadGenerator:
         for _, inbox in self._workers:
             inbox.put(("reset", None))
         try:
-            self._collect(len(self._workers), "reset", 60.0)
+            self._collect(len(self._workers), "reset", 60.0, skip_stale=True)
         except BenchError:
             self.close()
 
     def close(self) -> None:
+        """Stop every worker: politely, then, after 3 s in all (a worker may be mid-job, or
+        blocked writing results nobody will read), by SIGKILL."""
         for proc, inbox in self._workers:
             if proc.is_alive():
                 try:
                     inbox.put(("stop", None))
                 except (OSError, ValueError):
                     pass
+        deadline = time.monotonic() + 3.0
         for proc, _ in self._workers:
-            proc.join(timeout=5)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc, _ in self._workers:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)

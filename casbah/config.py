@@ -81,6 +81,8 @@ class InstanceConfig(_Model):
     #: Report an ActionCache entry as missing when its outputs are gone from CAS.
     check_action_results: bool = Field(default=True, alias="check-action-results")
     read_only: bool = Field(default=False, alias="read-only")
+    #: Overrides `auth.anonymous` for this instance (e.g. a public read-only mirror).
+    anonymous: str | None = Field(default=None, pattern="^(read-write|read-only|none)$")
     #: Where Remote Asset and ReferenceStorage names live: `sqlite` (persistent, under
     #: data-dir/assets/), `memory`, or {kind: sqlite, path: FILE}.
     asset_index: str | dict[str, Any] = Field(default="sqlite", alias="asset-index")

@@ -51,7 +51,7 @@ def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...],
         raise click.BadParameter(f"unknown instance(s) {unknown}; the config has {served}", param_hint="--instance")
 
     async def main() -> int:
-        instances, loader = build_instances(config)
+        instances, loader = build_instances(config, maintenance=True)
         problems = 0
         seen: set[int] = set()
         try:

@@ -190,7 +190,12 @@ class RemoteClient:
                 if exc.code() not in TRANSIENT or attempt >= self.policy.retries:
                     raise from_status(exc.code(), f"upload of {digest}: {exc.details()}") from None
                 attempt += 1
-                offset = self._committed(resource)
+                committed = self._committed(resource)
+                if committed is None:  # the server forgot the upload: start a new one
+                    resource = (f"{_prefix(self.instance)}uploads/{uuid.uuid4()}/blobs/{_fn_path(digest)}"
+                                f"{digest.hash}/{digest.size}")
+                    committed = 0
+                offset = committed
                 log.info("upload of %s interrupted (%s); resuming at %d", digest, exc.code().name, offset)
                 self.policy_sleep(attempt)
         self.uploaded.add(1, digest.size)
@@ -202,13 +207,14 @@ class RemoteClient:
 
         time.sleep(self.policy.delay(attempt))
 
-    def _committed(self, resource: str) -> int:
+    def _committed(self, resource: str) -> int | None:
+        """Where to resume an interrupted upload; None when the server does not know it."""
         try:
             status = self.bytestream.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=resource),
                                                       metadata=self.metadata, timeout=self.policy.request_timeout)
             return status.committed_size
         except grpc.RpcError:
-            return 0
+            return None
 
     def _write_requests(self, resource: str, source: Source, offset: int, digest: Digest) -> Iterator:
         chunks = _chunks(source, offset)

@@ -59,9 +59,11 @@ class Server:
             await close()
 
 
-def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
+def build_instances(config: ServerConfig, maintenance: bool = False) -> tuple[Instances, StorageLoader]:
+    """`maintenance`: opened by an admin command beside a live server (disk storage then
+    leaves the server's in-progress uploads alone)."""
     load_builtin_kinds()
-    loader = StorageLoader(config.storages)
+    loader = StorageLoader(config.storages, maintenance=maintenance)
     instances: dict[str, Instance] = {}
     for name, inst in config.instances.items():
         where = f"instances.{name!r}"
@@ -73,7 +75,8 @@ def build_instances(config: ServerConfig) -> tuple[Instances, StorageLoader]:
             extras={"check_action_results": inst.check_action_results,
                     "asset": _asset_settings(config, name, inst, where)},
         )
-    authorizer = Authorizer(config.auth)
+    per_instance = {name: inst.anonymous for name, inst in config.instances.items() if inst.anonymous}
+    authorizer = Authorizer(config.auth, per_instance)
     return Instances(instances, config.max_batch_size, config.max_message_size, authorizer, config.limits), loader
 
 

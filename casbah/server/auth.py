@@ -1,9 +1,10 @@
 """Who is calling, and may they read or write this instance.
 
 Identities come from, in order: a bearer token (`authorization: Bearer …`) that is
-either a JWT (HS256 with a shared secret, RS256 with a JWKS file) or a static
-token listed by its SHA-256 in the tokens file; the client certificate's subject
-under mTLS; else the anonymous identity.  Each identity has scopes (`read`,
+either a static token listed by its SHA-256 in the tokens file or a JWT (HS256
+with a shared secret, RS256 with a JWKS file) — an unknown or invalid token is
+refused, never taken as anonymous; the client certificate's subject (or common
+name) under mTLS; else the anonymous identity.  Each identity has scopes (`read`,
 `write`; write implies read) and optionally a set of instances it is limited to.
 
 Every denied call and every write is written to the `casbah.audit` log: who,
@@ -27,6 +28,7 @@ from casbah.errors import InvalidArgument, PermissionDenied, Unauthenticated
 audit = logging.getLogger("casbah.audit")
 
 _SCOPES = {"read": frozenset({"read"}), "write": frozenset({"read", "write"})}
+_ANONYMOUS = {"read-write": _SCOPES["write"], "read-only": _SCOPES["read"], "none": frozenset()}
 
 
 @dataclass(frozen=True)
@@ -187,12 +189,12 @@ def parse_subject(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs))
 
 
-def _first(values) -> list[str]:
+def _texts(values) -> list[str]:
     return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values or ()]
 
 
 class Authorizer:
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, per_instance: dict[str, str] | None = None) -> None:
         self.tokens = load_tokens(config.tokens) if config.tokens else {}
         self.jwt = JwtVerifier(config.jwt) if config.jwt else None
         #: mTLS subjects: keys with `=` are whole distinguished names, others a common name.
@@ -210,11 +212,15 @@ class Authorizer:
                 self.common_names[subject.strip()] = identity
         configured = bool(config.tokens or config.jwt or config.mtls_subjects)
         anonymous = config.anonymous or ("none" if configured else "read-write")
-        scopes = {"read-write": _SCOPES["write"], "read-only": _SCOPES["read"], "none": frozenset()}[anonymous]
-        self.anonymous = Identity("anonymous", scopes)
+        self.anonymous = Identity("anonymous", _ANONYMOUS[anonymous])
+        #: Instances whose `anonymous` setting overrides the server-wide one.
+        self.anonymous_by_instance = {
+            name: Identity("anonymous", _ANONYMOUS[value]) for name, value in (per_instance or {}).items()
+        }
         self.authenticated_ac_writers = config.action_cache_writers == "authenticated"
         #: Nothing to check: skip the per-call work entirely.
-        self.open = not configured and anonymous == "read-write" and not self.authenticated_ac_writers
+        self.open = (not configured and anonymous == "read-write" and not self.authenticated_ac_writers
+                     and all(v == "read-write" for v in (per_instance or {}).values()))
 
     def identify(self, context) -> Identity:
         token = None
@@ -237,14 +243,14 @@ class Authorizer:
         if self.subjects or self.common_names:
             auth = context.auth_context() or {}
             # grpc-core names the RFC 2253 subject `x509_subject` (older releases: `x509_subject_name`).
-            for subject in _first(auth.get("x509_subject")) + _first(auth.get("x509_subject_name")):
+            for subject in _texts(auth.get("x509_subject")) + _texts(auth.get("x509_subject_name")):
                 try:
                     identity = self.subjects.get(parse_subject(subject))
                 except ValueError:
                     continue
                 if identity is not None:
                     return identity
-            for common_name in _first(auth.get("x509_common_name")):
+            for common_name in _texts(auth.get("x509_common_name")):
                 identity = self.common_names.get(common_name)
                 if identity is not None:
                     return identity
@@ -265,6 +271,8 @@ class Authorizer:
             return self.anonymous
         try:
             identity = self.identify(context)
+            if identity is self.anonymous:
+                identity = self.anonymous_by_instance.get(instance, identity)
         except Unauthenticated as exc:
             audit.warning("DENIED %s on instance %r%s by unauthenticated caller (peer %s): %s", what, instance,
                           target, _peer(context), exc)

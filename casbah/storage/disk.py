@@ -60,8 +60,11 @@ _HEX = frozenset("0123456789abcdef")
 class DiskStorage(Storage):
     kind = "disk"
 
-    def __init__(self, *, path: str | os.PathLike, max_bytes: int = 0, fsync: bool = False, **kwargs) -> None:
+    def __init__(self, *, path: str | os.PathLike, max_bytes: int = 0, fsync: bool = False,
+                 maintenance: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        #: Opened beside a live server (admin commands): leave its tmp/ alone.
+        self.maintenance = maintenance
         self.root = Path(path)
         self.max_bytes = max_bytes  # 0 = no quota
         self.fsync = fsync
@@ -96,7 +99,7 @@ class DiskStorage(Storage):
             (self._objects / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         orphans = 0
-        for entry in os.scandir(self._tmp):
+        for entry in () if self.maintenance else os.scandir(self._tmp):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
@@ -813,5 +816,5 @@ class DiskOptions(NodeOptions):
 def _build(options: DiskOptions, loader: object, path: str) -> DiskStorage:
     return DiskStorage(
         path=options.path, max_bytes=parse_size(options.max_size), fsync=options.fsync,
-        verify=options.verify, name=path,
+        verify=options.verify, name=path, maintenance=getattr(loader, "maintenance", False),
     )

@@ -48,8 +48,9 @@ def register(name: str, options: type[NodeOptions]) -> Callable:
 
 
 class StorageLoader:
-    def __init__(self, named: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, named: dict[str, dict[str, Any]], maintenance: bool = False) -> None:
         self._named = named
+        self.maintenance = maintenance
         self._built: dict[str, Storage] = {}
         self._building: set[str] = set()
         #: Every node built, named or inline, so the server can close them all.

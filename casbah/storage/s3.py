@@ -145,8 +145,21 @@ class S3Storage(Storage):
             body.close()
 
     async def read_bytes(self, digest: Digest) -> bytes:
-        stream = await self.read(digest)
-        return b"".join([c async for c in stream])
+        """A whole (small) blob in one thread hop: GET and body read together."""
+        if digest.size == 0:
+            return b"".join([c async for c in await self.read(digest)])
+
+        def get() -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(digest))["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+
+        try:
+            return await self._run(get)
+        except botocore.exceptions.ClientError:
+            raise BlobNotFound(digest, f"not in {self.describe()}") from None
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         async def one(d: Digest) -> tuple[Digest, bytes | None]:

@@ -17,7 +17,10 @@ import pytest
 from client_helpers import assert_same_tree, cli, object_files, small_tree, start_module_server
 
 from casbah.client.cache import LocalCache
+from casbah.client.channel import RemoteSpec
+from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +291,37 @@ def test_push_with_a_missing_local_object_names_it(tmp_path: Path, cache_dir: Pa
     result = cli("cache", "push", "--cache-dir", str(cache_dir), "--remote", server.url, "h", expect=1)
     assert str(digest) in result.stderr
     assert "fsck" in result.stderr
+
+
+def test_pull_with_checkout(tmp_path: Path, cache_dir: Path, server) -> None:
+    tree = small_tree(tmp_path / "tree", "pull-checkout")
+    root = commit(cache_dir, tree, "pc")
+    cli("cache", "push", "--cache-dir", str(cache_dir), "--remote", server.url, "pc")
+    other = tmp_path / "other"
+    dest = tmp_path / "dest"
+    result = cli("cache", "pull", "--cache-dir", str(other), "--remote", server.url, "pc", "--checkout", str(dest))
+    assert result.stdout.strip() == root
+    assert "checked out 4 files" in result.stderr
+    assert_same_tree(tree, dest, exact_modes=False)
+    # A non-empty target is refused before anything is downloaded.
+    third = tmp_path / "third"
+    refused = cli("cache", "pull", "--cache-dir", str(third), "--remote", server.url, "pc", "--checkout", str(dest),
+                  expect=1)
+    assert "not empty" in refused.stderr
+    assert not (third / "refs" / "pc").exists()
+
+
+def test_pull_of_a_tree_incomplete_on_the_server_fails(tmp_path: Path, cache_dir: Path, server) -> None:
+    """GetTree silently leaves out subtrees the server lacks: pull must notice, not name a partial tree."""
+    child = re_pb2.Directory(files=[re_pb2.FileNode(name="f", digest=Digest.of(b"f\n").to_proto())])
+    child_blob = child.SerializeToString(deterministic=True)
+    child_digest = Digest.of(child_blob)
+    root = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="sub", digest=child_digest.to_proto())])
+    root_blob = root.SerializeToString(deterministic=True)
+    root_digest = Digest.of(root_blob)
+    with RemoteClient(RemoteSpec(server.url)) as client:
+        client.upload({root_digest: root_blob})  # the child Directory is never uploaded
+    result = cli("cache", "pull", "--cache-dir", str(cache_dir), "--remote", server.url, str(root_digest),
+                 expect=1)
+    assert str(child_digest) in result.stderr
+    assert object_files(cache_dir) == {}  # nothing of the partial tree was stored

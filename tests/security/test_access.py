@@ -513,3 +513,23 @@ def test_outputs_missing_means_no_hit(launch, tmp_path: Path) -> None:
         assert ac.GetActionResult(re_pb2.GetActionResultRequest(action_digest=action), timeout=10) == result
     # With no auth configured every write is still audited, as anonymous.
     assert re.search(rf"WRITE UpdateActionResult on instance '' action {action.hash}/64 by anonymous", server.log())
+
+
+def test_anonymous_access_can_differ_per_instance(launch, tmp_path: Path) -> None:
+    """A token-protected server with one public, read-only instance: anonymous callers
+    may read `public` but neither write it nor touch the default instance."""
+    tokens = write_tokens_file(tmp_path / "tokens")
+    config = tmp_path / "casbah.yaml"
+    config.write_text(yaml.safe_dump({
+        "auth": {"tokens": str(tokens)},
+        "instances": {"": {}, "public": {"anonymous": "read-only"}},
+    }))
+    server = launch(["--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data"),
+                     "--config", str(config)])
+    with grpc.insecure_channel(server.address, options=OPTIONS) as ch:
+        none: tuple = ()
+        assert code_of(lambda: _find_missing(ch, "public", none)) == grpc.StatusCode.OK
+        assert code_of(lambda: _batch_update(ch, "public", none)) == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: _find_missing(ch, "", none)) == grpc.StatusCode.UNAUTHENTICATED
+        # A valid token still works on the public instance (its own scopes apply).
+        assert code_of(lambda: _find_missing(ch, "public", bearer(READ_TOKEN))) == grpc.StatusCode.OK
