@@ -198,9 +198,7 @@ class LocalCache:
         with open(path, "rb", buffering=0) as src:
             st = os.fstat(src.fileno())
             if st.st_size <= _SMALL:
-                data = src.read()
-                if len(data) < st.st_size or src.read(1):
-                    raise InvalidArgument(f"{path} changed size while being stored")
+                data = src.read()  # to EOF: the digest always names exactly the bytes stored
                 digest = Digest(hashlib.sha256(data).hexdigest(), len(data), _FN)
                 if digest.size and not os.path.exists(self._object(digest.hash)):
                     if not (link and self._link_in(path, st, digest)):
@@ -220,14 +218,14 @@ class LocalCache:
         if st.st_mode & 0o111:
             return False
         try:
-            os.chmod(path, stat.S_IMODE(st.st_mode) & 0o444)
             os.link(path, self._object(digest.hash))
         except FileExistsError:
             return True
         except OSError as exc:
             if exc.errno in _LINK_FALLBACK:
-                return False
+                return False  # nothing changed: the caller copies
             raise
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o444)  # the file and the object are one inode now
         return True
 
     def _copy_in(self, src, digest: Digest, path: str) -> None:

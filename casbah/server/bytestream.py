@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from casbah import compression
 from casbah.digest import is_empty_blob
-from casbah.errors import Aborted, InvalidArgument, NotFound, OutOfRange
+from casbah.errors import Aborted, DigestMismatch, InvalidArgument, NotFound, OutOfRange
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.base import Instances, next_message, rpc, rpc_stream
@@ -33,6 +33,8 @@ from casbah.storage.base import Storage
 log = logging.getLogger(__name__)
 
 SESSION_TTL = 60.0
+#: Blobs up to this size are gathered in memory and stored in one call, not streamed.
+SMALL_UPLOAD = 1024 * 1024
 _QUEUE_DEPTH = 8
 _END = None
 
@@ -41,15 +43,31 @@ class AlreadyStored(Exception):
     """Storage ended the write without the rest of the data: the blob is already there."""
 
 
+class _Gathering:
+    """A small upload being gathered in memory by one stream."""
+
+    __slots__ = ("parts", "received", "taken")
+
+    def __init__(self, parts: list[bytes], received: int) -> None:
+        self.parts = parts
+        self.received = received
+        self.taken = False  # handed to an UploadSession (a resume, or a broken stream)
+
+
 class UploadSession:
     """One in-progress upload: a queue feeding a running `Storage.write`."""
 
-    def __init__(self, key: tuple, resource: ResourceName, cas: Storage, sessions: dict) -> None:
+    def __init__(self, key: tuple, resource: ResourceName, cas: Storage, sessions: dict,
+                 preload: list[bytes] | None = None) -> None:
         self.key = key
         self.resource = resource
         self.committed = 0  # bytes accepted from the client (compressed bytes for compressed writes)
         self._sessions = sessions
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE_DEPTH)
+        # `preload`: what a small upload had gathered before its stream broke (bounded by SMALL_UPLOAD).
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE_DEPTH + len(preload or ()))
+        for part in preload or ():
+            self._queue.put_nowait(part)
+            self.committed += len(part)
         self._expiry: asyncio.TimerHandle | None = None
         #: The stream that owns the session (see the module docstring).
         self.owner: object | None = None
@@ -127,6 +145,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     def __init__(self, instances: Instances) -> None:
         self.instances = instances
         self.sessions: dict[tuple, UploadSession] = {}
+        #: Small uploads being gathered in memory (see `_small_write`).
+        self.gathering: dict[tuple, _Gathering] = {}
 
     @rpc_stream
     async def Read(self, request, context) -> AsyncIterator:
@@ -169,6 +189,12 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         digest = resource.digest
         key = (resource.instance, resource.upload_id, digest, resource.compressor)
         session = self.sessions.get(key)
+        gathering = self.gathering.get(key)
+        if session is None and gathering is not None and first.write_offset > 0 and not gathering.taken:
+            # A resume while the small upload's first stream is still open: take over its bytes.
+            gathering.taken = True
+            session = UploadSession(key, resource, instance.cas, self.sessions,
+                                    preload=[p for p in gathering.parts if p])
         if session is None:
             if is_empty_blob(digest) or await instance.cas.has(digest):
                 # Early return: the blob is there.  -1 for compressed writes (REAPI).
@@ -181,6 +207,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     data = compression.decompress(data, digest.size)
                 await instance.cas.write_bytes(digest, data)
                 return bs_pb2.WriteResponse(committed_size=len(first.data))
+            if digest.size <= SMALL_UPLOAD and not resource.compressor:
+                return await self._small_write(instance, resource, first, request_iterator, idle)
             session = UploadSession(key, resource, instance.cas, self.sessions)
         elif first.write_offset == 0 and not session.parked:
             # Another live stream is writing under this very name: a client that reuses
@@ -220,6 +248,62 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 session.close()
             raise
 
+    async def _small_write(self, instance, resource: ResourceName, first, requests, idle: float):
+        """A small blob in several messages (Bazel sends 16 KiB ones): gather it, store it
+        in one call.  At most SMALL_UPLOAD bytes are held, and no session, queue or task
+        is set up.  Resumes still work: a broken stream leaves its bytes as a parked
+        session, and a resume arriving while this stream is open takes them over."""
+        digest = resource.digest
+        parts = [first.data]
+        received = len(first.data)
+        key = (resource.instance, resource.upload_id, digest, resource.compressor)
+        progress = _Gathering(parts, received)  # what QueryWriteStatus reports while the stream is open
+        self.gathering[key] = progress
+        try:
+            return await self._gather(instance, resource, first, requests, idle, progress)
+        finally:
+            if self.gathering.get(key) is progress:
+                del self.gathering[key]
+
+    async def _gather(self, instance, resource: ResourceName, first, requests, idle: float,
+                      progress: _Gathering):
+        digest = resource.digest
+        parts = progress.parts
+        received = progress.received
+        request = first
+        while not request.finish_write:
+            try:
+                request = await next_message(requests, idle, f"ByteStream.Write {first.resource_name}")
+            except asyncio.CancelledError:
+                self._park_partial(instance, resource, progress)
+                raise
+            if progress.taken:
+                raise Aborted(f"upload {first.resource_name!r} was resumed on another stream")
+            if request is None:
+                self._park_partial(instance, resource, progress)
+                raise InvalidArgument(
+                    f"Write stream for {first.resource_name!r} ended before finish_write at {received} bytes"
+                )
+            if request.resource_name and request.resource_name != first.resource_name:
+                raise InvalidArgument("resource_name changed in the middle of a Write stream")
+            if request.write_offset != received:
+                raise InvalidArgument(f"write_offset {request.write_offset} does not follow the {received} bytes sent")
+            received += len(request.data)
+            if received > digest.size:
+                raise DigestMismatch(f"upload for {digest} has more than the {digest.size} bytes its digest names")
+            parts.append(request.data)
+            progress.received = received
+        await instance.cas.write_bytes(digest, b"".join(parts))
+        return bs_pb2.WriteResponse(committed_size=received)
+
+    def _park_partial(self, instance, resource: ResourceName, progress: _Gathering) -> None:
+        """The stream broke: keep what arrived as a parked session, so the client can ask
+        QueryWriteStatus and resume, exactly as for a large upload."""
+        key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
+        if not progress.taken and key not in self.sessions:
+            progress.taken = True
+            UploadSession(key, resource, instance.cas, self.sessions, preload=[p for p in progress.parts if p]).park()
+
     async def _accept(self, session: UploadSession, request) -> None:
         offset = request.write_offset
         if offset > session.committed:
@@ -237,6 +321,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         resource = parse_write(request.resource_name)
         instance = self.instances.get(resource.instance, "bytestream", context, what="QueryWriteStatus")
         key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
+        gathered = self.gathering.get(key)
+        if gathered is not None and not gathered.taken:
+            return bs_pb2.QueryWriteStatusResponse(committed_size=gathered.received, complete=False)
         session = self.sessions.get(key)
         if session is not None and not session.task.done():
             return bs_pb2.QueryWriteStatusResponse(committed_size=session.committed, complete=False)

@@ -147,22 +147,22 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         zstd = _ZSTD in request.acceptable_compressors
         stored = [d for d in digests if not is_empty_blob(d)]
         found = await cas.read_many(stored) if stored else {}
-        responses = []
-        not_found = status_pb2.Status(code=code_pb2.NOT_FOUND, message="blob not found")
-        for message, digest in zip(request.digests, digests, strict=True):
+        response = re_pb2.BatchReadBlobsResponse()
+        add = response.responses.add  # in place: no intermediate Response and Digest copies
+        for digest in digests:
             data = b"" if is_empty_blob(digest) else found.get(digest)
             if data is None:
-                responses.append(re_pb2.BatchReadBlobsResponse.Response(digest=message, status=not_found))
+                add(digest=re_pb2.Digest(hash=digest.hash, size_bytes=digest.size)).status.code = code_pb2.NOT_FOUND
                 continue
             compressor = _IDENTITY
             if zstd and len(data) >= 256:
                 packed = compression.compress(data)
                 if len(packed) < len(data):
                     data, compressor = packed, _ZSTD
-            responses.append(
-                re_pb2.BatchReadBlobsResponse.Response(digest=message, data=data, status=OK, compressor=compressor)
-            )
-        return re_pb2.BatchReadBlobsResponse(responses=responses)
+            entry = add(data=data, compressor=compressor)
+            entry.digest.hash = digest.hash
+            entry.digest.size_bytes = digest.size
+        return response
 
     @rpc_stream
     async def GetTree(self, request, context) -> AsyncIterator:

@@ -763,6 +763,9 @@ class _FileReader:
 
     A class rather than an async generator: an async generator that is never
     started never runs its `finally`, which would leak the file and the pin.
+
+    It reads one chunk ahead: while the event loop hands chunk N to gRPC, a thread
+    is already reading chunk N+1, so disk reads and network sends use both cores.
     """
 
     def __init__(self, storage: DiskStorage, digest: Digest, fd: int, offset: int, remaining: int) -> None:
@@ -771,16 +774,21 @@ class _FileReader:
         self._fd = fd
         self._offset = offset
         self._remaining = remaining
+        self._ahead: asyncio.Future | None = None
 
     def __aiter__(self) -> _FileReader:
         return self
+
+    def _read(self, want: int) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(None, _pread_all, self._fd, self._offset, want)
 
     async def __anext__(self) -> bytes:
         if self._remaining <= 0 or self._fd < 0:
             self._release()
             raise StopAsyncIteration
         want = min(CHUNK_SIZE, self._remaining)
-        chunk = await asyncio.to_thread(_pread_all, self._fd, self._offset, want)
+        pending, self._ahead = self._ahead, None
+        chunk = await (pending if pending is not None else self._read(want))
         if len(chunk) != want:
             self._release()
             if self._storage.verify:
@@ -791,16 +799,28 @@ class _FileReader:
         self._remaining -= want
         if self._remaining <= 0:
             self._release()
+        else:
+            self._ahead = self._read(min(CHUNK_SIZE, self._remaining))
         return chunk
 
     async def aclose(self) -> None:
         self._release()
 
     def _release(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-            self._storage._unpin(self._digest)
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead.done():
+            # A thread is still reading this fd: close it only when that read is over,
+            # or the number could be reused by another file under its feet.
+            ahead.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._close(fd)))
+        else:
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        os.close(fd)
+        self._storage._unpin(self._digest)
 
     def __del__(self) -> None:
         self._release()
