@@ -114,6 +114,9 @@ class Clients:
         self.bgd_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
 
     def _run(self, cmd: list[str], env: dict[str, str], what: str) -> Run:
+        # Flush what the previous step wrote (untimed): otherwise its write-back lands on
+        # whoever runs next, and the order of the steps would decide the figures.
+        os.sync()
         cpu0 = server_cpu_seconds(self.ctx.target)
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()

@@ -194,14 +194,16 @@ class FetchService(ra_grpc.FetchServicer):
         validate(request.uris, request.qualifiers)  # probes with empty requests get INVALID_ARGUMENT first
         self.instances.get(request.instance_name, "asset", context, what=f"Fetch{kind.value.capitalize()}",
                            detail=request.uris[0])
-        try:
-            record, uri = await self._lookup(instance, kind, request)
-            if record is None:
+        # An index (or CAS) that cannot answer is the server's problem, not the asset's:
+        # it stays an RPC error (UNAVAILABLE), which clients retry, never a "miss".
+        record, uri = await self._lookup(instance, kind, request)
+        if record is None:
+            try:
                 record, uri = await self._origin(instance, kind, request)
-        except InvalidArgument:
-            raise
-        except CasbahError as exc:
-            return self._miss(instance, context, kind, exc, request.uris[0])
+            except InvalidArgument:
+                raise
+            except CasbahError as exc:  # the origin failed: a problem with this asset
+                return self._miss(instance, context, kind, exc, request.uris[0])
         if record is None:
             miss = NotFound(f"no {kind.value} asset for {list(request.uris)} with the requested qualifiers")
             return self._miss(instance, context, kind, miss, request.uris[0])

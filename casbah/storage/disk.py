@@ -90,6 +90,8 @@ class DiskStorage(Storage):
         self._open()
         #: Several server processes share this directory (`serve --workers N`).
         self._journal = Journal(self.root / "journal", _parse_key) if os.environ.get("CASBAH_WORKERS") else None
+        if self._journal is not None:
+            self._journal.start(self._apply_journal)  # replay siblings' changes from the start, not after a write
 
     # -- startup -------------------------------------------------------------------
 
@@ -154,11 +156,32 @@ class DiskStorage(Storage):
                 touched[digest] = now
             else:
                 missing.append(digest)
+        if missing and self._journal is not None:
+            # A sibling worker may have stored some within the last journal interval:
+            # check their files, in one thread hop for the whole request.
+            sizes = await asyncio.to_thread(self._stat_many, missing)
+            still = []
+            for digest, size in zip(missing, sizes, strict=True):
+                if size is not None and (not self.verify or size == digest.size) and digest not in index:
+                    index[digest] = size
+                    self._used += size
+                elif size is None:
+                    still.append(digest)
+            missing = still
         self._schedule_touch()
         return missing
 
     async def has(self, digest: Digest) -> bool:
         return digest in self._index or self._discover(digest)
+
+    def _stat_many(self, digests: list[Digest]) -> list[int | None]:
+        sizes: list[int | None] = []
+        for digest in digests:
+            try:
+                sizes.append(os.stat(self._path(digest)).st_size)
+            except FileNotFoundError:
+                sizes.append(None)
+        return sizes
 
     def _discover(self, digest: Digest) -> bool:
         """With sibling workers, a blob may be on disk before its journal line is replayed."""

@@ -325,3 +325,13 @@ def test_pull_of_a_tree_incomplete_on_the_server_fails(tmp_path: Path, cache_dir
                  expect=1)
     assert str(child_digest) in result.stderr
     assert object_files(cache_dir) == {}  # nothing of the partial tree was stored
+
+
+def test_file_system_errors_are_one_clean_line(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "plain-file"
+    not_a_dir.write_text("")
+    tree = small_tree(tmp_path / "tree", "fs")
+    result = cli("cache", "commit", "--cache-dir", str(not_a_dir), str(tree), expect=1)
+    assert str(not_a_dir) in result.stderr
+    assert result.stderr.startswith("Error: ")
+    assert "Traceback" not in result.stderr
