@@ -17,8 +17,10 @@ def test_blobs_stored_by_one_worker_are_found_by_all(start_server) -> None:
     blobs = [os.urandom(1000 + i) for i in range(50)]
     digests = [re_pb2.Digest(hash=hashlib.sha256(b).hexdigest(), size_bytes=len(b)) for b in blobs]
     with grpc.insecure_channel(server.address) as ch:
-        response = re_grpc.ContentAddressableStorageStub(ch).BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
-            requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b) for d, b in zip(digests, blobs, strict=True)]))
+        requests = [re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b)
+                    for d, b in zip(digests, blobs, strict=True)]
+        response = re_grpc.ContentAddressableStorageStub(ch).BatchUpdateBlobs(
+            re_pb2.BatchUpdateBlobsRequest(requests=requests))
         assert all(r.status.code == 0 for r in response.responses)
     # Fresh connections land on either worker (SO_REUSEPORT); none may report the blobs
     # missing, immediately (file check) and after the journal has been replayed.
