@@ -28,40 +28,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.targets import BUILDGRID_CONFIG
+
 TOOLS_HOME = Path(os.environ.get("CASBAH_TOOLS_HOME") or Path.home() / ".cache" / "casbah-tools")
 BUILDGRID_VENV = TOOLS_HOME / "buildgrid"
 #: Written by scripts/buildgrid-venv only once the install succeeded.
 STAMP = BUILDGRID_VENV / ".casbah-buildgrid-stamp"
 BGD = BUILDGRID_VENV / "bin" / "bgd"
 
-CONFIG = """\
-server:
-  - !channel
-    address: "{address}"
-    insecure-mode: true
-authorization:
-  method: none
-storages:
-  - !disk-storage &main-storage
-    path: {cas_dir}
-caches:
-  - !lru-action-cache &main-action
-    storage: *main-storage
-    max-cached-refs: 10000
-    allow-updates: true
-    cache-failed-actions: true
-instances:
-  - name: ""
-    services:
-      - !cas
-        storage: *main-storage
-      - !bytestream
-        storage: *main-storage
-      - !action-cache
-        cache: *main-action
-thread-pool-size: 30
-maximum-concurrent-rpcs: 60
-"""
+#: The same BuildGrid setup the benchmarks measure (disk storage, CAS + ByteStream + AC, no auth).
+CONFIG = BUILDGRID_CONFIG
 
 
 def buildgrid_installed() -> bool:

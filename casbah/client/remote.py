@@ -79,6 +79,11 @@ class RemoteClient:
         self.fetch = ra_grpc.FetchStub(self.channel)
         self.push = ra_grpc.PushStub(self.channel)
         self.references = bst_grpc.ReferenceStorageStub(self.channel)
+        # BatchUpdateBlobs with the request already in wire form (see encode_batch_update).
+        self._batch_update_raw = self.channel.unary_unary(
+            "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
+            request_serializer=None, response_deserializer=re_pb2.BatchUpdateBlobsResponse.FromString,
+        )
         self._caps: re_pb2.CacheCapabilities | None = None
         self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="casbah-remote")
         self.uploaded = Transfer()
@@ -154,14 +159,15 @@ class RemoteClient:
 
     def _batch_upload(self, batch: list[tuple[Digest, Source]], progress: Progress | None) -> None:
         fn = batch[0][0].function
-        requests = []
+        blobs = []
         for digest, source in batch:
-            data = source if isinstance(source, bytes) else Path(source).read_bytes()
-            requests.append(re_pb2.BatchUpdateBlobsRequest.Request(
-                digest=re_pb2.Digest(hash=digest.hash, size_bytes=digest.size), data=data))
-        request = re_pb2.BatchUpdateBlobsRequest(instance_name=self.instance, requests=requests,
-                                                 digest_function=_fn(fn))
-        response = self._call(self.cas.BatchUpdateBlobs, request, "BatchUpdateBlobs")
+            if isinstance(source, bytes):
+                blobs.append((digest, source))
+            else:
+                with open(source, "rb", buffering=0) as f:
+                    blobs.append((digest, f.readall()))
+        request = encode_batch_update(self.instance, _fn(fn), blobs)
+        response = self._call(self._batch_update_raw, request, "BatchUpdateBlobs")
         if len(response.responses) != len(batch):
             raise from_status(grpc.StatusCode.INTERNAL, f"BatchUpdateBlobs on {self.spec.url} answered "
                               f"{len(response.responses)} of {len(batch)} blobs")
@@ -431,6 +437,41 @@ class RemoteClient:
             instance_name=self.instance, keys=keys, digest=re_pb2.Digest(hash=root.hash, size_bytes=root.size)
         )
         self._call(self.references.UpdateReference, request, "UpdateReference")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_batch_update(instance: str, digest_function: int, blobs: list[tuple[Digest, bytes]]) -> bytes:
+    """A `BatchUpdateBlobsRequest` in protobuf wire form, built with one join.
+
+    Building the message and serializing it copies every blob twice more (into the
+    message, then into the serialized bytes), and each fresh multi-MiB buffer costs
+    page faults: that was a third of the client's CPU in a push.  The encoding is
+    the canonical one (fields in number order, defaults omitted): instance_name = 1,
+    requests = 2 (Request: digest = 1 {hash = 1, size_bytes = 2}, data = 2),
+    digest_function = 5.
+    """
+    parts: list[bytes] = []
+    if instance:
+        name = instance.encode()
+        parts += (b"\x0a", _varint(len(name)), name)
+    for digest, data in blobs:
+        body = b"\x0a" + _varint(len(digest.hash)) + digest.hash.encode()
+        if digest.size:
+            body += b"\x10" + _varint(digest.size)
+        digest_field = b"\x0a" + _varint(len(body)) + body
+        data_field = (b"\x12" + _varint(len(data))) if data else b""
+        parts += (b"\x12", _varint(len(digest_field) + len(data_field) + len(data)), digest_field, data_field, data)
+    if digest_function:
+        parts += (b"\x28", _varint(digest_function))
+    return b"".join(parts)
 
 
 def _closed(root: Digest, directories: dict[Digest, bytes]) -> bool:
