@@ -20,13 +20,17 @@ from client_helpers import ROOT, assert_same_tree
 from casbah.client.cache import LocalCache
 
 COMMITTER = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, time
     from pathlib import Path
     from casbah.client.cache import LocalCache
 
     cache_dir, work, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     cache = LocalCache(cache_dir)
     expected = {}
+    deadline = time.monotonic() + 60
+    while not (work / "pruning").exists():  # start together, however slowly the pruner started
+        assert time.monotonic() < deadline, "the pruner never started"
+        time.sleep(0.01)
     for i in range(rounds):
         tree = work / f"t{i}"
         (tree / "sub").mkdir(parents=True)
@@ -57,6 +61,8 @@ PRUNER = textwrap.dedent("""
     while not (work / "done").exists() and time.monotonic() < deadline:
         removed += cache.prune().objects_removed
         prunes += 1
+        if prunes == 1:
+            (work / "pruning").write_text("")
     print(json.dumps({"prunes": prunes, "removed": removed}))
 """)
 
