@@ -376,36 +376,29 @@ class RemoteClient:
 
     def fetch_directory(self, uris: list[str], qualifiers: dict[str, str] | None = None,
                         function: DigestFunction = DigestFunction.SHA256) -> Digest | None:
-        request = ra_pb2.FetchDirectoryRequest(
-            instance_name=self.instance, uris=uris, digest_function=_fn(function),
-            qualifiers=[ra_pb2.Qualifier(name=n, value=v) for n, v in (qualifiers or {}).items()],
-        )
-        try:
-            response = self._call(self.fetch.FetchDirectory, request, "FetchDirectory")
-        except NotFound:
-            return None
-        if response.status.code == code_pb2.NOT_FOUND:
-            return None
-        if response.status.code != code_pb2.OK:  # e.g. PERMISSION_DENIED: say so, not "miss"
-            raise from_status(_status(response.status.code), f"{uris[0]}: {response.status.message}")
-        d = response.root_directory_digest
-        return Digest(d.hash, d.size_bytes, function)
+        return self._fetch(self.fetch.FetchDirectory, ra_pb2.FetchDirectoryRequest, "root_directory_digest",
+                           uris, qualifiers, function)
 
     def fetch_blob(self, uris: list[str], qualifiers: dict[str, str] | None = None,
                    function: DigestFunction = DigestFunction.SHA256) -> Digest | None:
-        request = ra_pb2.FetchBlobRequest(
+        return self._fetch(self.fetch.FetchBlob, ra_pb2.FetchBlobRequest, "blob_digest", uris, qualifiers, function)
+
+    def _fetch(self, method, request_cls: type, field: str, uris: list[str],
+               qualifiers: dict[str, str] | None, function: DigestFunction) -> Digest | None:
+        """A Remote Asset fetch: the digest, None on a miss (either way a server reports it)."""
+        request = request_cls(
             instance_name=self.instance, uris=uris, digest_function=_fn(function),
             qualifiers=[ra_pb2.Qualifier(name=n, value=v) for n, v in (qualifiers or {}).items()],
         )
         try:
-            response = self._call(self.fetch.FetchBlob, request, "FetchBlob")
+            response = self._call(method, request, request_cls.__name__.removesuffix("Request"))
         except NotFound:
             return None
         if response.status.code == code_pb2.NOT_FOUND:
             return None
         if response.status.code != code_pb2.OK:  # e.g. PERMISSION_DENIED: say so, not "miss"
             raise from_status(_status(response.status.code), f"{uris[0]}: {response.status.message}")
-        d = response.blob_digest
+        d = getattr(response, field)
         return Digest(d.hash, d.size_bytes, function)
 
     def push_directory(self, uris: list[str], root: Digest, qualifiers: dict[str, str] | None = None) -> None:
