@@ -270,7 +270,7 @@ class S3Storage(Storage):
 
     async def iterate(self) -> AsyncIterator[BlobInfo]:
         """Lists the bucket: for GC and scrubbing, never for requests."""
-        from casbah.storage.disk import _parse_key
+        from casbah.storage.disk_files import _parse_key
 
         token = None
         while True:
