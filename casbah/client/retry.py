@@ -32,6 +32,19 @@ T = TypeVar("T")
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 
 
+#: What grpc-core reports, as INTERNAL or UNKNOWN, when the connection under a call breaks
+#: (the peer was killed, a socket reset): a transport failure, not a server bug.
+_TRANSPORT_DETAILS = ("Internal error from Core", "Socket closed", "Connection reset", "Broken pipe",
+                      "Stream removed", "GOAWAY", "Connection refused")
+
+
+def transport_code(code: grpc.StatusCode, details: str) -> grpc.StatusCode:
+    """UNAVAILABLE for a call that failed because its connection broke, whatever code gRPC gave it."""
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(t in details for t in _TRANSPORT_DETAILS):
+        return grpc.StatusCode.UNAVAILABLE
+    return code
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     retries: int = 3
@@ -53,7 +66,8 @@ class RetryPolicy:
             code = getattr(exc, "code", None)
             details = getattr(exc, "details", None)
             if callable(code):
-                return code(), (details() if callable(details) else "") or ""
+                text = (details() if callable(details) else "") or ""
+                return transport_code(code(), text), text
             return grpc.StatusCode.UNKNOWN, str(exc)
         if isinstance(exc, CasbahError):
             return exc.code, str(exc)

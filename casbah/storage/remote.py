@@ -39,7 +39,7 @@ from pydantic import Field
 from casbah import compression
 from casbah.client.aio import AsyncRemote
 from casbah.client.channel import RemoteSpec
-from casbah.client.retry import RetryPolicy
+from casbah.client.retry import RetryPolicy, transport_code
 from casbah.config import ConfigError
 from casbah.digest import Digest, DigestFunction, is_empty_blob
 from casbah.errors import (
@@ -172,7 +172,7 @@ class RemoteStorage(Storage):
                     return
                 code, details = grpc.StatusCode.UNAVAILABLE, f"stream ended after {delivered} of {expected} bytes"
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details()
+                code, details = transport_code(exc.code(), exc.details() or ""), exc.details()
             except DeadlineExceeded as exc:
                 code, details = exc.code, str(exc)
             finally:
@@ -252,8 +252,8 @@ class RemoteStorage(Storage):
         try:
             await self._stream_write(digest, chunks)
         except grpc.RpcError as exc:
-            raise from_status(exc.code(), f"{self._what('write', digest)}: {exc.code().name}: {exc.details()}") \
-                from None
+            code = transport_code(exc.code(), exc.details() or "")
+            raise from_status(code, f"{self._what('write', digest)}: {code.name}: {exc.details()}") from None
 
     async def _stream_write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         """One ByteStream.Write.  Raises grpc.RpcError (for the caller to retry or
