@@ -139,16 +139,26 @@ class LocalCache:
         """
         os.rename(tmp, self._object(digest.hash))
 
-    def _write_object(self, digest: Digest, data: bytes | memoryview) -> None:
+    @contextlib.contextmanager
+    def _new_object(self, digest: Digest) -> Iterator[int]:
+        """A temporary file to write `digest`'s bytes into (the fd is yielded); installed as
+        the object when the block ends normally, removed if it raises."""
         fd, tmp = self._tmp_file()
         try:
-            _write_all(fd, data)
+            yield fd
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
-        self._install(tmp, digest)
+        if digest.size:
+            self._install(tmp, digest)
+        else:
+            os.unlink(tmp)
+
+    def _write_object(self, digest: Digest, data: bytes | memoryview) -> None:
+        with self._new_object(digest) as fd:
+            _write_all(fd, data)
 
     def add_bytes(self, data: bytes) -> Digest:
         digest = Digest.of(data, _FN)
@@ -167,8 +177,7 @@ class LocalCache:
         when the chunks come from a source that raises on a mismatch at the end)."""
         h = hashlib.sha256() if verify else None
         size = 0
-        fd, tmp = self._tmp_file()
-        try:
+        with self._new_object(digest) as fd:
             for chunk in chunks:
                 if h is not None:
                     h.update(chunk)
@@ -176,15 +185,6 @@ class LocalCache:
                 _write_all(fd, chunk)
             if size != digest.size or (h is not None and h.hexdigest() != digest.hash):
                 raise DigestMismatch(f"download of {digest} got {h.hexdigest() if h else '?'}/{size}")
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        if digest.size:
-            self._install(tmp, digest)
-        else:
-            os.unlink(tmp)
 
     def add_file(self, path: str | os.PathLike, link: bool = False) -> Digest:
         """Store a file and return its digest; an object that exists already is not written.
@@ -233,20 +233,13 @@ class LocalCache:
         hashed must not be stored under the old digest."""
         h = hashlib.sha256()
         size = 0
-        fd, tmp = self._tmp_file()
-        try:
+        with self._new_object(digest) as fd:
             while chunk := src.read(_READ):
                 h.update(chunk)
                 size += len(chunk)
                 _write_all(fd, chunk)
             if size != digest.size or h.hexdigest() != digest.hash:
                 raise InvalidArgument(f"{path} changed while being stored")
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        self._install(tmp, digest)
 
     def read_bytes(self, digest: Digest) -> bytes:
         if digest.size == 0:
