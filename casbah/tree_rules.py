@@ -1,0 +1,116 @@
+"""The REAPI's rules for names in a Directory, as pure functions (no I/O).
+
+A tree the server stores or serves is materialised by clients as files on disk;
+a name like `../../x` or `a/b` would write outside the place the client meant.
+The REAPI (`Directory` in remote_execution.proto) requires every child to be one
+path segment, unique within its Directory, with files, directories and symlinks
+each sorted by name (code point order, i.e. UTF-8 bytes).  `.` and `..` are
+segments no client can create as entries, and NUL cannot appear in a file name,
+so they are refused too.
+
+Canonical *serialization* (field order, no unknown fields) and node property order
+are not checked: they only change a digest, never where a client writes.  Symlink
+targets are not checked either: absolute and `..` targets are legal REAPI output;
+the client decides whether to materialise them.
+"""
+
+from __future__ import annotations
+
+from casbah.errors import FailedPrecondition, InvalidTree
+
+#: Hostile names are echoed in errors: cut to this many characters.
+_ECHO = 200
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one entry of a Directory, or None if it can."""
+    if not name:
+        return "empty name"
+    if name in (".", ".."):
+        return f"name {name!r} is not allowed"
+    if "/" in name:
+        return "name contains '/' (a child must be exactly one path segment)"
+    if "\0" in name:
+        return "name contains NUL"
+    return None
+
+
+def _utf8_key(name: str) -> bytes:
+    return name.encode("utf-8", "surrogatepass")
+
+
+def directory_problem(directory) -> tuple[str, str] | None:
+    """(entry name, reason) of the first rule `directory` breaks, or None.
+
+    Checks every FileNode, DirectoryNode and SymlinkNode name, that each of the
+    three lists is strictly sorted by UTF-8 bytes, and that no name repeats across
+    the lists.
+    """
+    seen: set[str] = set()
+    for kind, nodes in (("file", directory.files), ("directory", directory.directories),
+                        ("symlink", directory.symlinks)):
+        previous: bytes | None = None
+        for node in nodes:
+            name = node.name
+            if (reason := name_problem(name)) is not None:
+                return name, f"{kind} {reason}"
+            if name in seen:
+                return name, f"{kind} name is used twice in the directory"
+            seen.add(name)
+            key = _utf8_key(name)
+            if previous is not None and key < previous:
+                return name, f"{kind} entries are not sorted by name (the REAPI requires code point order)"
+            previous = key
+    return None
+
+
+def echo(text: str) -> str:
+    """`text` quoted for an error message, control characters escaped, bounded in length."""
+    shown = repr(text[:_ECHO])
+    return shown + ("…" if len(text) > _ECHO else "")
+
+
+def check_directory(directory, path: str, where: str) -> None:
+    """Raise InvalidTree naming the entry (its path in the tree) and `where` (the directory's digest)."""
+    problem = directory_problem(directory)
+    if problem is None:
+        return
+    name, reason = problem
+    raise InvalidTree(f"entry {echo(join(path, name))} in directory {where}: {reason}")
+
+
+def join(path: str, name: str) -> str:
+    """The path of entry `name` inside the directory at `path` ("" is the tree's root)."""
+    return f"{path}/{name}" if path else name
+
+
+def output_path_problem(path: str, allow_empty: bool = False) -> str | None:
+    """Why `path` cannot name an ActionResult output, or None.
+
+    The REAPI makes output paths relative (no leading slash), `/`-separated, with
+    no trailing slash; the empty path is allowed only for output directories (the
+    whole working directory).  `..` segments and NUL are refused: an output must
+    land inside the working directory.  `.` segments are left alone (harmless).
+    """
+    if not path:
+        return None if allow_empty else "empty path"
+    if "\0" in path:
+        return "path contains NUL"
+    if path.startswith("/"):
+        return "path is absolute (REAPI output paths are relative)"
+    segments = path.split("/")
+    if any(not s for s in segments):
+        return "path has an empty segment (a trailing or doubled '/')"
+    if ".." in segments:
+        return "path has a '..' segment"
+    return None
+
+
+def served(exc: InvalidTree) -> FailedPrecondition:
+    """The error for a stored tree that fails the rules when a client asks for it.
+
+    FAILED_PRECONDITION: the request is valid, the stored content is not in the
+    state the call needs (and retrying will not change that until someone stores
+    a valid tree).  Not DATA_LOSS: the blobs are intact, they hash to their digests.
+    """
+    return FailedPrecondition(f"stored tree fails the REAPI rules: {exc}")
