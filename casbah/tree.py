@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import InvalidArgument, InvalidTree
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from casbah.tree_rules import check_directory, echo, join
+from casbah.tree_rules import check_directory, directory_problem, echo, join
 
 _READ = 1024 * 1024
 
@@ -161,34 +161,33 @@ async def walk_levels(cas, roots: Iterable[tuple[Digest, str]]) -> AsyncIterator
 
 
 def check_tree_message(tree: re_pb2.Tree, tree_digest: Digest) -> None:
-    """Check every Directory of a REAPI `Tree` (an output directory), naming entries by path.
+    """Check every Directory of a REAPI `Tree` (an output directory), naming a bad entry by path.
 
-    Children are found by the digest of their canonical serialization (what
-    clients upload); a child no DirectoryNode reaches is still checked, named by
-    its position in `children`.
+    GetActionResult runs this on every hit, so the common case is one pass of the
+    pure rules; only when a child fails are children hashed to find its path
+    (by the digest of its canonical serialization, what clients upload).  A child
+    no DirectoryNode reaches is named by its position in `children`.
     """
-    by_digest = {Digest.of(c.SerializeToString(deterministic=True), tree_digest.function): i
-                 for i, c in enumerate(tree.children)}
-    where = f"root of Tree {tree_digest}"
-    check_directory(tree.root, "", where)
-    reached: set[int] = set()
+    check_directory(tree.root, "", f"root of Tree {tree_digest}")
+    bad = next((i for i, child in enumerate(tree.children) if directory_problem(child) is not None), None)
+    if bad is None:
+        return
+    function = tree_digest.function
+    by_digest = {Digest.of(c.SerializeToString(deterministic=True), function): i for i, c in enumerate(tree.children)}
+    reached: dict[int, str] = {}
     level = [(tree.root, "")]
-    while level:
+    while level and bad not in reached:
         next_level = []
         for directory, path in level:
             for node in directory.directories:
-                child = make_digest(node.digest.hash, node.digest.size_bytes, tree_digest.function)
-                index = by_digest.get(child)
-                if index is None or index in reached:
-                    continue
-                reached.add(index)
-                sub = join(path, node.name)
-                check_directory(tree.children[index], sub, f"{child} (children[{index}] of Tree {tree_digest})")
-                next_level.append((tree.children[index], sub))
+                index = by_digest.get(make_digest(node.digest.hash, node.digest.size_bytes, function))
+                if index is not None and index not in reached:
+                    reached[index] = join(path, node.name)
+                    next_level.append((tree.children[index], reached[index]))
         level = next_level
-    for index, child in enumerate(tree.children):
-        if index not in reached:
-            check_directory(child, f"<children[{index}]>", f"children[{index}] of Tree {tree_digest}")
+    child = Digest.of(tree.children[bad].SerializeToString(deterministic=True), function)
+    where = f"{child} (children[{bad}] of Tree {tree_digest})"
+    check_directory(tree.children[bad], reached.get(bad, f"<children[{bad}]>"), where)
 
 
 async def missing_in_tree(cas, root: Digest) -> list[Digest]:
