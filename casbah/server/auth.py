@@ -262,6 +262,12 @@ class Authorizer:
         self.open = (not configured and anonymous == "read-write" and not self.authenticated_ac_writers
                      and all(v == "read-write" for v in (per_instance or {}).values()))
 
+    def anonymous_for(self, instance: str) -> Identity:
+        """What a caller without credentials may do on this instance."""
+        if self.open:
+            return self.anonymous
+        return self.anonymous_by_instance.get(instance, self.anonymous)
+
     def identify(self, context) -> Identity:
         token = None
         for key, value in context.invocation_metadata() or ():
@@ -309,7 +315,7 @@ class Authorizer:
         try:
             identity = self.identify(context)
             if identity is self.anonymous:
-                identity = self.anonymous_by_instance.get(instance, identity)
+                identity = self.anonymous_for(instance)
         except Unauthenticated as exc:
             audit.warning("DENIED %s on instance %r%s by unauthenticated caller (peer %s): %s", what, instance,
                           target, _peer(context), exc)
