@@ -30,6 +30,7 @@ from casbah.server.base import Instance, Instances, MalformedRequests
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
+from casbah.server.exposure import warn_if_exposed
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
 from casbah.storage.action_cache import ActionCache, RemoteActionCache, StorageActionCache
@@ -288,6 +289,8 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
             "instance %r: storage %s, services %s%s", instance.name, instance.cas.describe(),
             ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
         )
+    if not worker:  # once, not once per worker
+        warn_if_exposed(config.listeners(), server.instances)
     who = "casbah" if worker is None else f"casbah worker {worker}"
     for address in server.ports:
         print(f"{who}: serving REAPI on {address} (instances: "
