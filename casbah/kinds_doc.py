@@ -45,6 +45,7 @@ class Family:
 
 
 def _storage_kinds() -> Mapping[str, Any]:
+    """The storage registry, every built-in backend imported (they register on import)."""
     from casbah.storage.loader import KINDS, load_builtin_kinds
 
     load_builtin_kinds()
@@ -132,6 +133,7 @@ def constraints(field: FieldInfo) -> list[str]:
 
 
 def default_text(field: FieldInfo) -> str:
+    """The default as a config author would write it (`required` when there is none)."""
     if field.is_required():
         return "required"
     value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
@@ -145,6 +147,7 @@ def default_text(field: FieldInfo) -> str:
 
 
 def notes(field: FieldInfo) -> list[str]:
+    """What the table says beyond type and default: enforced bounds, then the field's description."""
     return constraints(field) + ([field.description] if field.description else [])
 
 
@@ -184,6 +187,7 @@ def _anchor(kind: str) -> str:
 
 
 def markers(block: str) -> tuple[str, str]:
+    """The comment lines around a generated block (the begin line says how to regenerate)."""
     return (f"<!-- BEGIN GENERATED: {block} (python -m casbah.kinds_doc; do not edit) -->",
             f"<!-- END GENERATED: {block} -->")
 
@@ -208,6 +212,7 @@ def regenerate(root: Path = ROOT) -> dict[Path, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Rewrite stale blocks, or with `--check` only report them (exit 1)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale; write nothing")
     args = parser.parse_args(argv)

@@ -67,7 +67,9 @@ def _pages() -> list[Path]:
 
 def _fenced(text: str, languages: tuple[str, ...]) -> list[str]:
     """The contents of the fenced code blocks of `text` in one of `languages` ("" = no language)."""
-    blocks, current, language = [], [], None
+    blocks: list[str] = []
+    current: list[str] = []
+    language: str | None = None
     for line in text.splitlines():
         if line.startswith("```"):
             if language is None:
