@@ -13,11 +13,11 @@ import logging
 from google.protobuf.message import DecodeError
 
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import BlobNotFound, InvalidArgument, NotFound
+from casbah.errors import BlobNotFound, DataLoss, InvalidArgument, NotFound
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.base import Instance, Instances, rpc
-from casbah.storage.base import Storage
+from casbah.storage.base import Storage, read_many_partial
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ async def _walk_directories(cas: Storage, roots: list[Digest], function: DigestF
     level = [d for d in dict.fromkeys(roots) if not is_empty_blob(d)]
     seen = set(level)
     while level:
-        found = await cas.read_many(level)
+        found, _ = await read_many_partial(cas, level)  # a lost (corrupt) directory counts as absent
         absent = [d for d in level if d not in found]
         if absent:
             return absent
@@ -167,7 +167,7 @@ async def _inline(cas: Storage, result, request, function: DigestFunction) -> No
             return b""
         try:
             return await cas.read_bytes(d)
-        except BlobNotFound:
+        except (BlobNotFound, DataLoss):  # inlining is optional: the client reads it by digest
             return None
 
     if request.inline_stdout and not result.stdout_raw and (data := await fetch(result.stdout_digest)):
