@@ -70,6 +70,19 @@ class OriginFetchConfig(_Model):
 
     allow: list[str] = Field(min_length=1, description="regular expressions matched against the start of a URI")
     git: str = "git"
+    #: Largest download one fetch may make (a blob, or a git fetch and its checkout);
+    #: unset: 4G, or the instance store's quota when that is smaller.
+    max_size: int | str | None = Field(default=None, alias="max-size")
+
+    @field_validator("max_size")
+    @classmethod
+    def _size(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        size = parse_size(value)
+        if size <= 0:
+            raise ValueError("must be a positive size")
+        return size
 
 
 class InstanceConfig(_Model):

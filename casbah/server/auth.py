@@ -295,6 +295,16 @@ class Authorizer:
                        _peer(context))
         return identity
 
+    def audit_write(self, context, instance: str, what: str, detail: str) -> None:
+        """An audit line for a write the server makes on a caller's behalf after the call
+        was allowed (an origin fetch stores content a read-only caller asked for), in the
+        `WRITE …` format of `check`."""
+        try:
+            who = "anonymous" if self.open else self.identify(context).name
+        except Unauthenticated:
+            who = "unauthenticated caller"
+        audit.info("WRITE %s on instance %r %s by %s (peer %s)", what, instance, detail, who, _peer(context))
+
 
 def _peer(context) -> str:
     try:
