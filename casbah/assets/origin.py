@@ -203,6 +203,8 @@ class OriginFetcher:
                 await upload_tree(cas, build)
         except TimeoutError:
             raise DeadlineExceeded(f"{uri}: git fetch of {commit} exceeded its timeout") from None
+        except ResourceExhausted as exc:
+            raise ResourceExhausted(f"{uri}@{commit}: {exc}") from None
         finally:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
         log.info("origin fetch: %s@%s -> directory %s (%d files)", uri, commit, build.root, build.file_count)
@@ -256,9 +258,12 @@ class _Git:
         finally:
             if watcher is not None:
                 watcher.cancel()
-        if watcher is not None and not watcher.cancelled() and watcher.done() and watcher.result():
-            raise ResourceExhausted(f"git {args[2] if len(args) > 2 else ''}: more than the origin-fetch size cap "
-                                    f"of {self.max_size} bytes")
+        if watcher is not None and watch is not None:
+            killed = watcher.done() and not watcher.cancelled() and watcher.result()
+            # The watcher may not have polled yet (a fast fetch): measure once more at the end.
+            if killed or await asyncio.to_thread(_tree_size, watch) > self.max_size:
+                what = "checkout" if watch.name == "tree" else "fetch"
+                raise ResourceExhausted(f"git {what}: more than the origin-fetch size cap of {self.max_size} bytes")
         if proc.returncode != 0:
             raise Unavailable(f"git {' '.join(args[:3])}…: {err.decode(errors='replace').strip()[:500]}")
         return out.decode()
