@@ -66,6 +66,10 @@ def parse_sri(value: str) -> tuple[str, bytes]:
             expected = base64.b64decode(b64.split("?")[0], validate=True)
         except ValueError:
             raise InvalidArgument(f"checksum.sri {value!r}: invalid base64") from None
+        if len(expected) != SRI_ALGORITHMS[algo]().digest_size:
+            # No content can match it: a malformed request, not a miss to fetch for.
+            raise InvalidArgument(f"checksum.sri {value!r}: a {algo} hash is {SRI_ALGORITHMS[algo]().digest_size} "
+                                  f"bytes, not {len(expected)}")
         if best is None or list(SRI_ALGORITHMS).index(algo) > list(SRI_ALGORITHMS).index(best[0]):
             best = (algo, expected)
     if best is None:

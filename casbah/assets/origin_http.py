@@ -85,9 +85,9 @@ def download(opener: urllib.request.OpenerDirector, uri: str, path: Path, functi
     remaining = max(0.1, deadline - time.monotonic())
     try:
         with opener.open(uri, timeout=remaining) as response, open(path, "wb") as out:
-            announced = response.headers.get("Content-Length")
-            if announced is not None and announced.strip().isdigit() and int(announced) > max_size:
-                raise ResourceExhausted(f"{uri}: the origin announces {int(announced)} bytes, more than the "
+            announced = (response.headers.get("Content-Length") or "").strip()
+            if announced.isascii() and announced.isdigit() and int(announced) > max_size:
+                raise ResourceExhausted(f"{uri}: the origin announces {announced} bytes, more than the "
                                         f"origin-fetch size cap of {max_size} bytes")
             # read1: whatever has arrived, so a slow trickle still reaches the deadline check.
             while chunk := response.read1(CHUNK_SIZE):

@@ -284,6 +284,15 @@ def test_commit_with_trailing_characters_is_invalid(ch, repos, suffix: str) -> N
     assert "vcs.commit" in error.details()
 
 
+def test_sri_of_the_wrong_length_is_invalid_before_any_download(ch, allowed) -> None:
+    path = unique()
+    allowed.files[path] = b"data"
+    short = sri(b"data")[:-4] + "="  # a 31-byte "sha256"
+    error = rpc_error(lambda: fetch_blob(ch, [allowed.url(path)], [q("checksum.sri", short)]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert path not in allowed.requests
+
+
 def test_git_fetch_still_works(ch, repos) -> None:
     origin, _, _, _ = repos
     response = fetch_dir(ch, [origin.uri], [q("vcs.commit", origin.commit)])
