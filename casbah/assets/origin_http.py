@@ -53,10 +53,13 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         # urllib has already resolved a relative Location against the request URL.
         scheme = urllib.parse.urlsplit(newurl).scheme.lower()
         if scheme not in HTTP_SCHEMES:
-            raise RedirectRefused(f"{req.full_url}: redirect to {newurl!r} refused (only http and https are fetched)")
-        if not self.allowed(newurl):
-            raise RedirectRefused(f"{req.full_url}: redirect to {newurl!r} refused (not in the origin allow-list)")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+            reason = "only http and https are fetched"
+        elif not self.allowed(newurl):
+            reason = "not in the origin allow-list"
+        else:
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+        fp.close()  # the redirect's own body: nothing of it is read
+        raise RedirectRefused(f"{req.full_url}: redirect to {newurl!r} refused ({reason})")
 
 
 def make_opener(allowed: Callable[[str], bool]) -> urllib.request.OpenerDirector:
