@@ -275,7 +275,7 @@ class _Git:
     async def _watch(self, proc: asyncio.subprocess.Process, path: Path) -> bool:
         """Poll the size of `path`; True (after killing git) when it passes the cap."""
         while proc.returncode is None:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.5)
             if await asyncio.to_thread(_tree_size, path) > self.max_size:
                 proc.kill()
                 return True
