@@ -83,6 +83,15 @@ class Aborted(CasbahError):
     code = grpc.StatusCode.ABORTED
 
 
+class DataLoss(CasbahError):
+    """Bytes read from a store casbah does not control (an upstream, S3, Redis) do not
+    hash to (or are not the size of) the digest they were asked for.  Never served,
+    never cached: the copy is corrupt or the store lies, and the client may try again
+    (another replica, a later repair) but must not receive the bytes."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 class Unsupported(CasbahError):
     """The backend cannot do this operation at all (e.g. delete on a remote)."""
 
@@ -111,6 +120,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CasbahError]] = {
         Unavailable,
         DeadlineExceeded,
         Aborted,
+        DataLoss,
         Unsupported,
     )
 }

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import InvalidArgument, InvalidTree
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.storage.base import read_many_partial
 from casbah.tree_rules import check_directory, directory_problem, echo, join
 
 _READ = 1024 * 1024
@@ -116,7 +117,8 @@ class Visit:
     size: int  # serialized bytes
 
 
-async def walk_levels(cas, roots: Iterable[tuple[Digest, str]]) -> AsyncIterator[list[Visit]]:
+async def walk_levels(cas, roots: Iterable[tuple[Digest, str]],
+                      lost_as_absent: bool = False) -> AsyncIterator[list[Visit]]:
     """The Directory messages under `roots`, breadth-first, one level per item.
 
     One `read_many` per level keeps storage round trips at the tree's depth; each
@@ -124,7 +126,8 @@ async def walk_levels(cas, roots: Iterable[tuple[Digest, str]]) -> AsyncIterator
     Directory read is checked against the REAPI's name and order rules *before*
     its level is yielded, so no caller ever sees, stores or serves a level with
     a bad entry: InvalidTree names the entry's path and the directory's digest.
-    The empty Directory is never read (it exists without upload).
+    The empty Directory is never read (it exists without upload).  A directory
+    that fails verification on read raises (DATA_LOSS), unless `lost_as_absent`.
     """
     level: list[tuple[Digest, str]] = []
     seen: set[Digest] = set()
@@ -133,7 +136,8 @@ async def walk_levels(cas, roots: Iterable[tuple[Digest, str]]) -> AsyncIterator
             seen.add(digest)
             level.append((digest, path))
     while level:
-        found = await cas.read_many([d for d, _ in level if not is_empty_blob(d)])
+        wanted = [d for d, _ in level if not is_empty_blob(d)]
+        found = (await read_many_partial(cas, wanted))[0] if lost_as_absent else await cas.read_many(wanted)
         visits: list[Visit] = []
         next_level: list[tuple[Digest, str]] = []
         for digest, path in level:

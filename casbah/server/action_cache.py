@@ -13,7 +13,7 @@ import logging
 from google.protobuf.message import DecodeError
 
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import BlobNotFound, InvalidArgument, InvalidTree, NotFound
+from casbah.errors import BlobNotFound, DataLoss, InvalidArgument, InvalidTree, NotFound
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.base import Instance, Instances, rpc
@@ -162,7 +162,8 @@ async def _read_output_trees(cas: Storage, trees: list[Digest], roots: list[Dige
         for directory in (tree.root, *tree.children):
             _collect_files(directory, function, files)
     if roots:
-        async for visits in walk_levels(cas, [(d, "") for d in roots]):
+        # A lost (corrupt) directory counts as absent: the entry is a miss, the client re-uploads.
+        async for visits in walk_levels(cas, [(d, "") for d in roots], lost_as_absent=True):
             for visit in visits:
                 if visit.directory is None:
                     absent.append(visit.digest)
@@ -186,7 +187,7 @@ async def _inline(cas: Storage, result, request, function: DigestFunction) -> No
             return b""
         try:
             return await cas.read_bytes(d)
-        except BlobNotFound:
+        except (BlobNotFound, DataLoss):  # inlining is optional: the client reads it by digest
             return None
 
     if request.inline_stdout and not result.stdout_raw and (data := await fetch(result.stdout_digest)):

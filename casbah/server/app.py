@@ -15,7 +15,7 @@ import grpc
 
 from casbah.assets.index import AssetIndex
 from casbah.assets.memory import MemoryAssetIndex
-from casbah.assets.origin import OriginFetcher
+from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.assets.remote import RemoteAssetIndex
 from casbah.assets.sqlite import SqliteAssetIndex
 from casbah.config import ConfigError, InstanceConfig, ListenerConfig, ServerConfig
@@ -30,9 +30,11 @@ from casbah.server.base import Instance, Instances, MalformedRequests
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
+from casbah.server.exposure import warn_if_exposed
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
 from casbah.storage.action_cache import ActionCache, RemoteActionCache, StorageActionCache
+from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
 log = logging.getLogger("casbah.server")
@@ -73,7 +75,7 @@ def build_instances(config: ServerConfig, maintenance: bool = False) -> tuple[In
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
             extras={"check_action_results": inst.check_action_results,
-                    "asset": _asset_settings(config, name, inst, where)},
+                    "asset": _asset_settings(config, name, inst, where, cas)},
         )
     per_instance = {name: inst.anonymous for name, inst in config.instances.items() if inst.anonymous}
     authorizer = Authorizer(config.auth, per_instance)
@@ -147,7 +149,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str) -> AssetSettings:
+def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str,
+                    cas: Storage) -> AssetSettings:
     spec = inst.asset_index
     spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
     index: AssetIndex
@@ -173,9 +176,27 @@ def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where
         )
     origin = None
     if inst.origin_fetch is not None:
+        max_size = inst.origin_fetch.max_size
+        if max_size is None:
+            quota = store_quota(cas)
+            max_size = min(DEFAULT_MAX_SIZE, quota) if quota else DEFAULT_MAX_SIZE
         origin = OriginFetcher(inst.origin_fetch.allow, _origin_tmp(Path(config.data_dir) / "origin-tmp"),
-                               inst.origin_fetch.git)
+                               inst.origin_fetch.git, int(max_size))
     return AssetSettings(index=index, origin=origin, miss=inst.asset_miss)
+
+
+def store_quota(node: Storage) -> int | None:
+    """The byte quota a blob written to `node` must fit in, when every store it may land in
+    has one (disk, memory); None when unknown or unbounded.  A node with its own quota
+    decides; else the largest of its children's (a cache or router writes to one of them)."""
+    own = getattr(node, "max_bytes", None)
+    if isinstance(own, int) and own > 0:
+        return own
+    children = list(node.children())
+    if not children:
+        return None
+    quotas = [store_quota(child) for child in children]
+    return None if any(q is None for q in quotas) else max(q for q in quotas if q is not None)
 
 
 async def create_server(config: ServerConfig, reuse_port: bool = False) -> Server:
@@ -288,6 +309,8 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
             "instance %r: storage %s, services %s%s", instance.name, instance.cas.describe(),
             ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
         )
+    if not worker:  # once, not once per worker
+        warn_if_exposed(config.listeners(), server.instances)
     who = "casbah" if worker is None else f"casbah worker {worker}"
     for address in server.ports:
         print(f"{who}: serving REAPI on {address} (instances: "

@@ -24,6 +24,7 @@ from typing import Any
 
 from casbah.config import AuthConfig
 from casbah.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from casbah.server.client_cert import certificate_subject, has_control_character, peer_certificate
 
 audit = logging.getLogger("casbah.audit")
 
@@ -64,7 +65,7 @@ def load_tokens(path: str) -> dict[str, Identity]:
             continue
         digest, _, rest = line.partition(" ")
         where = f"{path}:{number}"
-        if not digest.startswith("sha256:") or len(digest) != 71:
+        if not digest.startswith("sha256:") or len(digest) != 71 or not _is_hex(digest[7:]):
             raise InvalidArgument(f"{where}: a token is written 'sha256:<64 hex>', got {digest!r}")
         scopes, instances = _grant(rest, where)
         hexdigest = digest[7:].lower()
@@ -78,7 +79,9 @@ class JwtVerifier:
     Config keys: `secret`/`secret-file`, `jwks`, `audience`, `issuer`, `scope-claim`
     (default `scope`: a space-separated string or a list containing `casbah:read`
     / `casbah:write` or plain `read` / `write`), `instances-claim` (default
-    `casbah_instances`: a list; absent = every instance).
+    `casbah_instances`: a list of instance names; absent = every instance).  A claim
+    of any other type (null, a number, an object) makes the token UNAUTHENTICATED:
+    a grant nobody can read unambiguously is no grant.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -118,18 +121,53 @@ class JwtVerifier:
                                 options={"require": ["exp"], "verify_aud": self.audience is not None})
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"invalid JWT: {exc}") from None
-        raw = claims.get(self.scope_claim, "")
-        granted = set(raw.split() if isinstance(raw, str) else raw)
-        scopes: frozenset[str] = frozenset()
+        except (TypeError, ValueError) as exc:  # a malformed header or key id PyJWT lets through
+            raise Unauthenticated(f"invalid JWT: {exc}") from None
+        return Identity(f"jwt:{self._subject(claims)}", self._scopes(claims), self._instances(claims),
+                        authenticated=True)
+
+    def _scopes(self, claims: dict[str, Any]) -> frozenset[str]:
+        """The scope claim: a space-separated string or a list of strings; absent grants nothing.
+
+        Anything else (null, a number, an object) is a token nobody meant to issue:
+        refused rather than read as some scope, or as none.
+        """
+        if self.scope_claim not in claims:
+            return frozenset()
+        raw = claims[self.scope_claim]
+        if isinstance(raw, str):
+            granted = set(raw.split())
+        elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            granted = set(raw)
+        else:
+            raise Unauthenticated(f"JWT claim {self.scope_claim!r} must be a string or a list of strings, "
+                                  f"got {_shown(raw)}")
         if granted & {"write", "casbah:write"}:
-            scopes = _SCOPES["write"]
-        elif granted & {"read", "casbah:read"}:
-            scopes = _SCOPES["read"]
-        instances = claims.get(self.instances_claim)
-        if isinstance(instances, str):
-            instances = [instances]
-        return Identity(f"jwt:{claims.get('sub', '?')}", scopes,
-                        frozenset(map(str, instances)) if isinstance(instances, list) else None, authenticated=True)
+            return _SCOPES["write"]
+        if granted & {"read", "casbah:read"}:
+            return _SCOPES["read"]
+        return frozenset()
+
+    def _instances(self, claims: dict[str, Any]) -> frozenset[str] | None:
+        """The instances claim: absent = every instance; a list of names (a lone string
+        names one instance).  `null`, `{}`, `0`… are refused: only absence means "all"."""
+        if self.instances_claim not in claims:
+            return None
+        raw = claims[self.instances_claim]
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+            raise Unauthenticated(f"JWT claim {self.instances_claim!r} must be a list of instance names, "
+                                  f"got {_shown(raw)}")
+        return frozenset(raw)
+
+    @staticmethod
+    def _subject(claims: dict[str, Any]) -> str:
+        """`sub` names the caller in audit lines: a string without control characters."""
+        sub = claims.get("sub", "?")
+        if not isinstance(sub, str) or has_control_character(sub):
+            raise Unauthenticated(f"JWT claim 'sub' must be a string without control characters, got {_shown(sub)}")
+        return sub
 
     def _rsa_key(self, kid: str | None) -> Any:
         """The JWKS key a token names; a token without `kid` only when the set has one key."""
@@ -143,6 +181,12 @@ class JwtVerifier:
         return next(iter(self.keys.values()))
 
 
+def _shown(value: object) -> str:
+    """A claim value for an error message: JSON, cut short."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def digest_list(messages, limit: int = 64) -> str:
     """`HASH/SIZE, …` of digest messages for an audit line; long batches end with `(+N more)`."""
     shown = [f"{m.hash}/{m.size_bytes}" for m in messages[:limit]]
@@ -151,13 +195,13 @@ def digest_list(messages, limit: int = 64) -> str:
 
 
 def parse_subject(text: str) -> tuple[tuple[str, str], ...]:
-    """A distinguished name as a sorted tuple of (ATTRIBUTE, value), so that spellings agree.
+    """A configured distinguished name as a sorted tuple of (ATTRIBUTE, value), so that spellings agree.
 
-    gRPC reports a client certificate's subject in RFC 2253 form, most specific
-    attribute *last* in the certificate but *first* in the string
-    (`O=Example,CN=ci-writer`), while `openssl x509 -subject` prints
+    RFC 2253 writes a subject most specific attribute *first* (`O=Example,CN=ci-writer`
+    for a certificate whose CN comes last), while `openssl x509 -subject` prints
     `CN = ci-writer, O = Example` or `/CN=ci-writer/O=Example`, depending on
-    version and flags.  Comparing attribute sets makes every one of these match.
+    version and flags.  Comparing attribute sets makes every one of these match the
+    pairs `client_cert.certificate_subject` reads from the certificate itself.
     """
     text = text.strip()
     if text.startswith("/"):  # OpenSSL's legacy one-line form
@@ -189,10 +233,6 @@ def parse_subject(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs))
 
 
-def _texts(values) -> list[str]:
-    return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in values or ()]
-
-
 class Authorizer:
     def __init__(self, config: AuthConfig, per_instance: dict[str, str] | None = None) -> None:
         self.tokens = load_tokens(config.tokens) if config.tokens else {}
@@ -222,6 +262,12 @@ class Authorizer:
         self.open = (not configured and anonymous == "read-write" and not self.authenticated_ac_writers
                      and all(v == "read-write" for v in (per_instance or {}).values()))
 
+    def anonymous_for(self, instance: str) -> Identity:
+        """What a caller without credentials may do on this instance."""
+        if self.open:
+            return self.anonymous
+        return self.anonymous_by_instance.get(instance, self.anonymous)
+
     def identify(self, context) -> Identity:
         token = None
         for key, value in context.invocation_metadata() or ():
@@ -241,17 +287,14 @@ class Authorizer:
             # The hash names the token in the audit log without revealing it.
             raise Unauthenticated(f"unknown bearer token (sha256:{hexdigest[:12]}…)")
         if self.subjects or self.common_names:
-            auth = context.auth_context() or {}
-            # grpc-core names the RFC 2253 subject `x509_subject` (older releases: `x509_subject_name`).
-            for subject in _texts(auth.get("x509_subject")) + _texts(auth.get("x509_subject_name")):
-                try:
-                    identity = self.subjects.get(parse_subject(subject))
-                except ValueError:
-                    continue
-                if identity is not None:
-                    return identity
-            for common_name in _texts(auth.get("x509_common_name")):
-                identity = self.common_names.get(common_name)
+            pem = peer_certificate(context.auth_context() or {})
+            if pem is not None:
+                # From the parsed certificate, never gRPC's x509_subject / x509_common_name
+                # strings, which end at the first NUL (see client_cert).
+                subject = certificate_subject(pem)
+                identity = self.subjects.get(subject.pairs)
+                if identity is None and subject.common_name is not None:
+                    identity = self.common_names.get(subject.common_name)
                 if identity is not None:
                     return identity
         return self.anonymous
@@ -272,7 +315,7 @@ class Authorizer:
         try:
             identity = self.identify(context)
             if identity is self.anonymous:
-                identity = self.anonymous_by_instance.get(instance, identity)
+                identity = self.anonymous_for(instance)
         except Unauthenticated as exc:
             audit.warning("DENIED %s on instance %r%s by unauthenticated caller (peer %s): %s", what, instance,
                           target, _peer(context), exc)
@@ -295,6 +338,19 @@ class Authorizer:
                        _peer(context))
         return identity
 
+    def audit_write(self, context, instance: str, what: str, detail: str) -> None:
+        """An audit line for a write the server makes on a caller's behalf after the call
+        was allowed (an origin fetch stores content a read-only caller asked for), in the
+        `WRITE …` format of `check`."""
+        try:
+            who = "anonymous" if self.open else self.identify(context).name
+        except Unauthenticated:
+            who = "unauthenticated caller"
+        audit.info("WRITE %s on instance %r %s by %s (peer %s)", what, instance, detail, who, _peer(context))
+
+
+def _is_hex(text: str) -> bool:
+    return text.isascii() and all(c in "0123456789abcdefABCDEF" for c in text)
 
 def _peer(context) -> str:
     try:

@@ -15,7 +15,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, rpc, rpc_stream
-from casbah.storage.base import Storage
+from casbah.storage.base import Storage, read_many_partial
 from casbah.tree import Visit, walk_levels
 from casbah.tree_rules import served
 
@@ -147,13 +147,20 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         self._check_batch_size(sum(d.size for d in digests), "BatchReadBlobs request")
         zstd = _ZSTD in request.acceptable_compressors
         stored = [d for d in digests if not is_empty_blob(d)]
-        found = await cas.read_many(stored) if stored else {}
+        # Blobs that failed verification (an upstream or a store that lies) answer
+        # DATA_LOSS alone; the others of the batch are served.
+        found, lost = await read_many_partial(cas, stored) if stored else ({}, {})
         response = re_pb2.BatchReadBlobsResponse()
         add = response.responses.add  # in place: no intermediate Response and Digest copies
         for digest in digests:
             data = b"" if is_empty_blob(digest) else found.get(digest)
             if data is None:
-                add(digest=re_pb2.Digest(hash=digest.hash, size_bytes=digest.size)).status.code = code_pb2.NOT_FOUND
+                entry = add(digest=re_pb2.Digest(hash=digest.hash, size_bytes=digest.size))
+                error = lost.get(digest) if lost else None
+                if error is None:
+                    entry.status.code = code_pb2.NOT_FOUND
+                else:
+                    entry.status.CopyFrom(error_status(error))
                 continue
             compressor = _IDENTITY
             if zstd and len(data) >= 256:

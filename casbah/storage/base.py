@@ -22,9 +22,10 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from casbah.digest import Digest, Hasher, is_empty_blob
-from casbah.errors import BlobNotFound, DigestMismatch, InvalidArgument, OutOfRange
+from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch, InvalidArgument, OutOfRange
 
 #: Chunk size for streams produced by storage: big enough that per-chunk overhead
 #: (a thread hop, a gRPC message) is small against the copy, small enough to keep
@@ -89,14 +90,18 @@ class Storage(abc.ABC):
         await self.write(digest, _one(data))
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        """Small blobs by digest; absent ones are left out of the result."""
+        """Small blobs by digest; absent ones are left out of the result.  Blobs that
+        fail verification raise `BlobsLost` (carrying the others) after all were read."""
         found: dict[Digest, bytes] = {}
+        lost: dict[Digest, CasbahError] = {}
         for digest in digests:
             try:
                 found[digest] = await self.read_bytes(digest)
             except BlobNotFound:
                 pass
-        return found
+            except DataLoss as exc:
+                lost[digest] = exc
+        return found_or_lost(found, lost)
 
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         """Small blobs; one result per blob (None = stored), never raising for one bad blob."""
@@ -128,6 +133,18 @@ class Storage(abc.ABC):
 
     def verifier(self, digest: Digest) -> Verifier:
         return Verifier(digest) if self.verify else _NoVerifier(digest)
+
+    def read_verifier(self, digest: Digest) -> Verifier:
+        """For bytes this store reads from somewhere it does not control (an upstream,
+        S3, Redis): a mismatch is DataLoss naming the store, not the client's fault."""
+        return ReadVerifier(digest, self.describe()) if self.verify else _NoVerifier(digest)
+
+    def check_read(self, digest: Digest, data: bytes | memoryview) -> None:
+        """Verify a whole blob read into memory (batch reads, Redis values)."""
+        if self.verify:
+            verifier = ReadVerifier(digest, self.describe())
+            verifier.update(data)
+            verifier.finish()
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
@@ -162,21 +179,32 @@ class Verifier:
     def update(self, chunk: bytes | memoryview) -> None:
         self.received += len(chunk)
         if self.received > self.digest.size:
-            raise DigestMismatch(
-                f"upload for {self.digest} has more than the {self.digest.size} bytes its digest names"
-            )
+            self._fail(f"has more than the {self.digest.size} bytes its digest names")
         self._hasher.update(chunk)
 
     def finish(self) -> None:
         if self.received != self.digest.size:
-            raise DigestMismatch(
-                f"upload for {self.digest} has {self.received} bytes, its digest names {self.digest.size}"
-            )
+            self._fail(f"has {self.received} bytes, its digest names {self.digest.size}")
         actual = self._hasher.hexdigest()
         if actual != self.digest.hash:
-            raise DigestMismatch(
-                f"upload for {self.digest} hashes to {actual} with {self.digest.function.value}"
-            )
+            self._fail(f"hashes to {actual} with {self.digest.function.value}")
+
+    def _fail(self, problem: str) -> NoReturn:
+        raise DigestMismatch(f"upload for {self.digest} {problem}")
+
+
+class ReadVerifier(Verifier):
+    """A Verifier for reads: the bytes came from `source`, so a mismatch is DataLoss
+    (the stored copy is corrupt or the source lies), naming both digest and source."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, digest: Digest, source: str) -> None:
+        super().__init__(digest)
+        self.source = source
+
+    def _fail(self, problem: str) -> NoReturn:
+        raise DataLoss(f"blob {self.digest} as read from {self.source} {problem}: not served")
 
 
 class _NoVerifier(Verifier):
@@ -187,6 +215,80 @@ class _NoVerifier(Verifier):
 
     def finish(self) -> None:
         return None
+
+
+class BlobsLost(DataLoss):
+    """What `read_many` raises when some blobs failed verification: it carries the
+    blobs that did verify (`found`) and the error of each lost one (`lost`), so a
+    BatchReadBlobs answers DATA_LOSS for those blobs alone and a decorator can look
+    for them elsewhere.  A decorator that does not know about it fails the whole
+    batch, which is safe: nothing unverified is passed on."""
+
+    def __init__(self, found: dict[Digest, bytes], lost: dict[Digest, CasbahError]) -> None:
+        self.found = found
+        self.lost = lost
+        first = next(iter(lost.values()))
+        super().__init__(f"{len(lost)} blob(s) failed verification: {first}")
+
+
+def found_or_lost(found: dict[Digest, bytes], lost: dict[Digest, CasbahError]) -> dict[Digest, bytes]:
+    """The end of a `read_many`: `found`, or BlobsLost when any blob was lost."""
+    if lost:
+        raise BlobsLost(found, lost)
+    return found
+
+
+async def read_many_partial(store: Storage, digests: Sequence[Digest]) -> tuple[dict[Digest, bytes],
+                                                                             dict[Digest, CasbahError]]:
+    """`store.read_many` as (verified blobs, lost blobs): for decorators that combine
+    several read_many results and must keep both sides."""
+    try:
+        return await store.read_many(digests), {}
+    except BlobsLost as exc:
+        return exc.found, exc.lost
+
+
+async def verified_range(chunks: AsyncIterable[bytes], verifier: Verifier, offset: int, count: int,
+                         hashed: bool = False) -> AsyncIterator[bytes]:
+    """Pass on bytes `offset .. offset+count` of a blob read whole from its start,
+    hashing every byte, and never the last piece before the whole blob verified: a
+    consumer cannot receive a complete wrong blob (or range) with success.
+
+    A whole-blob read (the hot path: Bazel and BuildStream read whole blobs) yields
+    each chunk as it came, without a copy, once it is hashed; the last chunk after
+    `finish()`.  A ranged read costs the rest of the blob: a slice cannot be verified
+    by itself.  `hashed`: the source already fed `verifier` (in its own thread hop).
+    """
+    size = verifier.digest.size
+    end = offset + count
+    whole = offset == 0 and count == size
+    position = 0
+    finished = False
+    held: bytes | None = None
+    async for chunk in chunks:
+        if not hashed:
+            verifier.update(chunk)
+        start, position = position, position + len(chunk)
+        if position >= size:
+            verifier.finish()
+            finished = True
+        if whole:
+            yield chunk
+            continue
+        lo, hi = max(start, offset), min(position, end)
+        if hi > lo:
+            piece = chunk[lo - start : hi - start]
+            if hi == end and not finished:
+                held = piece  # the range's last piece waits for the rest of the blob
+            else:
+                yield piece
+        if finished and held is not None:
+            yield held
+            held = None
+    if not finished:
+        verifier.finish()  # a source that ended short: a mismatch, whatever the source said
+        if held is not None:
+            yield held  # only without verification (a _NoVerifier finishes quietly)
 
 
 def without_empty(digests: Sequence[Digest]) -> list[Digest]:

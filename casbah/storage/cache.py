@@ -25,8 +25,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pydantic import Field
 
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, CasbahError
-from casbah.storage.base import BlobInfo, Storage
+from casbah.errors import BlobNotFound, CasbahError, DataLoss
+from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 log = logging.getLogger(__name__)
@@ -60,19 +60,23 @@ class CacheStorage(Storage):
             return await self.fast.read(digest, offset, limit)
         except BlobNotFound:
             pass
+        except DataLoss as exc:  # a fast store that verifies on read (Redis): serve the slow copy
+            log.warning("cache %s: %s; reading the slow store", self.name, exc)
         if offset or limit:
             return await self.slow.read(digest, offset, limit)  # a partial read cannot fill the cache
         stream = await self.slow.read(digest)
         return TeeStream(self.fast, digest, stream)
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        found = await self.fast.read_many(digests)
+        found, _ = await read_many_partial(self.fast, digests)  # a lost fast copy is a miss
         rest = [d for d in digests if d not in found]
         if rest:
-            filled = await self.slow.read_many(rest)
+            # Blobs the slow store lost (failed verification) are neither filled nor served.
+            filled, lost = await read_many_partial(self.slow, rest)
             if filled:
                 await self._fill(list(filled.items()))
             found.update(filled)
+            return found_or_lost(found, lost)
         return found
 
     async def _fill(self, blobs: list[tuple[Digest, bytes]]) -> None:

@@ -5,6 +5,10 @@ sets an expiry; without it, run Redis with `maxmemory-policy allkeys-lru` and it
 evicts by itself.  Bulk calls are one pipeline each.  Blobs larger than
 `max-blob-size` are refused (RESOURCE_EXHAUSTED): put a `size-routed` node in
 front so they never get here.
+
+Every read verifies the value against its digest (unless `verify: false`): Redis
+holds bytes anyone with access to it can change, and a blob is small, so hashing
+it whole costs little.  A value that fails is DataLoss, never served.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from pydantic import Field
 
 from casbah.config import parse_size
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, ResourceExhausted
+from casbah.errors import BlobNotFound, CasbahError, DataLoss, ResourceExhausted
 from casbah.redis_client import connect, release, safe_url, translated
-from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range
+from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range, found_or_lost
 from casbah.storage.loader import NodeOptions, register
 
 
@@ -58,6 +62,7 @@ class RedisStorage(Storage):
         data = await self.redis.get(self._key(digest))
         if data is None:
             raise BlobNotFound(digest, f"not in {self.describe()}")
+        self.check_read(digest, data)  # whole, whatever the range: a slice cannot be verified
         count = check_range(digest, len(data), offset, limit)
         return _chunks(memoryview(data)[offset : offset + count])
 
@@ -66,6 +71,7 @@ class RedisStorage(Storage):
         data = await self.redis.get(self._key(digest))
         if data is None:
             raise BlobNotFound(digest, f"not in {self.describe()}")
+        self.check_read(digest, data)
         return data
 
     @translated
@@ -73,7 +79,18 @@ class RedisStorage(Storage):
         if not digests:
             return {}
         values = await self.redis.mget([self._key(d) for d in digests])
-        return {d: v for d, v in zip(digests, values, strict=True) if v is not None}
+        found: dict[Digest, bytes] = {}
+        lost: dict[Digest, CasbahError] = {}
+        for digest, value in zip(digests, values, strict=True):
+            if value is None:
+                continue
+            try:
+                self.check_read(digest, value)
+            except DataLoss as exc:
+                lost[digest] = exc
+                continue
+            found[digest] = value
+        return found_or_lost(found, lost)
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         if digest.size > self.max_blob_size and self.verify:

@@ -10,6 +10,13 @@
 - zstd on the wire when the remote advertises it (`compression: auto`);
 - delete and iterate are not part of REAPI: they raise Unsupported.
 
+Every blob read from the upstream is verified before it is passed on (unless the
+node is `verify: false`): a batch hashes each blob, and one that fails is lost
+alone (`BlobsLost`, DATA_LOSS for that blob); a stream hashes as it goes and
+yields its last chunk only after the whole blob matched, so a lying upstream
+never gets a complete wrong blob to a client with success, nor into a cache.
+A ranged read fetches the whole blob to verify it and passes on only the range.
+
 Unary calls and writes of blobs held in memory (`write_bytes`, `write_many`) are
 retried on transient failures.  A streamed `write` is not: its source (a
 client's upload) cannot be replayed, so it fails with the transient status
@@ -45,6 +52,7 @@ from casbah.digest import Digest, DigestFunction, is_empty_blob
 from casbah.errors import (
     BlobNotFound,
     CasbahError,
+    DataLoss,
     DeadlineExceeded,
     DigestMismatch,
     InvalidArgument,
@@ -54,7 +62,15 @@ from casbah.errors import (
 )
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
-from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, Verifier, check_range
+from casbah.storage.base import (
+    CHUNK_SIZE,
+    BlobInfo,
+    Storage,
+    Verifier,
+    check_range,
+    found_or_lost,
+    verified_range,
+)
 from casbah.storage.loader import NodeOptions, register
 
 log = logging.getLogger(__name__)
@@ -121,8 +137,14 @@ class RemoteStorage(Storage):
         expected = check_range(digest, digest.size, offset, limit)
         if is_empty_blob(digest):
             return _Prefetched(None, _nothing())
-        zstd = not limit and expected > 0 and await self._zstd()
-        stream = self._read_stream(digest, offset, limit, expected, zstd)
+        if self.verify and expected > 0:
+            # The whole blob, whatever the range: only the whole can be verified (docs/architecture.md).
+            zstd = await self._zstd()
+            stream = verified_range(self._read_stream(digest, 0, 0, digest.size, zstd), self.read_verifier(digest),
+                                    offset, expected)
+        else:
+            zstd = not limit and expected > 0 and await self._zstd()
+            stream = self._read_stream(digest, offset, limit, expected, zstd)
         try:
             # NOT_FOUND (or the failure of every retry) surfaces here, before any data.
             first = await anext(stream)
@@ -154,12 +176,15 @@ class RemoteStorage(Storage):
                         raise DeadlineExceeded(f"no data for {policy.request_timeout}s") from None
                     if response is grpc.aio.EOF:
                         break
-                    data = decompressor.feed(response.data) if decompressor else response.data
+                    try:
+                        data = decompressor.feed(response.data) if decompressor else response.data
+                    except InvalidArgument as exc:  # the upstream's zstd is corrupt: its data, not ours
+                        raise DataLoss(f"{self._what('read', digest)}: {exc}") from None
                     if not data:
                         continue
                     if delivered + len(data) > expected:
-                        raise CasbahError(f"{self._what('read', digest)}: the remote sent more than the "
-                                          f"{expected} bytes asked for")
+                        raise DataLoss(f"{self._what('read', digest)}: the remote sent more than the "
+                                       f"{expected} bytes asked for")
                     delivered += len(data)
                     attempt = 0
                     if len(data) <= CHUNK_SIZE:
@@ -202,13 +227,16 @@ class RemoteStorage(Storage):
         limit = (await self.remote.capabilities()).max_batch_size
         small = [d for d in wanted if d.size + BLOB_OVERHEAD <= limit]
         large = [d for d in wanted if d.size + BLOB_OVERHEAD > limit]
-        jobs = [self._bounded(self._batch_read(batch)) for batch in _batches(small, limit, lambda d: d)]
-        jobs += [self._bounded(self._read_large(d)) for d in large]
+        lost: dict[Digest, CasbahError] = {}
+        jobs = [self._bounded(self._batch_read(batch, lost)) for batch in _batches(small, limit, lambda d: d)]
+        jobs += [self._bounded(self._read_large(d, lost)) for d in large]
         for result in await asyncio.gather(*jobs):
             found.update(result)
-        return found
+        return found_or_lost(found, lost)
 
-    async def _batch_read(self, digests: list[Digest]) -> dict[Digest, bytes]:
+    async def _batch_read(self, digests: list[Digest], lost: dict[Digest, CasbahError]) -> dict[Digest, bytes]:
+        """One BatchReadBlobs; each blob is verified, and one that fails (or that the
+        upstream itself reports DATA_LOSS for) goes to `lost`, not to the result."""
         stubs = self.remote.stubs()
         function = digests[0].function
         request = re_pb2.BatchReadBlobsRequest(
@@ -222,22 +250,36 @@ class RemoteStorage(Storage):
             if r.status.code == code_pb2.NOT_FOUND:
                 continue
             digest = Digest(r.digest.hash, r.digest.size_bytes, function)
+            what = self._what("BatchReadBlobs", digest)
+            if r.status.code == code_pb2.DATA_LOSS:
+                lost[digest] = DataLoss(f"{what}: {r.status.message}")
+                continue
             if r.status.code != code_pb2.OK:
-                raise from_status(_status_code(r.status.code), f"{self._what('BatchReadBlobs', digest)}: "
-                                                                f"{r.status.message}")
-            data = r.data
-            if r.compressor == re_pb2.Compressor.ZSTD:
-                data = compression.decompress(data, digest.size)
-            if len(data) != digest.size:
-                raise CasbahError(f"{self._what('BatchReadBlobs', digest)}: got {len(data)} bytes")
+                raise from_status(_status_code(r.status.code), f"{what}: {r.status.message}")
+            try:
+                data = r.data
+                if r.compressor == re_pb2.Compressor.ZSTD:
+                    data = compression.decompress(data, digest.size)
+                if len(data) != digest.size:
+                    raise DataLoss(f"{what}: got {len(data)} bytes")
+                self.check_read(digest, data)
+            except InvalidArgument as exc:  # corrupt zstd from the upstream
+                lost[digest] = DataLoss(f"{what}: {exc}")
+                continue
+            except DataLoss as exc:
+                lost[digest] = exc
+                continue
             found[digest] = data
         return found
 
-    async def _read_large(self, digest: Digest) -> dict[Digest, bytes]:
+    async def _read_large(self, digest: Digest, lost: dict[Digest, CasbahError]) -> dict[Digest, bytes]:
         try:
             stream = await self.read(digest)
             return {digest: b"".join([c async for c in stream])}
         except BlobNotFound:
+            return {}
+        except DataLoss as exc:
+            lost[digest] = exc
             return {}
 
     # -- writes --------------------------------------------------------------------

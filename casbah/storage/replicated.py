@@ -4,25 +4,35 @@ Writes go to all replicas at once and succeed when `quorum` of them did (default
 all).  Reads try replicas in order; when an earlier replica lacks a blob a later
 one has, the read repairs it on the way (the stream is teed into the replica
 that missed it).  A blob is missing only if every replica lacks it.
+
+A replica whose copy fails verification (DataLoss: a `remote`, S3 or Redis
+replica verifies what it reads) is skipped for the next: at open, and in a
+batch, the read goes on to the other replicas at once.  A stream that fails
+verification at its end cannot be switched (its first bytes are already out), so
+it fails with DATA_LOSS; the replica is remembered as bad for that blob and
+tried last, so the client's retry is served by another replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 
 from pydantic import Field
 
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, CasbahError, DigestMismatch, Unavailable
-from casbah.storage.base import BlobInfo, Storage
+from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch, Unavailable
+from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
 from casbah.storage.cache import TeeStream, close_all, put_unless_done
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 log = logging.getLogger(__name__)
 _QUEUE = 4
+#: (replica, blob) pairs whose copy failed verification, remembered (oldest dropped first).
+_SUSPECTS = 4096
 
 
 class ReplicatedStorage(Storage):
@@ -37,6 +47,19 @@ class ReplicatedStorage(Storage):
         if not 1 <= self.quorum <= len(replicas):
             raise ValueError(f"quorum {self.quorum} must be between 1 and {len(replicas)}")
         self.repairs = 0
+        self._suspects: collections.OrderedDict[tuple[int, Digest], None] = collections.OrderedDict()
+
+    def _suspect(self, index: int, digest: Digest) -> None:
+        self._suspects[(index, digest)] = None
+        while len(self._suspects) > _SUSPECTS:
+            self._suspects.popitem(last=False)
+
+    def _order(self, digest: Digest) -> list[int]:
+        """Replica indexes in order, those whose copy of `digest` was lost last."""
+        indexes = range(len(self.replicas))
+        if not self._suspects:
+            return list(indexes)
+        return sorted(indexes, key=lambda i: (i, digest) in self._suspects)
 
     def children(self) -> Iterable[Storage]:
         return self.replicas
@@ -63,7 +86,8 @@ class ReplicatedStorage(Storage):
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
         lacking: list[Storage] = []
         last: Exception = BlobNotFound(digest)
-        for replica in self.replicas:
+        for index in self._order(digest):
+            replica = self.replicas[index]
             try:
                 stream = await replica.read(digest, offset, limit)
             except BlobNotFound:
@@ -71,8 +95,11 @@ class ReplicatedStorage(Storage):
                 continue
             except CasbahError as exc:
                 log.warning("replica %s: read %s failed: %s", replica.name, digest, exc)
+                if isinstance(exc, DataLoss):
+                    self._suspect(index, digest)
                 last = exc
                 continue
+            stream = _Watched(stream, lambda index=index: self._suspect(index, digest))
             if lacking and not offset and not limit:
                 self.repairs += len(lacking)
                 for target in lacking:
@@ -83,27 +110,33 @@ class ReplicatedStorage(Storage):
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         found: dict[Digest, bytes] = {}
+        lost: dict[Digest, CasbahError] = {}
         wanted = list(digests)
         lacking: list[tuple[Storage, list[Digest]]] = []
-        for replica in self.replicas:
+        for index, replica in enumerate(self.replicas):
             if not wanted:
                 break
             try:
-                got = await replica.read_many(wanted)
+                got, lost_here = await read_many_partial(replica, wanted)
             except CasbahError as exc:
                 log.warning("replica %s: read_many failed: %s", replica.name, exc)
                 continue
             found.update(got)
-            missed = [d for d in wanted if d not in got]
-            lacking.append((replica, missed))
-            wanted = missed
+            for digest, error in lost_here.items():  # failed verification: the next replica is asked
+                log.warning("replica %s: %s", replica.name, error)
+                self._suspect(index, digest)
+                lost[digest] = error
+            # Repaired: the blobs this replica lacks, not those it holds a bad copy of
+            # (it would take the write for a duplicate and keep its copy).
+            lacking.append((replica, [d for d in wanted if d not in got and d not in lost_here]))
+            wanted = [d for d in wanted if d not in got]
         for replica, missed in lacking:
             repair = [(d, found[d]) for d in missed if d in found]
             if repair:
                 self.repairs += len(repair)
                 with contextlib.suppress(CasbahError):
                     await replica.write_many(repair)
-        return found
+        return found_or_lost(found, {d: e for d, e in lost.items() if d not in found})
 
     async def read_bytes(self, digest: Digest) -> bytes:
         found = await self.read_many([digest])
@@ -187,6 +220,32 @@ class ReplicatedStorage(Storage):
 
     async def close(self) -> None:
         await close_all(self.replicas)
+
+
+class _Watched:
+    """A replica's read stream that reports a verification failure at its end (so the
+    replica is tried last next time) and passes everything else through."""
+
+    __slots__ = ("_lost", "_stream")
+
+    def __init__(self, stream: AsyncIterator[bytes], lost: Callable[[], None]) -> None:
+        self._stream = stream
+        self._lost = lost
+
+    def __aiter__(self) -> _Watched:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._stream)
+        except DataLoss:
+            self._lost()
+            raise
+
+    async def aclose(self) -> None:
+        close = getattr(self._stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 class ReplicatedOptions(NodeOptions):

@@ -9,7 +9,12 @@ nothing readable (configure the bucket's lifecycle rule
 `AbortIncompleteMultipartUpload` to reclaim abandoned parts).  The cost is the
 5 MiB minimum part size S3 imposes: memory per large upload is one part.
 
-Reads are ranged GETs streamed in chunks.  FindMissingBlobs is concurrent HEADs
+Reads are GETs streamed in chunks, each chunk hashed in the thread hop that read
+it (unless `verify: false`): the bucket holds bytes casbah did not necessarily
+write (anyone with the bucket's keys, a lifecycle tool, a bad disk), so a blob
+that fails its digest is DataLoss and its last chunk is never passed on.  A
+ranged read GETs the whole object to verify it and passes on the range; without
+verification it is a ranged GET.  FindMissingBlobs is concurrent HEADs
 (put an `existence-cache` in front, or the PostgreSQL `blob-index`); nothing on
 the hot path lists the bucket, so lifecycle expiry works as an eviction policy
 (not behind a `blob-index`'s back: docs/deployment.md, "Expiry").
@@ -32,8 +37,16 @@ from pydantic import Field
 
 from casbah.config import parse_size
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, CasbahError, Unavailable
-from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range
+from casbah.errors import BlobNotFound, CasbahError, DataLoss, Unavailable
+from casbah.storage.base import (
+    CHUNK_SIZE,
+    BlobInfo,
+    Storage,
+    Verifier,
+    check_range,
+    found_or_lost,
+    verified_range,
+)
 from casbah.storage.loader import NodeOptions, register
 
 log = logging.getLogger(__name__)
@@ -139,16 +152,27 @@ class S3Storage(Storage):
             if not await self._exists(digest):
                 raise BlobNotFound(digest)
             return _empty()
+        get = {"Bucket": self.bucket, "Key": self._key(digest)}
+        if not self.verify:
+            get["Range"] = f"bytes={offset}-{offset + count - 1}"
         try:
-            response = await self._run(self.client.get_object, Bucket=self.bucket, Key=self._key(digest),
-                                       Range=f"bytes={offset}-{offset + count - 1}")
+            response = await self._run(self.client.get_object, **get)
         except botocore.exceptions.ClientError:
             raise BlobNotFound(digest, f"not in {self.describe()}") from None
-        return self._body(response["Body"])
+        if not self.verify:
+            return self._body(response["Body"], None)
+        verifier = self.read_verifier(digest)
+        return verified_range(self._body(response["Body"], verifier), verifier, offset, count, hashed=True)
 
-    async def _body(self, body) -> AsyncIterator[bytes]:
+    async def _body(self, body, verifier: Verifier | None) -> AsyncIterator[bytes]:
+        def next_chunk() -> bytes:
+            chunk = body.read(CHUNK_SIZE)
+            if verifier is not None and chunk:
+                verifier.update(chunk)  # here, in the thread that read it: hashlib releases the GIL
+            return chunk
+
         try:
-            while chunk := await self._run(body.read, CHUNK_SIZE):
+            while chunk := await self._run(next_chunk):
                 yield chunk
         finally:
             body.close()
@@ -161,9 +185,11 @@ class S3Storage(Storage):
         def get() -> bytes:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(digest))["Body"]
             try:
-                return body.read()
+                data = body.read()
             finally:
                 body.close()
+            self.check_read(digest, data)  # still in the thread
+            return data
 
         try:
             return await self._run(get)
@@ -171,13 +197,22 @@ class S3Storage(Storage):
             raise BlobNotFound(digest, f"not in {self.describe()}") from None
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        async def one(d: Digest) -> tuple[Digest, bytes | None]:
+        async def one(d: Digest) -> tuple[Digest, bytes | DataLoss | None]:
             try:
                 return d, await self.read_bytes(d)
             except BlobNotFound:
                 return d, None
+            except DataLoss as exc:
+                return d, exc
 
-        return {d: data for d, data in await asyncio.gather(*(one(d) for d in digests)) if data is not None}
+        found: dict[Digest, bytes] = {}
+        lost: dict[Digest, CasbahError] = {}
+        for d, data in await asyncio.gather(*(one(d) for d in digests)):
+            if isinstance(data, DataLoss):
+                lost[d] = data
+            elif data is not None:
+                found[d] = data
+        return found_or_lost(found, lost)
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         verifier = self.verifier(digest)

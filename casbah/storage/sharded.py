@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from casbah.config import ConfigError
 from casbah.digest import Digest
-from casbah.storage.base import BlobInfo, Storage
+from casbah.errors import CasbahError
+from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
 from casbah.storage.cache import close_all
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
@@ -85,9 +86,12 @@ class ShardedStorage(Storage):
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         groups = self._group(digests)
         found: dict[Digest, bytes] = {}
-        for result in await asyncio.gather(*(self.shards[i].read_many(g) for i, g in groups.items())):
-            found.update(result)
-        return found
+        lost: dict[Digest, CasbahError] = {}
+        for got, lost_here in await asyncio.gather(*(read_many_partial(self.shards[i], g)
+                                                     for i, g in groups.items())):
+            found.update(got)
+            lost.update(lost_here)
+        return found_or_lost(found, lost)
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         await self.shards[self.shard_index(digest)].write(digest, chunks)

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from casbah.config import parse_size
 from casbah.digest import Digest
-from casbah.storage.base import BlobInfo, Storage
+from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
 from casbah.storage.cache import close_all
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
@@ -50,10 +50,12 @@ class SizeRoutedStorage(Storage):
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         small, large = self._split(digests)
-        found = await self.small.read_many(small) if small else {}
+        found, lost = await read_many_partial(self.small, small) if small else ({}, {})
         if large:
-            found.update(await self.large.read_many(large))
-        return found
+            got, lost_large = await read_many_partial(self.large, large)
+            found.update(got)
+            lost.update(lost_large)
+        return found_or_lost(found, lost)
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         await self._route(digest).write(digest, chunks)

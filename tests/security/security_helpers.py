@@ -75,6 +75,7 @@ class Pki:
     """A CA, a server certificate for 127.0.0.1/localhost, and client certificates."""
 
     ca: Path
+    ca_key: Path  # to issue more client certificates (issue_client)
     server: KeyPair
     writer: KeyPair  # CA-signed, subject CN=ci-writer
     reader: KeyPair  # CA-signed, subject CN=ci-reader,O=Casbah Tests
@@ -89,6 +90,7 @@ def make_pki(directory: Path) -> Pki:
     ca_cert = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
     ca_path = directory / "ca.pem"
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(ca_key, directory / "ca.key")
 
     def issue(stem: str, subject: x509.Name, *, self_signed: bool = False, server: bool = False) -> KeyPair:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -105,12 +107,25 @@ def make_pki(directory: Path) -> Pki:
 
     return Pki(
         ca=ca_path,
+        ca_key=directory / "ca.key",
         server=issue("server", _name("localhost"), server=True),
         writer=issue("writer", _name("ci-writer")),
         reader=issue("reader", _name("ci-reader", "Casbah Tests")),
         other=issue("other", _name("nobody")),
         rogue=issue("rogue", _name("ci-writer"), self_signed=True),
     )
+
+
+def issue_client(pki: Pki, directory: Path, stem: str, subject: x509.Name) -> KeyPair:
+    """A client certificate for any subject (even one no honest CA would sign), signed by the test CA."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _cert(subject, key, ca_cert.subject, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    pair = KeyPair(directory / f"{stem}.pem", directory / f"{stem}.key")
+    pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, pair.key)
+    return pair
 
 
 def free_port() -> int:
