@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,6 @@ from google.protobuf.message import DecodeError
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import InvalidArgument, InvalidTree
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from casbah.storage.base import read_many_partial
 from casbah.tree_rules import check_directory, directory_problem, echo, join
 
 _READ = 1024 * 1024
@@ -117,8 +116,8 @@ class Visit:
     size: int  # serialized bytes
 
 
-async def walk_levels(cas, roots: Iterable[tuple[Digest, str]],
-                      lost_as_absent: bool = False) -> AsyncIterator[list[Visit]]:
+async def walk_levels(read_many: Callable[[list[Digest]], Awaitable[dict[Digest, bytes]]],
+                      roots: Iterable[tuple[Digest, str]]) -> AsyncIterator[list[Visit]]:
     """The Directory messages under `roots`, breadth-first, one level per item.
 
     One `read_many` per level keeps storage round trips at the tree's depth; each
@@ -126,8 +125,9 @@ async def walk_levels(cas, roots: Iterable[tuple[Digest, str]],
     Directory read is checked against the REAPI's name and order rules *before*
     its level is yielded, so no caller ever sees, stores or serves a level with
     a bad entry: InvalidTree names the entry's path and the directory's digest.
-    The empty Directory is never read (it exists without upload).  A directory
-    that fails verification on read raises (DATA_LOSS), unless `lost_as_absent`.
+    The empty Directory is never read (it exists without upload).  `read_many`
+    is a storage's (or one that turns lost blobs into absent ones); taking the
+    function keeps this module free of the storage package, which clients import.
     """
     level: list[tuple[Digest, str]] = []
     seen: set[Digest] = set()
@@ -136,8 +136,7 @@ async def walk_levels(cas, roots: Iterable[tuple[Digest, str]],
             seen.add(digest)
             level.append((digest, path))
     while level:
-        wanted = [d for d, _ in level if not is_empty_blob(d)]
-        found = (await read_many_partial(cas, wanted))[0] if lost_as_absent else await cas.read_many(wanted)
+        found = await read_many([d for d, _ in level if not is_empty_blob(d)])
         visits: list[Visit] = []
         next_level: list[tuple[Digest, str]] = []
         for digest, path in level:
@@ -213,7 +212,7 @@ async def _scan_tree(cas, root: Digest) -> tuple[list[Digest], list[Digest]]:
     missing: list[Digest] = []
     files: set[Digest] = set()
     directories: list[Digest] = []
-    async for visits in walk_levels(cas, [(root, "")]):
+    async for visits in walk_levels(cas.read_many, [(root, "")]):
         for visit in visits:
             if visit.directory is None:
                 missing.append(visit.digest)

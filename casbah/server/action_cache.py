@@ -17,7 +17,7 @@ from casbah.errors import BlobNotFound, DataLoss, InvalidArgument, InvalidTree, 
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.base import Instance, Instances, rpc
-from casbah.storage.base import Storage
+from casbah.storage.base import Storage, read_many_partial
 from casbah.tree import check_tree_message, walk_levels
 from casbah.tree_rules import echo, output_path_problem
 
@@ -162,8 +162,11 @@ async def _read_output_trees(cas: Storage, trees: list[Digest], roots: list[Dige
         for directory in (tree.root, *tree.children):
             _collect_files(directory, function, files)
     if roots:
-        # A lost (corrupt) directory counts as absent: the entry is a miss, the client re-uploads.
-        async for visits in walk_levels(cas, [(d, "") for d in roots], lost_as_absent=True):
+        async def read_many(digests: list[Digest]) -> dict[Digest, bytes]:
+            # A lost (corrupt) directory counts as absent: the entry is a miss, the client re-uploads.
+            return (await read_many_partial(cas, digests))[0]
+
+        async for visits in walk_levels(read_many, [(d, "") for d in roots]):
             for visit in visits:
                 if visit.directory is None:
                     absent.append(visit.digest)

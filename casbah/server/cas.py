@@ -208,7 +208,7 @@ async def _present(cas: Storage, root: Digest) -> AsyncIterator[Visit]:
     (see docs/architecture.md), before any Directory of that level is sent.
     """
     try:
-        async for visits in walk_levels(cas, [(root, "")]):
+        async for visits in walk_levels(cas.read_many, [(root, "")]):
             if visits[0].digest == root and visits[0].directory is None:
                 raise NotFound(f"root directory {root} not found")
             for visit in visits:
