@@ -49,9 +49,9 @@ class StorageLoader:
         kind, options = STORAGE.parse(node, path)
         from casbah.storage.metrics import MetricsStorage
 
-        node = MetricsStorage(kind.build(options, self, path), node_path=path)
-        self._every.append(node)
-        return node
+        built = MetricsStorage(kind.build(options, self, path), node_path=path)
+        self._every.append(built)
+        return built
 
     def _build_named(self, name: str, path: str) -> Storage:
         if name in self._built:
