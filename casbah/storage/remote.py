@@ -62,6 +62,7 @@ from casbah.errors import (
 )
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
+from casbah.registry import KindOptions
 from casbah.storage.base import (
     CHUNK_SIZE,
     BlobInfo,
@@ -542,7 +543,9 @@ async def _coalesce(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[by
         yield bytes(buffer)
 
 
-class RemoteOptions(NodeOptions):
+class RemoteConnectionOptions(KindOptions):
+    """How to reach an upstream: shared by the storage, ActionCache and asset-index `remote` kinds."""
+
     url: str
     instance: str = ""
     retries: int = Field(default=3, ge=0)
@@ -553,10 +556,13 @@ class RemoteOptions(NodeOptions):
     client_key: str | None = Field(default=None, alias="client-key")
     client_cert: str | None = Field(default=None, alias="client-cert")
     token_file: str | None = Field(default=None, alias="token-file")
+
+
+class RemoteOptions(RemoteConnectionOptions, NodeOptions):
     compression: str = Field(default="auto", pattern="^(auto|zstd|identity)$")
 
 
-def remote_from_options(options: RemoteOptions, where: str = "remote") -> AsyncRemote:
+def remote_from_options(options: RemoteConnectionOptions, where: str = "remote") -> AsyncRemote:
     """Shared by the storage, ActionCache and asset-index `remote` kinds."""
     spec = RemoteSpec(url=options.url, instance=options.instance, server_cert=options.server_cert,
                       client_key=options.client_key, client_cert=options.client_cert,
