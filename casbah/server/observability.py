@@ -50,6 +50,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from casbah.errors import code_from_int
 from casbah.logs import REQUEST_CONTEXT, REQUEST_METHOD, RequestContext
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -523,10 +524,7 @@ def _code_of(context: Any, default: grpc.StatusCode = _OK) -> grpc.StatusCode:
         return default
     if isinstance(code, grpc.StatusCode):
         return code
-    for candidate in grpc.StatusCode:  # an int, from set_code(int) in foreign handlers
-        if candidate.value[0] == code:
-            return candidate
-    return _UNKNOWN
+    return code_from_int(code)  # an int, from set_code(int) in foreign handlers
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: _Method, obs: Observability) -> grpc.RpcMethodHandler:
