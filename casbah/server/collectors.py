@@ -80,8 +80,8 @@ class GrpcCollector:
                     labels = (method.service, method.name, instance)
                     for code, count in ((_OK, series.ok), *list(series.errors.items())):
                         if count:
-                            key = (method.service, method.name, code.name, instance)
-                            requests[key] = requests.get(key, 0) + count
+                            coded = (method.service, method.name, code.name, instance)
+                            requests[coded] = requests.get(coded, 0) + count
                     counts = latency.setdefault(labels, [[0] * len(series.latency), 0.0])
                     for i, n in enumerate(series.latency):
                         counts[0][i] += n
@@ -99,7 +99,7 @@ class GrpcCollector:
         for key, count in sorted(requests.items()):
             family.add_metric(key, count)
         yield family
-        family = HistogramMetricFamily(
+        histogram = HistogramMetricFamily(
             "casbah_grpc_request_duration_seconds", "gRPC call duration, from the handler's start to its last message",
             labels=["service", "method", "instance"])
         bounds = [*map(floatToGoString, LATENCY_BUCKETS), "+Inf"]
@@ -108,8 +108,8 @@ class GrpcCollector:
             for bound, n in zip(bounds, counts, strict=True):
                 cumulative += n
                 buckets.append((bound, cumulative))
-            family.add_metric(key, buckets, total)
-        yield family
+            histogram.add_metric(key, buckets, total)
+        yield histogram
         for name, doc, values in (
             ("casbah_grpc_received_bytes", "Blob payload bytes received (ByteStream.Write, BatchUpdateBlobs)",
              received),

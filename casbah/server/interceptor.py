@@ -130,7 +130,7 @@ def describe(full: str, handler: grpc.RpcMethodHandler) -> Method:
                   out_bytes=_OUT_BYTES.get(full))
 
 
-def _request_type(handler: grpc.RpcMethodHandler) -> type | None:
+def _request_type(handler: grpc.RpcMethodHandler) -> Any:
     """The request message class, recovered from the generated deserializer (`Msg.FromString`)."""
     owner = getattr(handler.request_deserializer, "__self__", None)
     return owner if isinstance(owner, type) and hasattr(owner, "DESCRIPTOR") else None
@@ -263,43 +263,40 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) ->
 
     finish = finish_stream if client_streams else finish_unary
 
-    if handler.response_streaming and not inspect.iscoroutinefunction(inner):
+    async def streamed(request, context):
+        started = perf_counter()
+        if client_streams:
+            request = _CountingRequests(request, in_bytes, instance_of)
+        code = _OK
+        sent = 0
+        try:
+            async for response in inner(request, context):
+                if out_bytes is not None:
+                    sent += out_bytes(response)
+                yield response
+            code = _code_of(context)
+        except BaseException as exc:
+            code = _failure_code(exc, context)
+            raise
+        finally:
+            finish(started, code, request, None, sent)
 
-        async def behaviour(request, context):
-            started = perf_counter()
-            if client_streams:
-                request = _CountingRequests(request, in_bytes, instance_of)
-            code = _OK
-            sent = 0
-            try:
-                async for response in inner(request, context):
-                    if out_bytes is not None:
-                        sent += out_bytes(response)
-                    yield response
-                code = _code_of(context)
-            except BaseException as exc:
-                code = _failure_code(exc, context)
-                raise
-            finally:
-                finish(started, code, request, None, sent)
+    async def awaited(request, context):
+        started = perf_counter()
+        if client_streams:
+            request = _CountingRequests(request, in_bytes, instance_of)
+        code = _OK
+        response = None
+        try:
+            response = await inner(request, context)
+            code = _code_of(context)
+            return response
+        except BaseException as exc:
+            code = _failure_code(exc, context)
+            raise
+        finally:
+            finish(started, code, request, response, 0)
 
-    else:
-
-        async def behaviour(request, context):
-            started = perf_counter()
-            if client_streams:
-                request = _CountingRequests(request, in_bytes, instance_of)
-            code = _OK
-            response = None
-            try:
-                response = await inner(request, context)
-                code = _code_of(context)
-                return response
-            except BaseException as exc:
-                code = _failure_code(exc, context)
-                raise
-            finally:
-                finish(started, code, request, response, 0)
-
+    behaviour = streamed if handler.response_streaming and not inspect.iscoroutinefunction(inner) else awaited
     factory = _FACTORIES[(client_streams, handler.response_streaming)]
     return factory(behaviour, handler.request_deserializer, handler.response_serializer)
