@@ -61,11 +61,14 @@ class Server:
             await close()
 
 
-def build_instances(config: ServerConfig, maintenance: bool = False) -> tuple[Instances, StorageLoader]:
+def build_instances(
+    config: ServerConfig, maintenance: bool = False, shared_directories: bool = False
+) -> tuple[Instances, StorageLoader]:
     """`maintenance`: opened by an admin command beside a live server (disk storage then
-    leaves the server's in-progress uploads alone)."""
+    leaves the server's in-progress uploads alone).  `shared_directories`: this process
+    is one of `serve --workers N` (see `StorageLoader`)."""
     load_builtin_kinds()
-    loader = StorageLoader(config.storages, maintenance=maintenance)
+    loader = StorageLoader(config.storages, maintenance=maintenance, shared_directories=shared_directories)
     instances: dict[str, Instance] = {}
     for name, inst in config.instances.items():
         where = f"instances.{name!r}"
@@ -129,8 +132,9 @@ def store_quota(node: Storage) -> int | None:
     return None if any(q is None for q in quotas) else max(q for q in quotas if q is not None)
 
 
-async def create_server(config: ServerConfig, reuse_port: bool = False) -> Server:
-    instances, loader = build_instances(config)
+async def create_server(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> Server:
+    """`worker`: this process's number among `serve --workers N` (None: the only server)."""
+    instances, loader = build_instances(config, shared_directories=worker is not None)
     limits = config.limits
     options = [
         ("grpc.max_receive_message_length", config.max_message_size),
@@ -225,7 +229,7 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
 
 
 async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> None:
-    server = await create_server(config, reuse_port)
+    server = await create_server(config, reuse_port, worker)
     _warn_quota(config)
     metrics_url = None
     if config.metrics_listen and server.endpoints is not None:
