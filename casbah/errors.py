@@ -47,6 +47,18 @@ class BlobNotFound(NotFound):
         super().__init__(f"blob {digest} not found{': ' + detail if detail else ''}")
 
 
+class ActionResultNotFound(NotFound):
+    """An ActionCache backend has no entry for the action (raised by `get`, never a None)."""
+
+    def __init__(self, action: object, detail: str = "") -> None:
+        self.action = action
+        super().__init__(f"no ActionResult for action {action}{': ' + detail if detail else ''}")
+
+
+class AssetNotFound(NotFound):
+    """No asset (or BuildStream reference) matches: a client's Remote Asset or reference lookup missed."""
+
+
 class OutOfRange(CasbahError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
@@ -96,6 +108,21 @@ class Unsupported(CasbahError):
     """The backend cannot do this operation at all (e.g. delete on a remote)."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+#: Every status by its wire number (`google.rpc.Status.code`, `set_code(int)`).
+_BY_INT: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def code_from_int(value: int) -> grpc.StatusCode:
+    """The status a wire number stands for (a per-blob `google.rpc.Status`, or an int
+    a foreign handler passed to `set_code`); a number gRPC does not define is UNKNOWN."""
+    return _BY_INT.get(value, grpc.StatusCode.UNKNOWN)
+
+
+def code_to_int(code: grpc.StatusCode) -> int:
+    """The wire number of a status, for `google.rpc.Status.code` in per-blob answers."""
+    return code.value[0]
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode:

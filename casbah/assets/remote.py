@@ -12,11 +12,12 @@ import logging
 
 from google.rpc import code_pb2
 
-from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
+from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import NotFound, Unsupported
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.storage.remote import RemoteConnectionOptions, remote_from_options
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,8 @@ class RemoteAssetIndex(AssetIndex):
 
     async def close(self) -> None:
         await self.remote.close()
+
+
+@ASSET_INDEX.register("remote", RemoteConnectionOptions)
+def _build(options: RemoteConnectionOptions, context: IndexContext) -> AssetIndex:
+    return RemoteAssetIndex(remote_from_options(options, context.path))

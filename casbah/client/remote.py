@@ -25,7 +25,15 @@ from google.rpc import code_pb2
 from casbah.client.channel import RemoteSpec, open_channel
 from casbah.client.retry import TRANSIENT, RetryPolicy
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import BlobNotFound, DigestMismatch, NotFound, Unsupported, from_status
+from casbah.errors import (
+    AssetNotFound,
+    BlobNotFound,
+    DigestMismatch,
+    NotFound,
+    Unsupported,
+    code_from_int,
+    from_status,
+)
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -173,7 +181,7 @@ class RemoteClient:
                               f"{len(response.responses)} of {len(batch)} blobs")
         for r in response.responses:
             if r.status.code != code_pb2.OK:
-                raise from_status(_status(r.status.code), f"upload of {r.digest.hash}/{r.digest.size_bytes}: "
+                raise from_status(code_from_int(r.status.code), f"upload of {r.digest.hash}/{r.digest.size_bytes}: "
                                   f"{r.status.message}")
         nbytes = sum(d.size for d, _ in batch)
         self.uploaded.add(len(batch), nbytes)
@@ -277,7 +285,7 @@ class RemoteClient:
             if r.status.code == code_pb2.NOT_FOUND:
                 raise BlobNotFound(digest, f"not on {self.spec.url}")
             if r.status.code != code_pb2.OK:
-                raise from_status(_status(r.status.code), f"download of {digest}: {r.status.message}")
+                raise from_status(code_from_int(r.status.code), f"download of {digest}: {r.status.message}")
             verifier = Verifier(digest)
             verifier.update(r.data)
             verifier.finish()
@@ -375,29 +383,30 @@ class RemoteClient:
     # -- names ---------------------------------------------------------------------
 
     def fetch_directory(self, uris: list[str], qualifiers: dict[str, str] | None = None,
-                        function: DigestFunction = DigestFunction.SHA256) -> Digest | None:
+                        function: DigestFunction = DigestFunction.SHA256) -> Digest:
         return self._fetch(self.fetch.FetchDirectory, ra_pb2.FetchDirectoryRequest, "root_directory_digest",
                            uris, qualifiers, function)
 
     def fetch_blob(self, uris: list[str], qualifiers: dict[str, str] | None = None,
-                   function: DigestFunction = DigestFunction.SHA256) -> Digest | None:
+                   function: DigestFunction = DigestFunction.SHA256) -> Digest:
         return self._fetch(self.fetch.FetchBlob, ra_pb2.FetchBlobRequest, "blob_digest", uris, qualifiers, function)
 
     def _fetch(self, method, request_cls: type, field: str, uris: list[str],
-               qualifiers: dict[str, str] | None, function: DigestFunction) -> Digest | None:
-        """A Remote Asset fetch: the digest, None on a miss (either way a server reports it)."""
+               qualifiers: dict[str, str] | None, function: DigestFunction) -> Digest:
+        """A Remote Asset fetch: the digest; `AssetNotFound` on a miss, however the server reports it
+        (an RPC NOT_FOUND or a response status)."""
         request = request_cls(
             instance_name=self.instance, uris=uris, digest_function=_fn(function),
             qualifiers=[ra_pb2.Qualifier(name=n, value=v) for n, v in (qualifiers or {}).items()],
         )
         try:
             response = self._call(method, request, request_cls.__name__.removesuffix("Request"))
-        except NotFound:
-            return None
+        except NotFound as exc:
+            raise AssetNotFound(f"{uris[0]}: {exc}") from None
         if response.status.code == code_pb2.NOT_FOUND:
-            return None
+            raise AssetNotFound(f"{uris[0]}: {response.status.message or 'not found'}")
         if response.status.code != code_pb2.OK:  # e.g. PERMISSION_DENIED: say so, not "miss"
-            raise from_status(_status(response.status.code), f"{uris[0]}: {response.status.message}")
+            raise from_status(code_from_int(response.status.code), f"{uris[0]}: {response.status.message}")
         d = getattr(response, field)
         return Digest(d.hash, d.size_bytes, function)
 
@@ -417,12 +426,13 @@ class RemoteClient:
         )
         self._call(self.push.PushBlob, request, "PushBlob")
 
-    def get_reference(self, key: str) -> Digest | None:
+    def get_reference(self, key: str) -> Digest:
+        """The tree a BuildStream reference names; `AssetNotFound` when the server has none."""
         try:
             response = self._call(self.references.GetReference,
                                   bst_pb2.GetReferenceRequest(instance_name=self.instance, key=key), "GetReference")
-        except NotFound:
-            return None
+        except NotFound as exc:
+            raise AssetNotFound(f"reference {key!r}: {exc}") from None
         return Digest(response.digest.hash, response.digest.size_bytes)
 
     def update_reference(self, keys: list[str], root: Digest) -> None:
@@ -489,10 +499,6 @@ def _fn_path(digest: Digest) -> str:
 
 def _prefix(instance: str) -> str:
     return f"{instance}/" if instance else ""
-
-
-def _status(code: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
 def _batches(items: list[tuple[Digest, Source]], limit: int) -> list[list[tuple[Digest, Source]]]:

@@ -9,16 +9,12 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import grpc
 
-from casbah.assets.index import AssetIndex
-from casbah.assets.memory import MemoryAssetIndex
+from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
-from casbah.assets.remote import RemoteAssetIndex
-from casbah.assets.sqlite import SqliteAssetIndex
-from casbah.config import ConfigError, InstanceConfig, ListenerConfig, ServerConfig
+from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -31,9 +27,11 @@ from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
 from casbah.server.exposure import warn_if_exposed
+from casbah.server.http import Endpoints
+from casbah.server.interceptor import MetricsInterceptor
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
-from casbah.storage.action_cache import ActionCache, RemoteActionCache, StorageActionCache
+from casbah.storage.action_cache import build_action_cache
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
@@ -52,25 +50,30 @@ class Server:
     ports: list[str] = field(default_factory=list)
     closers: list = field(default_factory=list)
     observability: Observability | None = None
+    #: gRPC health/reflection and the HTTP side (/metrics, /healthz, status page).
+    endpoints: Endpoints | None = None
 
     async def stop(self, grace: float | None = None) -> None:
-        if self.observability is not None:
-            await self.observability.enter_shutdown()  # health NOT_SERVING while draining
+        if self.endpoints is not None:
+            await self.endpoints.enter_shutdown()  # health NOT_SERVING while draining
         await self.grpc_server.stop(self.config.grace_seconds if grace is None else grace)
         for close in self.closers:
             await close()
 
 
-def build_instances(config: ServerConfig, maintenance: bool = False) -> tuple[Instances, StorageLoader]:
+def build_instances(
+    config: ServerConfig, maintenance: bool = False, shared_directories: bool = False
+) -> tuple[Instances, StorageLoader]:
     """`maintenance`: opened by an admin command beside a live server (disk storage then
-    leaves the server's in-progress uploads alone)."""
+    leaves the server's in-progress uploads alone).  `shared_directories`: this process
+    is one of `serve --workers N` (see `StorageLoader`)."""
     load_builtin_kinds()
-    loader = StorageLoader(config.storages, maintenance=maintenance)
+    loader = StorageLoader(config.storages, maintenance=maintenance, shared_directories=shared_directories)
     instances: dict[str, Instance] = {}
     for name, inst in config.instances.items():
         where = f"instances.{name!r}"
         cas = loader.build(inst.storage, f"{where}.storage")
-        action_cache = _action_cache(loader, inst.action_cache or "action-cache", f"{where}.action-cache")
+        action_cache = build_action_cache(loader, inst.action_cache or "action-cache", f"{where}.action-cache")
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
@@ -80,54 +83,6 @@ def build_instances(config: ServerConfig, maintenance: bool = False) -> tuple[In
     per_instance = {name: inst.anonymous for name, inst in config.instances.items() if inst.anonymous}
     authorizer = Authorizer(config.auth, per_instance)
     return Instances(instances, config.max_batch_size, config.max_message_size, authorizer, config.limits), loader
-
-
-def _remote(node: dict, where: str):
-    from pydantic import ValidationError
-
-    from casbah.config import ConfigError, format_validation_error
-    from casbah.storage.remote import RemoteOptions, remote_from_options
-
-    try:
-        return remote_from_options(RemoteOptions.model_validate(node))
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where)) from None
-
-
-def _check_keys(node: dict, allowed: set[str], where: str) -> None:
-    unknown = sorted(set(node) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key for kind {node.get('kind')!r} "
-                          f"(allowed: {', '.join(sorted(allowed))})")
-    if not isinstance(node.get("url"), str) or not node["url"]:
-        raise ConfigError(f"{where}.url: required for kind {node.get('kind')!r}")
-
-
-def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> ActionCache:
-    """A `remote` node forwards to the upstream's ActionCache; any other node is a
-    storage node holding serialized ActionResults."""
-    if isinstance(node, str) and loader.named_kind(node) == "remote":
-        # A remote *storage* node as the ActionCache: forward to the upstream's
-        # ActionCache, never store ActionResults in its CAS under the action digest.
-        return RemoteActionCache(_remote(loader.named_node(node), f"storages.{node}"))
-    if isinstance(node, dict) and node.get("kind") == "remote":
-        return RemoteActionCache(_remote(node, where))
-    if isinstance(node, dict) and node.get("kind") in ("redis", "postgres"):
-        from casbah.storage.ac_shared import PostgresActionCache, RedisActionCache
-
-        _check_keys(node, {"kind", "url", "prefix", "ttl", "instance"}, where)
-        if node["kind"] == "redis":
-            return RedisActionCache(node["url"], node.get("prefix", "casbah:ac:"), node.get("ttl"))
-        return PostgresActionCache(node["url"], node.get("instance", ""))
-    try:
-        return StorageActionCache(loader.build(node, where))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _index_file(instance: str) -> str:
-    """One SQLite file per instance; percent-encoding keeps distinct names distinct."""
-    return "default.sqlite" if not instance else f"i_{quote(instance, safe='')}.sqlite"
 
 
 def _origin_tmp(root: Path) -> Path:
@@ -151,29 +106,7 @@ def _alive(pid: int) -> bool:
 
 def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str,
                     cas: Storage) -> AssetSettings:
-    spec = inst.asset_index
-    spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
-    index: AssetIndex
-    if spec.get("kind") == "memory":
-        index = MemoryAssetIndex()
-    elif spec.get("kind") == "remote":
-        index = RemoteAssetIndex(_remote(spec, f"{where}.asset-index"))
-    elif spec.get("kind") == "redis":
-        from casbah.assets.redis import RedisAssetIndex
-
-        _check_keys(spec, {"kind", "url"}, f"{where}.asset-index")
-        index = RedisAssetIndex(spec["url"], name)
-    elif spec.get("kind") == "postgres":
-        from casbah.assets.postgres import PostgresAssetIndex
-
-        _check_keys(spec, {"kind", "url"}, f"{where}.asset-index")
-        index = PostgresAssetIndex(spec["url"], name)
-    elif spec.get("kind") == "sqlite":
-        index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / _index_file(name))
-    else:
-        raise ConfigError(
-            f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite, remote, redis, postgres)"
-        )
+    index = build_asset_index(inst.asset_index, IndexContext(name, Path(config.data_dir), f"{where}.asset-index"))
     origin = None
     if inst.origin_fetch is not None:
         max_size = inst.origin_fetch.max_size
@@ -199,8 +132,9 @@ def store_quota(node: Storage) -> int | None:
     return None if any(q is None for q in quotas) else max(q for q in quotas if q is not None)
 
 
-async def create_server(config: ServerConfig, reuse_port: bool = False) -> Server:
-    instances, loader = build_instances(config)
+async def create_server(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> Server:
+    """`worker`: this process's number among `serve --workers N` (None: the only server)."""
+    instances, loader = build_instances(config, shared_directories=worker is not None)
     limits = config.limits
     options = [
         ("grpc.max_receive_message_length", config.max_message_size),
@@ -217,8 +151,9 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
     from casbah import __version__
 
     observability = Observability(instances, version=__version__)
+    endpoints = Endpoints(observability)
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-                             interceptors=[MalformedRequests(), observability.interceptor])
+                             interceptors=[MalformedRequests(), MetricsInterceptor(observability)])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
@@ -228,19 +163,19 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
     ra_grpc.add_FetchServicer_to_server(fetch, server)
     ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)
     bst_grpc.add_ReferenceStorageServicer_to_server(ReferenceStorageService(instances, fetch.trees), server)
-    await observability.add_health_and_reflection(server)
-    result = Server(config, instances, server, observability=observability)
+    await endpoints.add_health_and_reflection(server)
+    result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():
         result.ports.append(_listen(server, listener))
     observability.listen = list(result.ports)
-    result.closers.insert(0, observability.close)  # the status page reads storage: stop it first
+    result.closers.insert(0, endpoints.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)
     for storage in loader.all():
         result.closers.append(storage.close)
     for instance in instances:
         result.closers.append(instance.extras["asset"].index.close)
-        if not isinstance(instance.action_cache, StorageActionCache):  # its storage is closed above
-            result.closers.append(instance.action_cache.close)
+        # A storage-backed ActionCache closes its storage again: closing a storage node is idempotent.
+        result.closers.append(instance.action_cache.close)
     return result
 
 
@@ -294,12 +229,12 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
 
 
 async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> None:
-    server = await create_server(config, reuse_port)
+    server = await create_server(config, reuse_port, worker)
     _warn_quota(config)
     metrics_url = None
-    if config.metrics_listen and server.observability is not None:
+    if config.metrics_listen and server.endpoints is not None:
         try:  # before gRPC starts: a bad metrics address must fail startup, not half of it
-            metrics_url = await server.observability.start_http(config.metrics_listen, worker)
+            metrics_url = await server.endpoints.start_http(config.metrics_listen, worker)
         except (OSError, ValueError) as exc:
             await server.stop(0)
             raise StartupError(str(exc)) from None

@@ -58,10 +58,12 @@ from casbah.errors import (
     InvalidArgument,
     Unavailable,
     Unsupported,
+    code_from_int,
     from_status,
 )
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
+from casbah.registry import KindOptions
 from casbah.storage.base import (
     CHUNK_SIZE,
     BlobInfo,
@@ -255,7 +257,7 @@ class RemoteStorage(Storage):
                 lost[digest] = DataLoss(f"{what}: {r.status.message}")
                 continue
             if r.status.code != code_pb2.OK:
-                raise from_status(_status_code(r.status.code), f"{what}: {r.status.message}")
+                raise from_status(code_from_int(r.status.code), f"{what}: {r.status.message}")
             try:
                 data = r.data
                 if r.compressor == re_pb2.Compressor.ZSTD:
@@ -427,7 +429,7 @@ class RemoteStorage(Storage):
             if s is None:
                 errors.append(Unavailable(f"{self._what('BatchUpdateBlobs', digest)}: no status in the response"))
             elif s.code != code_pb2.OK:
-                errors.append(from_status(_status_code(s.code), f"{self._what('BatchUpdateBlobs', digest)}: "
+                errors.append(from_status(code_from_int(s.code), f"{self._what('BatchUpdateBlobs', digest)}: "
                                                                  f"{s.message}"))
             else:
                 errors.append(None)
@@ -449,10 +451,6 @@ class RemoteStorage(Storage):
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _status_code(value: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 def _by_function(digests: Sequence[Digest]) -> dict[DigestFunction, list[Digest]]:
@@ -542,7 +540,9 @@ async def _coalesce(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[by
         yield bytes(buffer)
 
 
-class RemoteOptions(NodeOptions):
+class RemoteConnectionOptions(KindOptions):
+    """How to reach an upstream: shared by the storage, ActionCache and asset-index `remote` kinds."""
+
     url: str
     instance: str = ""
     retries: int = Field(default=3, ge=0)
@@ -553,10 +553,13 @@ class RemoteOptions(NodeOptions):
     client_key: str | None = Field(default=None, alias="client-key")
     client_cert: str | None = Field(default=None, alias="client-cert")
     token_file: str | None = Field(default=None, alias="token-file")
+
+
+class RemoteOptions(RemoteConnectionOptions, NodeOptions):
     compression: str = Field(default="auto", pattern="^(auto|zstd|identity)$")
 
 
-def remote_from_options(options: RemoteOptions, where: str = "remote") -> AsyncRemote:
+def remote_from_options(options: RemoteConnectionOptions, where: str = "remote") -> AsyncRemote:
     """Shared by the storage, ActionCache and asset-index `remote` kinds."""
     spec = RemoteSpec(url=options.url, instance=options.instance, server_cert=options.server_cert,
                       client_key=options.client_key, client_cert=options.client_cert,
