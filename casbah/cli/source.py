@@ -204,7 +204,7 @@ def fetch_manifest(spec: Manifest, dest: str | Path, cache_dir: str | Path, jobs
                             allow_external_symlinks)
         task = progress.add_task("sources", total=len(sources)) if progress is not None else None
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = {pool.submit(cache.fetch, src, target): (src, target) for src, target in sources}
+            futures = {pool.submit(cache.fetch, src, target, dest): (src, target) for src, target in sources}
             for future in as_completed(futures):
                 src, target = futures[future]
                 try:

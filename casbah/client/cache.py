@@ -369,13 +369,13 @@ class LocalCache:
     # -- checkout ------------------------------------------------------------------
 
     def checkout(self, root: Digest, dest: str | os.PathLike, copy: bool = False,
-                 allow_external_symlinks: bool = False) -> int:
+                 allow_external_symlinks: bool = False, within: str | os.PathLike | None = None) -> int:
         """Materialize a tree into `dest` (created; must be empty if it exists).
 
         The whole tree is checked first (names, symlinks: `casbah.client.materialise`),
         and every object it needs must be present, so a bad or incomplete tree fails
         before anything is written; the tree is then written beneath `dest` without
-        following any link there.
+        following any link there (nor in `dest`'s components below `within`, if given).
         """
         dest = Path(dest)
         if dest.exists() and not dest.is_dir():
@@ -392,7 +392,7 @@ class LocalCache:
             if not copy:
                 for digest in {d for _, _, d, x in plan.files if x and d.size}:
                     self._executable_twin(digest)
-            with Materialiser(plan, dest) as out:
+            with Materialiser(plan, dest, within=within) as out:
                 self._place_all(out, copy)
         return len(plan.files)
 

@@ -20,7 +20,9 @@ tree is just data anyone with write access to a CAS can make up: a FileNode name
    symlink to elsewhere, a file where a directory belongs) can send a write outside.
 
 The destination path itself is the user's: it is followed if it is a symlink and
-created with its parents if absent.  It must be absent or an empty directory.  Every
+created with its parents if absent (with `within`, only the part up to `within` is
+the user's; the components below it are opened without following links, as
+`fetch-all` does for each source's directory inside its DEST).  It must be absent or an empty directory.  Every
 entry of the tree is created new and never replaces or enters anything: if an entry
 appears at one of the tree's paths meanwhile (a concurrent process), the run stops
 with `FailedPrecondition` naming the path.
@@ -187,9 +189,13 @@ class Materialiser:
     likes); leaving with an exception removes everything this run created.
     """
 
-    def __init__(self, plan: TreePlan, dest: str | os.PathLike, must_be_empty: bool = True) -> None:
+    def __init__(self, plan: TreePlan, dest: str | os.PathLike, must_be_empty: bool = True,
+                 within: str | os.PathLike | None = None) -> None:
         self.plan = plan
         self.dest = os.fspath(dest)
+        #: The user's own directory `dest` lies in (fetch-all's DEST): the components of
+        #: `dest` below it are treated like the tree's own, never followed if they are links.
+        self.within = None if within is None else os.fspath(within)
         self._must_be_empty = must_be_empty
         self._lock = threading.Lock()
         self._fds: OrderedDict[int, int] = OrderedDict()
@@ -255,8 +261,11 @@ class Materialiser:
     # -- internals ---------------------------------------------------------------
 
     def _open_dest(self) -> int:
+        """Open (creating if need be) the destination: the trusted base as the user named
+        it, then every component below it without following links."""
+        base = self.within if self.within is not None else self.dest
         missing = []
-        path = os.path.abspath(self.dest)
+        path = os.path.abspath(base)
         while not os.path.lexists(path):
             missing.append(path)
             path = os.path.dirname(path)
@@ -265,9 +274,29 @@ class Materialiser:
                 os.mkdir(path)
                 self._made_dest.append(path)
         try:
-            fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except NotADirectoryError:
-            raise InvalidArgument(f"{self.dest} exists and is not a directory") from None
+            raise InvalidArgument(f"{base} exists and is not a directory") from None
+        rel = os.path.relpath(os.path.abspath(self.dest), os.path.abspath(base))
+        path = base
+        for part in [] if rel == "." else rel.split("/"):
+            path = os.path.join(path, part)
+            try:
+                if part == "..":
+                    raise InvalidArgument(f"{self.dest} is not inside {base}")
+                try:
+                    os.mkdir(part, dir_fd=fd)
+                    self._made_dest.append(path)
+                except FileExistsError:
+                    pass
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise InvalidArgument(f"{path} is not a directory (links below {base} are not followed)") from None
+            finally:
+                os.close(fd)
+            fd = child
         if self._must_be_empty and os.listdir(fd):
             os.close(fd)
             raise InvalidArgument(f"{self.dest} is not empty (a tree is written only into an empty directory)")

@@ -100,8 +100,9 @@ class SourceCache:
         #: Stage symlinks that point outside the staged tree (refused by default).
         self.allow_external_symlinks = allow_external_symlinks
 
-    def fetch(self, source: Source, dest: str | Path) -> Digest:
-        """Stage `source` into `dest` (created, must be empty); returns its tree digest."""
+    def fetch(self, source: Source, dest: str | Path, within: str | Path | None = None) -> Digest:
+        """Stage `source` into `dest` (created, must be empty); returns its tree digest.
+        `within`: a directory of the user's that `dest` lies in; links below it are not followed."""
         dest = Path(dest)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             # Checked first: a fetch that cannot be staged should not cost a download.
@@ -109,7 +110,8 @@ class SourceCache:
         root = self._from_assets(source) if source.cacheable else None
         if root is None:
             root = self._native(source)
-        self.cache.checkout(root, dest, copy=True, allow_external_symlinks=self.allow_external_symlinks)
+        self.cache.checkout(root, dest, copy=True, allow_external_symlinks=self.allow_external_symlinks,
+                            within=within)
         return root
 
     def _from_assets(self, source: Source) -> Digest | None:

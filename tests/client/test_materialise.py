@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from casbah.client.materialise import Materialiser, UnsafeTree, plan_tree
 from casbah.digest import Digest
-from casbah.errors import CasbahError, FailedPrecondition
+from casbah.errors import CasbahError, FailedPrecondition, InvalidArgument
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 
@@ -185,6 +185,24 @@ def test_a_directory_swapped_for_a_link_mid_run_is_not_followed(tmp_path: Path) 
     store.write(root, dest, before_files=swap)
     assert list(outside.iterdir()) == []
     assert (tmp_path / "moved" / "deep" / "payload").read_bytes() == b"EVIL"
+
+
+def test_components_below_within_are_not_followed(tmp_path: Path) -> None:
+    """fetch-all's DEST/<directory>: a link planted at <directory> in DEST is not followed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "pre").symlink_to(outside)
+    store = Store()
+    plan = plan_tree(store.tree({"f": b"f"}), store.directory)
+    with pytest.raises(InvalidArgument, match="pre is not a directory"), Materialiser(plan, top / "pre" / "src",
+                                                                                      within=top):
+        pass
+    assert list(outside.iterdir()) == []
+    with Materialiser(plan, top / "new" / "src", within=top) as out:
+        os.close(out.new_file(0, "f", 0o644))
+    assert (top / "new" / "src" / "f").is_file()
 
 
 def test_a_failure_midway_removes_everything_the_run_created(tmp_path: Path) -> None:
