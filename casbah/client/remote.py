@@ -34,7 +34,7 @@ from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from casbah.storage.base import CHUNK_SIZE, Verifier
+from casbah.streams import CHUNK_SIZE, Verifier
 
 __all__ = ["RemoteClient", "RemoteSpec", "open_channel"]
 
