@@ -124,3 +124,12 @@ def from_status(code: grpc.StatusCode, message: str) -> CasbahError:
     if cls is CasbahError:
         err.code = code
     return err
+
+
+def code_from_int(value: int) -> grpc.StatusCode:
+    """The grpc.StatusCode for a numeric `google.rpc.Status.code` (per-blob statuses,
+    Remote Asset responses); UNKNOWN for a number gRPC does not define."""
+    return _BY_INT.get(value, grpc.StatusCode.UNKNOWN)
+
+
+_BY_INT: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 import click
 import grpc
 
-from casbah.client.channel import RemoteSpec, open_channel
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import CasbahError
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
+from casbah.reapi.channel import RemoteSpec, open_channel
 
 
 def remote_options(fn=None, *, required: bool = True):

@@ -22,8 +22,6 @@ from pathlib import Path
 import grpc
 from google.rpc import code_pb2
 
-from casbah.client.channel import RemoteSpec, open_channel
-from casbah.client.retry import TRANSIENT, RetryPolicy
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DigestMismatch, NotFound, Unsupported, from_status
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
@@ -34,6 +32,8 @@ from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from casbah.reapi.channel import RemoteSpec, open_channel
+from casbah.reapi.retry import TRANSIENT, RetryPolicy
 from casbah.streams import CHUNK_SIZE, Verifier
 
 __all__ = ["RemoteClient", "RemoteSpec", "open_channel"]

@@ -44,9 +44,6 @@ from google.rpc import code_pb2
 from pydantic import Field
 
 from casbah import compression
-from casbah.client.aio import AsyncRemote
-from casbah.client.channel import RemoteSpec
-from casbah.client.retry import RetryPolicy, transport_code
 from casbah.config import ConfigError
 from casbah.digest import Digest, DigestFunction, is_empty_blob
 from casbah.errors import (
@@ -62,6 +59,9 @@ from casbah.errors import (
 )
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
+from casbah.reapi.channel import RemoteSpec
+from casbah.reapi.connection import AsyncRemote
+from casbah.reapi.retry import RetryPolicy, transport_code
 from casbah.storage.base import (
     CHUNK_SIZE,
     BlobInfo,

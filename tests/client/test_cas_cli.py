@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from client_helpers import add_awkward_entries, assert_same_tree, cli, small_tree, start_module_server
 
-from casbah.client.channel import RemoteSpec
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
+from casbah.reapi.channel import RemoteSpec
 from casbah.tree import build_tree
 
 
