@@ -1,5 +1,7 @@
-"""`remote`: every storage call forwarded to another REAPI server, through the one
-CAS client (`casbah.reapi.cas`); this module only adapts it to `Storage`.
+"""`remote`: every storage call forwarded to another REAPI server.
+
+This module only adapts the one CAS client (`casbah.reapi.cas`) to `Storage`;
+the rules below are the client's.
 
 - existence: FindMissingBlobs in groups that fit a message (one digest function
   a request), run concurrently;
