@@ -24,7 +24,7 @@ DEFAULT_DATA_DIR = "./casbah-data"
 DEFAULT_QUOTA = "20G"
 ALL_SERVICES = ("capabilities", "cas", "bytestream", "action-cache", "asset", "references")
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*", re.IGNORECASE | re.ASCII)  # fullmatch only
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -36,7 +36,7 @@ def parse_size(value: int | str) -> int:
     """`20G`, `512MiB`, `1.5T` or a plain byte count.  Units are binary (1K = 1024)."""
     if isinstance(value, int):
         return value
-    match = _SIZE.match(str(value))
+    match = _SIZE.fullmatch(str(value))
     if not match:
         raise ValueError(f"{value!r} is not a size (examples: 1048576, 512M, 20G, 1.5TiB)")
     number, unit = float(match.group(1)), match.group(2).lower()
@@ -70,6 +70,19 @@ class OriginFetchConfig(_Model):
 
     allow: list[str] = Field(min_length=1, description="regular expressions matched against the start of a URI")
     git: str = "git"
+    #: Largest download one fetch may make (a blob, or a git fetch and its checkout);
+    #: unset: 4G, or the instance store's quota when that is smaller.
+    max_size: int | str | None = Field(default=None, alias="max-size")
+
+    @field_validator("max_size")
+    @classmethod
+    def _size(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        size = parse_size(value)
+        if size <= 0:
+            raise ValueError("must be a positive size")
+        return size
 
 
 class InstanceConfig(_Model):

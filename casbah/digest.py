@@ -108,7 +108,7 @@ class Digest(NamedTuple):
 
 
 def _parse_size(size: str, text: str) -> int:
-    if not size.isdigit():
+    if not (size.isascii() and size.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
         raise InvalidArgument(f"digest {text!r} has an invalid size {size!r}")
     return int(size)
 

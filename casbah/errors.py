@@ -37,6 +37,18 @@ class BlobNotFound(NotFound):
         super().__init__(f"blob {digest} not found{': ' + detail if detail else ''}")
 
 
+class ActionResultNotFound(NotFound):
+    """An ActionCache backend has no entry for the action (raised by `get`, never a None)."""
+
+    def __init__(self, action: object, detail: str = "") -> None:
+        self.action = action
+        super().__init__(f"no ActionResult for action {action}{': ' + detail if detail else ''}")
+
+
+class AssetNotFound(NotFound):
+    """No asset (or BuildStream reference) matches: a client's Remote Asset or reference lookup missed."""
+
+
 class OutOfRange(CasbahError):
     code = grpc.StatusCode.OUT_OF_RANGE
 

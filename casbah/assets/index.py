@@ -20,8 +20,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
+from typing import Any
 
 from casbah.digest import Digest
+from casbah.metered import Meter
+from casbah.registry import Registry
 
 
 class AssetKind(StrEnum):
@@ -62,7 +66,11 @@ def asset_key(kind: AssetKind, uris: tuple[str, ...], qualifiers: tuple[tuple[st
 
 
 class AssetIndex(abc.ABC):
-    """Backends: memory, SQLite (persistent, the disk default); Redis/PostgreSQL later."""
+    """Backends: memory, SQLite (persistent, the disk default), Redis, PostgreSQL, remote.
+
+    `candidates` is a query, so a miss is an empty list (not an error): the
+    services page through it and turn "nothing complete" into their NotFound.
+    """
 
     @abc.abstractmethod
     async def put(self, record: AssetRecord) -> None:
@@ -80,3 +88,50 @@ class AssetIndex(abc.ABC):
 
     async def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class IndexContext:
+    """What an asset-index builder needs besides its options: the index is per instance."""
+
+    instance: str
+    data_dir: Path
+    path: str
+
+
+#: Builders are called as `(options, context: IndexContext) -> AssetIndex`.
+ASSET_INDEX: Registry[AssetIndex] = Registry(
+    "asset-index", [f"casbah.assets.{m}" for m in ("memory", "postgres", "redis", "remote", "sqlite")]
+)
+
+
+class MetricsAssetIndex(AssetIndex):
+    """The wrapper the loader puts around every asset index; `inner` is the real backend."""
+
+    def __init__(self, inner: AssetIndex, node_path: str, kind: str) -> None:
+        self.inner = inner
+        self.kind = kind
+        self.node_path = node_path
+        self._meter = Meter("asset_index", node_path, ("put", "candidates"))
+
+    async def put(self, record: AssetRecord) -> None:
+        await self._meter.measure("put", self.inner.put(record))
+
+    async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
+                         function: str, limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
+        return await self._meter.measure(
+            "candidates", self.inner.candidates(kind, uris, qualifiers, function, limit, offset), empty_is_miss=True)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def build_asset_index(node: str | dict[str, Any], context: IndexContext) -> MetricsAssetIndex:
+    """An instance's `asset-index:`: a mapping with a kind, or just the kind's name."""
+    ASSET_INDEX.load_builtin()
+    spec = {"kind": node} if isinstance(node, str) else node
+    kind, options = ASSET_INDEX.parse(spec, context.path)
+    return MetricsAssetIndex(kind.build(options, context), context.path, kind.name)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 
-from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
+from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
+from casbah.registry import KindOptions
 
 _NONE: dict[str, None] = {}
 
@@ -81,3 +82,8 @@ def _discard(index: dict, key: object, record_key: str) -> None:
         keys.pop(record_key, None)
         if not keys:
             del index[key]
+
+
+@ASSET_INDEX.register("memory", KindOptions)
+def _build(options: KindOptions, context: IndexContext) -> AssetIndex:
+    return MemoryAssetIndex()

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 
-from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
+from pydantic import Field
+
+from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
 from casbah.postgres_client import PgClient
+from casbah.registry import KindOptions
 
 _DDL = """
 CREATE SEQUENCE IF NOT EXISTS casbah_assets_seq;
@@ -121,3 +124,12 @@ class PostgresAssetIndex(AssetIndex):
 
     async def close(self) -> None:
         await self.db.close()
+
+
+class PostgresAssetIndexOptions(KindOptions):
+    url: str = Field(min_length=1)
+
+
+@ASSET_INDEX.register("postgres", PostgresAssetIndexOptions)
+def _build(options: PostgresAssetIndexOptions, context: IndexContext) -> AssetIndex:
+    return PostgresAssetIndex(options.url, context.instance)

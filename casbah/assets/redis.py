@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 
-from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
+from pydantic import Field
+
+from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
 from casbah.redis_client import connect, release, translated
+from casbah.registry import KindOptions
 
 #: KEYS[1] = counter, KEYS[2] = record, KEYS[3..] = sorted sets; ARGV[1] = record JSON
 #: without its sequence (spliced in here), ARGV[2] = record key.
@@ -105,3 +108,12 @@ class RedisAssetIndex(AssetIndex):
 
     async def close(self) -> None:
         await release(self.url, self.redis)
+
+
+class RedisAssetIndexOptions(KindOptions):
+    url: str = Field(min_length=1)
+
+
+@ASSET_INDEX.register("redis", RedisAssetIndexOptions)
+def _build(options: RedisAssetIndexOptions, context: IndexContext) -> AssetIndex:
+    return RedisAssetIndex(options.url, context.instance)

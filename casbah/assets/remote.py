@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 
-from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
+from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import NotFound, Unsupported
 from casbah.reapi.cas import CasClient
 from casbah.reapi.connection import AsyncRemote
+from casbah.storage.remote import RemoteConnectionOptions, remote_from_options
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +56,8 @@ class RemoteAssetIndex(AssetIndex):
 
     async def close(self) -> None:
         await self.client.close()
+
+
+@ASSET_INDEX.register("remote", RemoteConnectionOptions)
+def _build(options: RemoteConnectionOptions, context: IndexContext) -> AssetIndex:
+    return RemoteAssetIndex(remote_from_options(options, context.path))

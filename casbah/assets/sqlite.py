@@ -23,9 +23,11 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
-from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
+from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
+from casbah.registry import KindOptions
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +208,18 @@ class SqliteAssetIndex(AssetIndex):
     async def close(self) -> None:
         await self._run(self._db.close)
         self._pool.shutdown(wait=True)
+
+
+class SqliteIndexOptions(KindOptions):
+    #: The index file; default: one file per instance under data-dir/assets/.
+    path: str | None = None
+
+
+def index_file(instance: str) -> str:
+    """One SQLite file per instance; percent-encoding keeps distinct names distinct."""
+    return "default.sqlite" if not instance else f"i_{quote(instance, safe='')}.sqlite"
+
+
+@ASSET_INDEX.register("sqlite", SqliteIndexOptions)
+def _build(options: SqliteIndexOptions, context: IndexContext) -> AssetIndex:
+    return SqliteAssetIndex(options.path or context.data_dir / "assets" / index_file(context.instance))

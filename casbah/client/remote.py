@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import BlobNotFound, CasbahError, NotFound
+from casbah.errors import BlobNotFound, CasbahError
 from casbah.reapi import plan
 from casbah.reapi.cas import CasClient
 from casbah.reapi.channel import RemoteSpec, open_channel
@@ -188,21 +188,15 @@ class RemoteClient:
         return self.run(self.client.get_tree(root))
 
     def fetch_directory(self, uris: list[str], qualifiers: dict[str, str] | None = None,
-                        function: DigestFunction = DigestFunction.SHA256) -> Digest | None:
-        """The root a Remote Asset names; None on a miss."""
-        try:
-            d = self.run(self.client.fetch_directory(uris, qualifiers, function)).root_directory_digest
-        except NotFound:
-            return None
+                        function: DigestFunction = DigestFunction.SHA256) -> Digest:
+        """The root a Remote Asset names; `AssetNotFound` on a miss, however the server reports it."""
+        d = self.run(self.client.fetch_directory(uris, qualifiers, function)).root_directory_digest
         return Digest(d.hash, d.size_bytes, function)
 
     def fetch_blob(self, uris: list[str], qualifiers: dict[str, str] | None = None,
-                   function: DigestFunction = DigestFunction.SHA256) -> Digest | None:
-        """The blob a Remote Asset names; None on a miss."""
-        try:
-            d = self.run(self.client.fetch_blob(uris, qualifiers, function)).blob_digest
-        except NotFound:
-            return None
+                   function: DigestFunction = DigestFunction.SHA256) -> Digest:
+        """The blob a Remote Asset names; `AssetNotFound` on a miss, however the server reports it."""
+        d = self.run(self.client.fetch_blob(uris, qualifiers, function)).blob_digest
         return Digest(d.hash, d.size_bytes, function)
 
     def push_directory(self, uris: list[str], root: Digest, qualifiers: dict[str, str] | None = None) -> None:
@@ -211,11 +205,9 @@ class RemoteClient:
     def push_blob(self, uris: list[str], blob: Digest, qualifiers: dict[str, str] | None = None) -> None:
         self.run(self.client.push_blob(uris, blob, qualifiers))
 
-    def get_reference(self, key: str) -> Digest | None:
-        try:
-            return self.run(self.client.get_reference(key))
-        except NotFound:
-            return None
+    def get_reference(self, key: str) -> Digest:
+        """The tree a BuildStream reference names; `AssetNotFound` when the server has none."""
+        return self.run(self.client.get_reference(key))
 
     def update_reference(self, keys: list[str], root: Digest) -> None:
         self.run(self.client.update_reference(keys, root))

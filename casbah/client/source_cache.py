@@ -42,7 +42,7 @@ from casbah.client.remote import RemoteClient
 from casbah.client.sources import Source, SourceError, fetch_native
 from casbah.client.sync import pull, push
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, CasbahError, InvalidArgument, NotFound, Unavailable
+from casbah.errors import AssetNotFound, BlobNotFound, CasbahError, InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -121,26 +121,26 @@ class SourceCache:
             try:
                 if source.is_blob:
                     blob = remote.client.fetch_blob(source.uris, qualifiers)
-                    root = self._blob_tree(remote.client, source, blob) if blob else None
+                    root = self._blob_tree(remote.client, source, blob)
                 else:
                     root = remote.client.fetch_directory(source.uris, qualifiers)
-                    if root is not None:
-                        if not self._complete_locally(root):
-                            pull(self.cache, remote.client, str(root))
-                        self._check_tree(source, root)
+                    if not self._complete_locally(root):
+                        pull(self.cache, remote.client, str(root))
+                    self._check_tree(source, root)
+            except AssetNotFound:
+                log.info("source %s: miss on %s", source.uris[0], url)
+                problems.append(f"{url}: miss")
+                self.summary.count("miss")
+                continue
             except CasbahError as exc:
                 log.warning("source %s: asset fetch from %s failed: %s", source.uris[0], url, exc)
                 remote.failed(exc)
                 problems.append(f"{url}: {exc}")
                 self.summary.count("error")
                 continue
-            if root is not None:
-                log.info("source %s: hit on %s -> %s", source.uris[0], url, root)
-                self.summary.count("hit")
-                return root
-            log.info("source %s: miss on %s", source.uris[0], url)
-            problems.append(f"{url}: miss")
-            self.summary.count("miss")
+            log.info("source %s: hit on %s -> %s", source.uris[0], url, root)
+            self.summary.count("hit")
+            return root
         if all(r.fetch == "only" for r in askers):
             self.summary.count("failed")
             raise NotFound(

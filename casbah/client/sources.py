@@ -62,8 +62,8 @@ RESOURCE_TYPES = {
 }
 #: The casbah-specific qualifier marking a git checkout that includes `.git`.
 GIT_DIR_QUALIFIER = "casbah.git-dir"
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # fullmatch only: `$` also matches before a final newline
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ = 1024 * 1024
 
 
@@ -89,9 +89,9 @@ class Source:
             raise InvalidArgument(f"source {self.name or self.kind}: at least one URI is required")
         self.ref = self.ref.strip().lower() if self.ref else None
         self.sha256 = self.sha256.strip().lower() if self.sha256 else None
-        if self.kind == "git" and not (self.ref and _COMMIT.match(self.ref)):
+        if self.kind == "git" and not (self.ref and _COMMIT.fullmatch(self.ref)):
             raise InvalidArgument(f"git source {self.uris[0]}: ref must be a full 40-hex commit, not {self.ref!r}")
-        if self.kind in ("tar", "zip", "file") and not (self.sha256 and _SHA256.match(self.sha256)):
+        if self.kind in ("tar", "zip", "file") and not (self.sha256 and _SHA256.fullmatch(self.sha256)):
             raise InvalidArgument(f"{self.kind} source {self.uris[0]}: sha256 must be 64 hex characters")
         if self.keep_git_dir and self.kind != "git":
             raise InvalidArgument(f"{self.kind} source {self.uris[0]}: with-git-dir is for git sources only")

@@ -22,7 +22,7 @@ from pathlib import Path
 from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound, InvalidArgument, NotFound, Unsupported
+from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger(__name__)
@@ -134,21 +134,18 @@ def resolve_remote(client: RemoteClient, name: str, publish: str = "asset",
     """A digest (`HASH/SIZE`) as is, or a ref name looked up on the server."""
     if _is_digest(name):
         return Digest.parse(name)
-    digest = None
     try:
         if publish == "references":
-            digest = client.get_reference(name)
-        else:
-            try:
-                digest = client.fetch_directory([uri_template.format(ref=name)])
-            except Unsupported:
-                digest = client.get_reference(name)
+            return client.get_reference(name)
+        try:
+            return client.fetch_directory([uri_template.format(ref=name)])
+        except Unsupported:
+            return client.get_reference(name)
     except Unsupported:
         raise Unsupported(f"{client.spec.url} serves neither Remote Asset nor ReferenceStorage, so ref names "
                           f"cannot be looked up there: pull by digest (HASH/SIZE) instead of {name!r}") from None
-    if digest is None:
-        raise NotFound(f"{client.spec.url} has no ref {name!r}")
-    return digest
+    except AssetNotFound:
+        raise AssetNotFound(f"{client.spec.url} has no ref {name!r}") from None
 
 
 def fetch_directories(client: RemoteClient, root: Digest) -> dict[Digest, bytes]:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 
+import grpc
 from google.rpc import code_pb2
 
 from casbah import compression
@@ -37,6 +38,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from casbah.reapi import bytestream, plan
 from casbah.reapi.connection import AsyncRemote, RemoteCapabilities
 from casbah.reapi.names import NameCalls
+from casbah.reapi.retry import transport_code
 from casbah.reapi.wire import encode_batch_update
 from casbah.streams import NoVerifier, ReadVerifier, Verifier, empty_stream, one_chunk, verified_range
 
@@ -202,8 +204,8 @@ class CasClient(NameCalls):
             return
         try:
             await bytestream.write_stream(self.remote, digest, chunks, verifier, await self.zstd())
-        except bytestream.grpc.RpcError as exc:
-            code = bytestream.transport_code(exc.code(), exc.details() or "")
+        except grpc.RpcError as exc:
+            code = transport_code(exc.code(), exc.details() or "")
             raise from_status(code, f"{self._what('write', digest)}: {code.name}: {exc.details()}") from None
 
     async def write_reopenable(self, digest: Digest, reopen: bytestream.Reopen) -> None:

@@ -1,7 +1,8 @@
 """The calls that name content, for the CAS client: GetTree, Remote Asset, ReferenceStorage.
 
-A miss raises the NotFound family (a Remote Asset miss answered in the response's
-status and one answered as an RPC error alike), so callers see one convention.
+A miss raises the NotFound family (`AssetNotFound` for a Remote Asset or reference
+miss, answered in the response's status or as an RPC error alike; `BlobNotFound`
+for a tree root), so callers see one convention.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2
 
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import BlobNotFound, CasbahError, NotFound, Unsupported, code_from_int, from_status
+from casbah.errors import AssetNotFound, BlobNotFound, CasbahError, NotFound, Unsupported, code_from_int, from_status
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
@@ -127,10 +128,13 @@ class NameCalls:
                                  failed_is_miss)
 
     async def _fetch(self, method, request: Message, what: str, uris: list[str], failed_is_miss: bool):
-        response = await self.remote.unary(method, request, what)
+        try:
+            response = await self.remote.unary(method, request, what)
+        except NotFound as exc:  # a server that answers a miss as an RPC error (`asset-miss: rpc-error`)
+            raise AssetNotFound(f"{uris[0]}: {exc}") from None
         code = response.status.code
         if code == code_pb2.NOT_FOUND or (code != code_pb2.OK and failed_is_miss):
-            raise NotFound(f"{what} {uris[0]} on {self.remote.describe()}: {response.status.message or 'miss'}")
+            raise AssetNotFound(f"{what} {uris[0]} on {self.remote.describe()}: {response.status.message or 'miss'}")
         if code != code_pb2.OK:  # e.g. PERMISSION_DENIED: say so, not "miss"
             raise from_status(code_from_int(code), f"{uris[0]}: {response.status.message}")
         return response
@@ -166,9 +170,12 @@ class NameCalls:
     # -- ReferenceStorage (BuildStream) --------------------------------------------
 
     async def get_reference(self, key: str) -> Digest:
-        """The digest a key names; NotFound when it names nothing."""
+        """The digest a key names; AssetNotFound when it names nothing."""
         request = bst_pb2.GetReferenceRequest(instance_name=self.remote.instance, key=key)
-        response = await self.remote.unary(self.remote.stubs().references.GetReference, request, "GetReference")
+        try:
+            response = await self.remote.unary(self.remote.stubs().references.GetReference, request, "GetReference")
+        except NotFound as exc:
+            raise AssetNotFound(f"reference {key!r}: {exc}") from None
         return Digest(response.digest.hash, response.digest.size_bytes)
 
     async def update_reference(self, keys: list[str], root: Digest) -> None:

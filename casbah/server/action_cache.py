@@ -37,9 +37,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         instance = self._instance(request.instance_name, context, "GetActionResult")
         function = DigestFunction.from_proto(request.digest_function)
         action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
-        data = await instance.action_cache.get(action)
-        if data is None:
-            raise NotFound(f"no ActionResult for action {action}")
+        data = await instance.action_cache.get(action)  # a miss raises ActionResultNotFound: NOT_FOUND
         result = re_pb2.ActionResult()
         try:
             result.ParseFromString(data)

@@ -9,16 +9,12 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import grpc
 
-from casbah.assets.index import AssetIndex
-from casbah.assets.memory import MemoryAssetIndex
-from casbah.assets.origin import OriginFetcher
-from casbah.assets.remote import RemoteAssetIndex
-from casbah.assets.sqlite import SqliteAssetIndex
-from casbah.config import ConfigError, InstanceConfig, ListenerConfig, ServerConfig
+from casbah.assets.index import IndexContext, build_asset_index
+from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
+from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -33,7 +29,8 @@ from casbah.server.cas import CasService
 from casbah.server.exposure import warn_if_exposed
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
-from casbah.storage.action_cache import ActionCache, RemoteActionCache, StorageActionCache
+from casbah.storage.action_cache import build_action_cache
+from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
 log = logging.getLogger("casbah.server")
@@ -69,64 +66,16 @@ def build_instances(config: ServerConfig, maintenance: bool = False) -> tuple[In
     for name, inst in config.instances.items():
         where = f"instances.{name!r}"
         cas = loader.build(inst.storage, f"{where}.storage")
-        action_cache = _action_cache(loader, inst.action_cache or "action-cache", f"{where}.action-cache")
+        action_cache = build_action_cache(loader, inst.action_cache or "action-cache", f"{where}.action-cache")
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
             extras={"check_action_results": inst.check_action_results,
-                    "asset": _asset_settings(config, name, inst, where)},
+                    "asset": _asset_settings(config, name, inst, where, cas)},
         )
     per_instance = {name: inst.anonymous for name, inst in config.instances.items() if inst.anonymous}
     authorizer = Authorizer(config.auth, per_instance)
     return Instances(instances, config.max_batch_size, config.max_message_size, authorizer, config.limits), loader
-
-
-def _remote(node: dict, where: str):
-    from pydantic import ValidationError
-
-    from casbah.config import ConfigError, format_validation_error
-    from casbah.storage.remote import RemoteOptions, remote_from_options
-
-    try:
-        return remote_from_options(RemoteOptions.model_validate(node))
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where)) from None
-
-
-def _check_keys(node: dict, allowed: set[str], where: str) -> None:
-    unknown = sorted(set(node) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key for kind {node.get('kind')!r} "
-                          f"(allowed: {', '.join(sorted(allowed))})")
-    if not isinstance(node.get("url"), str) or not node["url"]:
-        raise ConfigError(f"{where}.url: required for kind {node.get('kind')!r}")
-
-
-def _action_cache(loader: StorageLoader, node: str | dict, where: str) -> ActionCache:
-    """A `remote` node forwards to the upstream's ActionCache; any other node is a
-    storage node holding serialized ActionResults."""
-    if isinstance(node, str) and loader.named_kind(node) == "remote":
-        # A remote *storage* node as the ActionCache: forward to the upstream's
-        # ActionCache, never store ActionResults in its CAS under the action digest.
-        return RemoteActionCache(_remote(loader.named_node(node), f"storages.{node}"))
-    if isinstance(node, dict) and node.get("kind") == "remote":
-        return RemoteActionCache(_remote(node, where))
-    if isinstance(node, dict) and node.get("kind") in ("redis", "postgres"):
-        from casbah.storage.ac_shared import PostgresActionCache, RedisActionCache
-
-        _check_keys(node, {"kind", "url", "prefix", "ttl", "instance"}, where)
-        if node["kind"] == "redis":
-            return RedisActionCache(node["url"], node.get("prefix", "casbah:ac:"), node.get("ttl"))
-        return PostgresActionCache(node["url"], node.get("instance", ""))
-    try:
-        return StorageActionCache(loader.build(node, where))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _index_file(instance: str) -> str:
-    """One SQLite file per instance; percent-encoding keeps distinct names distinct."""
-    return "default.sqlite" if not instance else f"i_{quote(instance, safe='')}.sqlite"
 
 
 def _origin_tmp(root: Path) -> Path:
@@ -148,35 +97,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str) -> AssetSettings:
-    spec = inst.asset_index
-    spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
-    index: AssetIndex
-    if spec.get("kind") == "memory":
-        index = MemoryAssetIndex()
-    elif spec.get("kind") == "remote":
-        index = RemoteAssetIndex(_remote(spec, f"{where}.asset-index"))
-    elif spec.get("kind") == "redis":
-        from casbah.assets.redis import RedisAssetIndex
-
-        _check_keys(spec, {"kind", "url"}, f"{where}.asset-index")
-        index = RedisAssetIndex(spec["url"], name)
-    elif spec.get("kind") == "postgres":
-        from casbah.assets.postgres import PostgresAssetIndex
-
-        _check_keys(spec, {"kind", "url"}, f"{where}.asset-index")
-        index = PostgresAssetIndex(spec["url"], name)
-    elif spec.get("kind") == "sqlite":
-        index = SqliteAssetIndex(spec.get("path") or Path(config.data_dir) / "assets" / _index_file(name))
-    else:
-        raise ConfigError(
-            f"{where}.asset-index: unknown kind {spec.get('kind')!r} (memory, sqlite, remote, redis, postgres)"
-        )
+def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str,
+                    cas: Storage) -> AssetSettings:
+    index = build_asset_index(inst.asset_index, IndexContext(name, Path(config.data_dir), f"{where}.asset-index"))
     origin = None
     if inst.origin_fetch is not None:
+        max_size = inst.origin_fetch.max_size
+        if max_size is None:
+            quota = store_quota(cas)
+            max_size = min(DEFAULT_MAX_SIZE, quota) if quota else DEFAULT_MAX_SIZE
         origin = OriginFetcher(inst.origin_fetch.allow, _origin_tmp(Path(config.data_dir) / "origin-tmp"),
-                               inst.origin_fetch.git)
+                               inst.origin_fetch.git, int(max_size))
     return AssetSettings(index=index, origin=origin, miss=inst.asset_miss)
+
+
+def store_quota(node: Storage) -> int | None:
+    """The byte quota a blob written to `node` must fit in, when every store it may land in
+    has one (disk, memory); None when unknown or unbounded.  A node with its own quota
+    decides; else the largest of its children's (a cache or router writes to one of them)."""
+    own = getattr(node, "max_bytes", None)
+    if isinstance(own, int) and own > 0:
+        return own
+    children = list(node.children())
+    if not children:
+        return None
+    quotas = [store_quota(child) for child in children]
+    return None if any(q is None for q in quotas) else max(q for q in quotas if q is not None)
 
 
 async def create_server(config: ServerConfig, reuse_port: bool = False) -> Server:
@@ -219,8 +165,8 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
         result.closers.append(storage.close)
     for instance in instances:
         result.closers.append(instance.extras["asset"].index.close)
-        if not isinstance(instance.action_cache, StorageActionCache):  # its storage is closed above
-            result.closers.append(instance.action_cache.close)
+        # A storage-backed ActionCache closes its storage again: closing a storage node is idempotent.
+        result.closers.append(instance.action_cache.close)
     return result
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from google.rpc import code_pb2, status_pb2
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
-from casbah.assets.origin import OriginFetcher
+from casbah.assets.origin import OriginFetcher, git_scheme
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import CasbahError, FailedPrecondition, InvalidArgument, NotFound, status_code
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
@@ -33,10 +33,17 @@ log = logging.getLogger(__name__)
 REQUEST_METADATA_KEY = "build.bazel.remote.execution.v2.requestmetadata-bin"
 #: Qualifiers an origin fetch knows how to honour; the index honours any qualifier.
 ORIGIN_QUALIFIERS = frozenset({"resource_type", "checksum.sri", "vcs.commit", "vcs.branch"})
-#: What an origin fetch verifies (and so may index): the content pins.  `vcs.branch`
-#: is accepted on a request but not indexed, since the fetch checks the commit, not
-#: which branch holds it; `resource_type` describes the content and is kept.
-ORIGIN_INDEXED = frozenset({"resource_type", "checksum.sri", "vcs.commit"})
+#: What an origin fetch verifies (and so may index), per kind: the content pin it
+#: checked (`checksum.sri` for a download, `vcs.commit` for git), never the other
+#: kind's pin, which it did not look at.  `vcs.branch` is accepted on a request but not
+#: indexed, since the fetch checks the commit, not which branch holds it.
+#: `resource_type` is kept: it only narrows later matches of the same URI (whose
+#: content it is), so it cannot make another URI or pin resolve to these bytes, and
+#: dropping it would make every fetch that names it miss the index.
+ORIGIN_INDEXED = {
+    AssetKind.BLOB: frozenset({"resource_type", "checksum.sri"}),
+    AssetKind.DIRECTORY: frozenset({"resource_type", "vcs.commit"}),
+}
 
 
 @dataclass
@@ -146,7 +153,8 @@ class FetchService(ra_grpc.FetchServicer):
                 return None, uris[0]
             offset += CANDIDATE_PAGE
 
-    async def _origin(self, instance: Instance, kind: AssetKind, request) -> tuple[AssetRecord | None, str]:
+    async def _origin(self, instance: Instance, kind: AssetKind, request,
+                      context) -> tuple[AssetRecord | None, str]:
         """On a miss: fetch from the origin if this instance allows it for one of the URIs."""
         settings = _settings(instance)
         if settings.origin is None:
@@ -155,6 +163,8 @@ class FetchService(ra_grpc.FetchServicer):
         allowed = [u for u in uris if settings.origin.allowed(u)]
         if kind is AssetKind.BLOB:
             allowed = [u for u in allowed if u.startswith(("http://", "https://"))]
+        else:
+            allowed = [u for u in allowed if git_scheme(u) is not None]
         if not allowed:
             return None, ""
         unknown = sorted(set(qualifiers) - ORIGIN_QUALIFIERS)
@@ -181,9 +191,14 @@ class FetchService(ra_grpc.FetchServicer):
                 log.warning("origin fetch of %s failed: %s", uri, exc)
                 last_error = exc
                 continue
-            verified = tuple(sorted((n, v) for n, v in qualifiers.items() if n in ORIGIN_INDEXED))
-            record = AssetRecord(kind, tuple(uris), verified, digest, pushed_at=time.time())
+            # Indexed under the one URI the content came from: the request's other URIs
+            # may name anything (a URI the allow-list refuses included), and indexing
+            # under them would let any caller decide what they resolve to.
+            verified = tuple(sorted((n, v) for n, v in qualifiers.items() if n in ORIGIN_INDEXED[kind]))
+            record = AssetRecord(kind, (uri,), verified, digest, pushed_at=time.time())
             await settings.index.put(record)
+            self.instances.authorizer.audit_write(context, instance.name, f"OriginFetch{kind.value.capitalize()}",
+                                                  f"{uri} -> {digest}")
             return record, uri
         if last_error is not None:
             raise last_error
@@ -199,7 +214,7 @@ class FetchService(ra_grpc.FetchServicer):
         record, uri = await self._lookup(instance, kind, request)
         if record is None:
             try:
-                record, uri = await self._origin(instance, kind, request)
+                record, uri = await self._origin(instance, kind, request, context)
             except InvalidArgument:
                 raise
             except CasbahError as exc:  # the origin failed: a problem with this asset

@@ -65,7 +65,7 @@ def load_tokens(path: str) -> dict[str, Identity]:
             continue
         digest, _, rest = line.partition(" ")
         where = f"{path}:{number}"
-        if not digest.startswith("sha256:") or len(digest) != 71:
+        if not digest.startswith("sha256:") or len(digest) != 71 or not _is_hex(digest[7:]):
             raise InvalidArgument(f"{where}: a token is written 'sha256:<64 hex>', got {digest!r}")
         scopes, instances = _grant(rest, where)
         hexdigest = digest[7:].lower()
@@ -338,6 +338,19 @@ class Authorizer:
                        _peer(context))
         return identity
 
+    def audit_write(self, context, instance: str, what: str, detail: str) -> None:
+        """An audit line for a write the server makes on a caller's behalf after the call
+        was allowed (an origin fetch stores content a read-only caller asked for), in the
+        `WRITE …` format of `check`."""
+        try:
+            who = "anonymous" if self.open else self.identify(context).name
+        except Unauthenticated:
+            who = "unauthenticated caller"
+        audit.info("WRITE %s on instance %r %s by %s (peer %s)", what, instance, detail, who, _peer(context))
+
+
+def _is_hex(text: str) -> bool:
+    return text.isascii() and all(c in "0123456789abcdefABCDEF" for c in text)
 
 def _peer(context) -> str:
     try:

@@ -26,6 +26,7 @@ from casbah.errors import (
     PermissionDenied,
     ResourceExhausted,
     Unsupported,
+    status_code,
 )
 from casbah.server.auth import Authorizer
 from casbah.storage.action_cache import ActionCache
@@ -211,11 +212,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
     if isinstance(exc, DecodeError):  # a message of a client stream that does not parse
         log.debug("%s: a request message does not parse: %s", method, exc)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: a request message does not parse: {exc}")
-    if isinstance(exc, CasbahError):
-        log.debug("%s: %s: %s", method, exc.code.name, exc)
-        await context.abort(exc.code, str(exc))
-    log.exception("%s failed unexpectedly", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(exc).__name__}: {exc}")
+    code = status_code(exc)  # the one table: per-blob statuses and whole-call errors agree
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, CasbahError):
+        log.exception("%s failed unexpectedly", method)
+        await context.abort(code, f"{method}: internal error: {type(exc).__name__}: {exc}")
+    log.debug("%s: %s: %s", method, code.name, exc)
+    await context.abort(code, str(exc) or f"{method}: {type(exc).__name__}")
 
 
 def rpc(fn: Callable) -> Callable:

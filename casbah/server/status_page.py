@@ -134,7 +134,7 @@ async def _status(request: web.Request) -> web.Response:
             "size": _summary(inst.cas, stats),
             "storage": _tree(inst.cas, stats),
             "action_cache": _tree(ac_storage, stats) if isinstance(ac_storage, Storage)
-            else {"kind": type(inst.action_cache).__name__, "children": []},
+            else {"kind": getattr(inst.action_cache, "kind", type(inst.action_cache).__name__), "children": []},
             "hit_rates": hit_rates,
             "requests_last_hour": sum(n for _, n, _ in requests),
             "errors_last_hour": sum(e for _, _, e in requests),
@@ -173,7 +173,7 @@ async def _lookup(request: web.Request) -> web.Response:
             answer["directory"] = await _directory(inst.cas, data, function)
     try:
         result = await inst.action_cache.get(digest)
-    except Exception:
+    except Exception:  # a miss (ActionResultNotFound) or a backend that cannot answer: no entry shown
         result = None
     if result is not None:
         answer["action_result"] = _action_result(result)

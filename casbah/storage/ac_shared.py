@@ -9,10 +9,14 @@ Redis is faster but keeps that promise only when run with `appendonly yes` and
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from casbah.digest import Digest
+from casbah.errors import ActionResultNotFound
 from casbah.postgres_client import PgClient
 from casbah.redis_client import connect, release, translated
-from casbah.storage.action_cache import ActionCache
+from casbah.registry import KindOptions
+from casbah.storage.action_cache import ACTION_CACHE, ActionCache
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS casbah_action_cache (
@@ -30,8 +34,11 @@ class RedisActionCache(ActionCache):
         self.redis = connect(url)
 
     @translated
-    async def get(self, action: Digest) -> bytes | None:
-        return await self.redis.get(self.prefix + action.key)
+    async def get(self, action: Digest) -> bytes:
+        data = await self.redis.get(self.prefix + action.key)
+        if data is None:
+            raise ActionResultNotFound(action)
+        return data
 
     @translated
     async def put(self, action: Digest, result: bytes) -> None:
@@ -47,7 +54,7 @@ class PostgresActionCache(ActionCache):
         self.instance = instance
         self.db = PgClient(url)
 
-    async def get(self, action: Digest) -> bytes | None:
+    async def get(self, action: Digest) -> bytes:
         await self.db.ensure_schema("action_cache", _DDL)
 
         async def q(conn):
@@ -57,7 +64,10 @@ class PostgresActionCache(ActionCache):
             row = await cur.fetchone()
             return bytes(row[0]) if row else None
 
-        return await self.db.run(q)
+        data = await self.db.run(q)
+        if data is None:
+            raise ActionResultNotFound(action)
+        return data
 
     async def put(self, action: Digest, result: bytes) -> None:
         await self.db.ensure_schema("action_cache", _DDL)
@@ -73,3 +83,26 @@ class PostgresActionCache(ActionCache):
 
     async def close(self) -> None:
         await self.db.close()
+
+
+class RedisActionCacheOptions(KindOptions):
+    url: str = Field(min_length=1)
+    prefix: str = "casbah:ac:"
+    #: Seconds an entry lives after its last write (Redis expires it); none = until evicted by Redis.
+    ttl: int | None = Field(default=None, gt=0)
+
+
+class PostgresActionCacheOptions(KindOptions):
+    url: str = Field(min_length=1)
+    #: Rows are keyed by (instance, action): instances naming the same value share entries.
+    instance: str = ""
+
+
+@ACTION_CACHE.register("redis", RedisActionCacheOptions)
+def _redis(options: RedisActionCacheOptions, path: str) -> ActionCache:
+    return RedisActionCache(options.url, options.prefix, options.ttl)
+
+
+@ACTION_CACHE.register("postgres", PostgresActionCacheOptions)
+def _postgres(options: PostgresActionCacheOptions, path: str) -> ActionCache:
+    return PostgresActionCache(options.url, options.instance)

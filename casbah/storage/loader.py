@@ -8,43 +8,28 @@ are built once and shared.  Every node the loader builds is wrapped in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from casbah.config import ConfigError, format_validation_error
+from casbah.config import ConfigError
+from casbah.registry import Kind, KindOptions, Registry
 from casbah.storage.base import Storage
 
 
-class NodeOptions(BaseModel):
-    """Base of every kind's options model: unknown keys are errors."""
+class NodeOptions(KindOptions):
+    """Base of every storage kind's options model: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    kind: str
     verify: bool = True
 
 
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    options: type[NodeOptions]
-    build: Callable[[Any, StorageLoader, str], Storage]
-
-
-KINDS: dict[str, Kind] = {}
-
-
-def register(name: str, options: type[NodeOptions]) -> Callable:
-    """Decorator for a builder `(options, loader, path) -> Storage`."""
-
-    def wrap(build: Callable[[Any, StorageLoader, str], Storage]) -> Callable:
-        KINDS[name] = Kind(name, options, build)
-        return build
-
-    return wrap
+#: Builders are called as `(options, loader, path) -> Storage`.
+STORAGE: Registry[Storage] = Registry("storage", [
+    f"casbah.storage.{m}" for m in (
+        "blob_index", "cache", "disk", "existence_cache", "memory", "redis_store", "remote", "replicated", "s3",
+        "sharded", "size_routed",
+    )
+])
+KINDS: dict[str, Kind[Storage]] = STORAGE.kinds
+register = STORAGE.register
 
 
 class StorageLoader:
@@ -61,18 +46,12 @@ class StorageLoader:
             return self._build_named(node, path)
         if not isinstance(node, dict) or "kind" not in node:
             raise ConfigError(f"{path}: a storage node needs a 'kind' (or the name of a node in 'storages')")
-        kind = KINDS.get(node["kind"])
-        if kind is None:
-            raise ConfigError(f"{path}.kind: unknown storage kind {node['kind']!r}; known: {', '.join(sorted(KINDS))}")
-        try:
-            options = kind.options.model_validate(node)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, path)) from None
+        kind, options = STORAGE.parse(node, path)
         from casbah.storage.metrics import MetricsStorage
 
-        node = MetricsStorage(kind.build(options, self, path), node_path=path)
-        self._every.append(node)
-        return node
+        built = MetricsStorage(kind.build(options, self, path), node_path=path)
+        self._every.append(built)
+        return built
 
     def _build_named(self, name: str, path: str) -> Storage:
         if name in self._built:
@@ -102,16 +81,4 @@ class StorageLoader:
 
 def load_builtin_kinds() -> None:
     """Import every backend module so it registers its kind."""
-    from casbah.storage import (  # noqa: F401
-        blob_index,
-        cache,
-        disk,
-        existence_cache,
-        memory,
-        redis_store,
-        remote,
-        replicated,
-        s3,
-        sharded,
-        size_routed,
-    )
+    STORAGE.load_builtin()

@@ -46,6 +46,7 @@ from casbah.reapi.cas import CasClient
 from casbah.reapi.channel import RemoteSpec
 from casbah.reapi.connection import AsyncRemote
 from casbah.reapi.retry import RetryPolicy
+from casbah.registry import KindOptions
 from casbah.storage.base import BlobInfo, Storage, check_range, found_or_lost
 from casbah.storage.loader import NodeOptions, register
 
@@ -102,7 +103,9 @@ class RemoteStorage(Storage):
         await self.client.close()
 
 
-class RemoteOptions(NodeOptions):
+class RemoteConnectionOptions(KindOptions):
+    """How to reach an upstream: shared by the storage, ActionCache and asset-index `remote` kinds."""
+
     url: str
     instance: str = ""
     retries: int = Field(default=3, ge=0)
@@ -113,10 +116,13 @@ class RemoteOptions(NodeOptions):
     client_key: str | None = Field(default=None, alias="client-key")
     client_cert: str | None = Field(default=None, alias="client-cert")
     token_file: str | None = Field(default=None, alias="token-file")
+
+
+class RemoteOptions(RemoteConnectionOptions, NodeOptions):
     compression: str = Field(default="auto", pattern="^(auto|zstd|identity)$")
 
 
-def remote_from_options(options: RemoteOptions, where: str = "remote") -> AsyncRemote:
+def remote_from_options(options: RemoteConnectionOptions, where: str = "remote") -> AsyncRemote:
     """Shared by the storage, ActionCache and asset-index `remote` kinds."""
     spec = RemoteSpec(url=options.url, instance=options.instance, server_cert=options.server_cert,
                       client_key=options.client_key, client_cert=options.client_cert,

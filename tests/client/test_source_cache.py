@@ -47,7 +47,7 @@ from casbah.client.remote import RemoteClient  # noqa: E402
 from casbah.client.source_cache import FETCH_POLICIES, PUSH_POLICIES, RemotePolicy, SourceCache  # noqa: E402
 from casbah.client.sources import Source, SourceError, fetch_native, sri_sha256  # noqa: E402
 from casbah.digest import Digest  # noqa: E402
-from casbah.errors import NotFound, Unavailable  # noqa: E402
+from casbah.errors import AssetNotFound, NotFound, Unavailable  # noqa: E402
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2  # noqa: E402
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc  # noqa: E402
 from casbah.reapi.channel import RemoteSpec  # noqa: E402
@@ -154,7 +154,10 @@ def asset(server, src: Source, qualifiers: dict[str, str] | None = None) -> Dige
     """What the server answers for the source's fetch (None on a miss)."""
     q = src.fetch_qualifiers() if qualifiers is None else qualifiers
     with RemoteClient(RemoteSpec(url=server.url)) as client:
-        return client.fetch_blob(src.uris, q) if src.is_blob else client.fetch_directory(src.uris, q)
+        try:
+            return client.fetch_blob(src.uris, q) if src.is_blob else client.fetch_directory(src.uris, q)
+        except AssetNotFound:
+            return None
 
 
 def casbah(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -50,18 +50,29 @@ class HttpOrigin:
     """A real HTTP server on 127.0.0.1 in a thread: `files` maps paths to contents.
 
     `/slow/...` answers after `slow_seconds`; `/trickle/...` sends its headers at
-    once, then one byte every 0.1 s (a download that is alive but too slow).
+    once, then one byte every 0.1 s (a download that is alive but too slow);
+    `/nolength/...` serves its file without Content-Length (the body ends when the
+    connection closes).  `redirects` maps a path prefix to a URL prefix: a request
+    under it is answered `302 Location: <URL prefix><rest of the path>`.
     """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.redirects: dict[str, str] = {}
         self.slow_seconds = 5.0
         origin = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 origin.requests.append(self.path)
+                for prefix, target in origin.redirects.items():
+                    if self.path.startswith(prefix):
+                        self.send_response(302)
+                        self.send_header("Location", target + self.path[len(prefix):])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                 if self.path.startswith("/slow/"):
                     time.sleep(origin.slow_seconds)
                 if self.path.startswith("/trickle/"):
@@ -81,7 +92,8 @@ class HttpOrigin:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                if not self.path.startswith("/nolength/"):
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 try:
                     self.wfile.write(data)
