@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DigestMismatch
-from casbah.storage.base import Storage, Verifier
+from casbah.storage.base import Storage
+from casbah.streams import Verifier
 
 log = logging.getLogger(__name__)
 

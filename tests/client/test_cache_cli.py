@@ -17,10 +17,10 @@ import pytest
 from client_helpers import assert_same_tree, cli, object_files, small_tree, start_module_server
 
 from casbah.client.cache import LocalCache
-from casbah.client.channel import RemoteSpec
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.reapi.channel import RemoteSpec
 
 
 @pytest.fixture(scope="module")
