@@ -1,4 +1,5 @@
-"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree."""
+"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree (SplitBlob and
+SpliceBlob answer UNIMPLEMENTED until content-defined chunking lands)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import InvalidArgument, NotFound, code_to_int, status_code
+from casbah.errors import InvalidArgument, NotFound, Unsupported, code_to_int, status_code
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.auth import digest_list
@@ -196,6 +197,19 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             page.append(directory)
             page_bytes += size + 8
         yield re_pb2.GetTreeResponse(directories=page, next_page_token="")
+
+    # Capabilities advertise split_blob_support and splice_blob_support false, so a
+    # client that checks them never calls these; one that does not gets UNIMPLEMENTED,
+    # after the same access check a working call would make.
+    @rpc
+    async def SplitBlob(self, request, context):
+        self._instance(request.instance_name, context, "SplitBlob")
+        raise Unsupported("SplitBlob is not implemented by this server (split_blob_support is false)")
+
+    @rpc
+    async def SpliceBlob(self, request, context):
+        self._instance(request.instance_name, context, "SpliceBlob", write=True)
+        raise Unsupported("SpliceBlob is not implemented by this server (splice_blob_support is false)")
 
 
 async def walk_tree(cas: Storage, root: Digest) -> AsyncIterator[tuple[object, int]]:
