@@ -16,7 +16,7 @@ import grpc
 
 from casbah.client.channel import RemoteSpec, open_aio_channel
 from casbah.client.retry import RetryPolicy
-from casbah.digest import Digest, DigestFunction
+from casbah.digest import Digest
 from casbah.errors import CasbahError, Unsupported
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -153,13 +153,13 @@ class AsyncRemote:
     def blob_path(self, digest: Digest, compressed: bool = False) -> str:
         prefix = f"{self.instance}/" if self.instance else ""
         kind = "compressed-blobs/zstd" if compressed else "blobs"
-        fn = "blake3/" if digest.function is DigestFunction.BLAKE3 else ""
+        fn = digest.function.resource_segment
         return f"{prefix}{kind}/{fn}{digest.hash}/{digest.size}"
 
     def upload_path(self, upload_id: str, digest: Digest, compressed: bool = False) -> str:
         prefix = f"{self.instance}/" if self.instance else ""
         kind = "compressed-blobs/zstd" if compressed else "blobs"
-        fn = "blake3/" if digest.function is DigestFunction.BLAKE3 else ""
+        fn = digest.function.resource_segment
         return f"{prefix}uploads/{upload_id}/{kind}/{fn}{digest.hash}/{digest.size}"
 
     async def close(self) -> None:

@@ -494,7 +494,7 @@ def _fn(function: DigestFunction) -> int:
 
 
 def _fn_path(digest: Digest) -> str:
-    return "blake3/" if digest.function is DigestFunction.BLAKE3 else ""
+    return digest.function.resource_segment
 
 
 def _prefix(instance: str) -> str:

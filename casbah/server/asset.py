@@ -20,7 +20,7 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.assets.origin import OriginFetcher, git_scheme
-from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.digest import Digest, is_empty_blob, make_digest
 from casbah.errors import CasbahError, FailedPrecondition, InvalidArgument, NotFound, code_to_int, status_code
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
@@ -136,7 +136,7 @@ class FetchService(ra_grpc.FetchServicer):
 
     async def _lookup(self, instance: Instance, kind: AssetKind, request) -> tuple[AssetRecord | None, str]:
         uris, qualifiers = validate(request.uris, request.qualifiers)
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function)  # no digest to infer from: unset is sha256
         oldest = _timestamp_seconds(request.oldest_content_accepted)
         index = _settings(instance).index
         now = time.time()
@@ -170,7 +170,7 @@ class FetchService(ra_grpc.FetchServicer):
         unknown = sorted(set(qualifiers) - ORIGIN_QUALIFIERS)
         if unknown:
             raise InvalidArgument(f"qualifier {unknown[0]!r} cannot be honoured by an origin fetch")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function)
         timeout = request.timeout.seconds + request.timeout.nanos / 1e9 or None
         last_error: CasbahError | None = None
         for uri in allowed:
@@ -263,7 +263,7 @@ class PushService(ra_grpc.PushServicer):
                            what=f"Push{kind.value.capitalize()}",
                            detail=f"{uris[0]} -> {root_message.hash}/{root_message.size_bytes}")
         instance.check_writable(f"Push{kind.value.capitalize()}")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function, root_message.hash)
 
         def digest(message) -> Digest:
             return make_digest(message.hash, message.size_bytes, function)
