@@ -201,7 +201,7 @@ def test_every_digest_function_round_trips(on_storage, function: DigestFunction)
     """Each function is verified with itself, in batches and streams, and listed back under itself."""
     async def body(storage: Storage) -> None:
         small, small_data = blob(300, function)
-        big, big_data = blob(CHUNK_SIZE + 5000, function)  # several chunks, several tree levels
+        big, big_data = blob(2 * MiB + 5000, function)  # several chunks; over the batch limit: ByteStream to a remote
         await storage.write_bytes(small, small_data)
         await storage.write(big, stream(big_data, piece=10_000))
         assert await storage.find_missing([small, big]) == []
