@@ -65,10 +65,9 @@ def compress_python(block: bytes) -> bytes:
     return _WORDS.pack(a, b, c, d, e, f, g, h)
 
 
-class _Sha256Ctx(ctypes.Structure):
-    # OpenSSL's SHA256_CTX: the state words come first; the rest is buffer and counters.
-    _fields_ = [("h", ctypes.c_uint32 * 8), ("nl", ctypes.c_uint32), ("nh", ctypes.c_uint32),
-                ("data", ctypes.c_uint32 * 16), ("num", ctypes.c_uint), ("md_len", ctypes.c_uint)]
+#: OpenSSL's SHA256_CTX is 112 bytes; its first 32 are the eight state words (native order).
+_CTX_SIZE = 112
+_NATIVE_WORDS = struct.Struct("=8I")
 
 
 def _openssl_compress():
@@ -80,17 +79,16 @@ def _openssl_compress():
         transform = ctypes.CDLL(name).SHA256_Transform
     except (OSError, AttributeError):
         return None
-    transform.argtypes = [ctypes.POINTER(_Sha256Ctx), ctypes.c_char_p]
     transform.restype = None
-    ctx = _Sha256Ctx()
-    ref = ctypes.byref(ctx)
-    iv = (ctypes.c_uint32 * 8)(*PARENT_IV)
+    ctx = bytearray(_CTX_SIZE)
+    ctx_ref = (ctypes.c_char * _CTX_SIZE).from_buffer(ctx)
+    start = _NATIVE_WORDS.pack(*PARENT_IV)
+    unpack, pack, iv = _NATIVE_WORDS.unpack_from, _WORDS.pack, PARENT_IV
 
     def compress(block: bytes) -> bytes:
-        ctx.h = iv
-        transform(ref, block)
-        h = ctx.h
-        return _WORDS.pack(*[(h[i] - PARENT_IV[i]) & _M32 for i in range(8)])
+        ctx[:32] = start
+        transform(ctx_ref, block)
+        return pack(*[(word - first) & _M32 for word, first in zip(unpack(ctx), iv, strict=True)])
 
     probe = bytes(range(64))
     return compress if compress(probe) == compress_python(probe) else None
