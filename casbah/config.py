@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from casbah.digest import DEFAULT_FUNCTIONS, DigestFunction
 from casbah.errors import InvalidArgument
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -103,6 +104,22 @@ class InstanceConfig(_Model):
     #: for everyone else), `status`, or `rpc-error`.
     asset_miss: str = Field(default="auto", alias="asset-miss", pattern="^(auto|status|rpc-error)$")
     origin_fetch: OriginFetchConfig | None = Field(default=None, alias="origin-fetch")
+    #: The digest functions this instance serves and advertises, by REAPI lowercase name.
+    #: Default: all but sha1 and md5, which legacy clients may have enabled per instance.
+    digest_functions: list[str] = Field(
+        default_factory=lambda: [f.value for f in DEFAULT_FUNCTIONS], alias="digest-functions", min_length=1
+    )
+
+    @field_validator("digest_functions")
+    @classmethod
+    def _known_functions(cls, value: list[str]) -> list[str]:
+        known = [f.value for f in DigestFunction]
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise ValueError(f"unknown digest function(s) {unknown}; casbah computes: {', '.join(known)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"digest function listed twice in {value}")
+        return value
 
     @field_validator("services")
     @classmethod

@@ -53,7 +53,7 @@ class Verifier:
 
     def __init__(self, digest: Digest) -> None:
         self.digest = digest
-        self._hasher: Hasher = digest.function.hasher()
+        self._hasher: Hasher = digest.function.hasher(digest.size)
         self.received = 0
 
     def update(self, chunk: bytes | memoryview) -> None:

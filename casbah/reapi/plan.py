@@ -100,13 +100,13 @@ def _prefix(instance: str) -> str:
 
 def _blob_part(digest: Digest, compressed: bool) -> str:
     kind = "compressed-blobs/zstd" if compressed else "blobs"
-    fn = "" if digest.function is DigestFunction.SHA256 else f"{digest.function.value}/"
-    return f"{kind}/{fn}{digest.hash}/{digest.size}"
+    return f"{kind}/{digest.function.resource_segment}{digest.hash}/{digest.size}"
 
 
 def blob_resource(instance: str, digest: Digest, compressed: bool = False) -> str:
     """The ByteStream read name: `{instance}/blobs/{function/}{hash}/{size}` (the function
-    only for a non-SHA-256 digest; `compressed-blobs/zstd` instead of `blobs` when compressed)."""
+    segment only where the hash length cannot name it: BLAKE3, SHA256TREE, GITSHA1;
+    `compressed-blobs/zstd` instead of `blobs` when compressed)."""
     return _prefix(instance) + _blob_part(digest, compressed)
 
 

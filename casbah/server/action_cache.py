@@ -37,8 +37,8 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
     @rpc
     async def GetActionResult(self, request, context):
         instance = self._instance(request.instance_name, context, "GetActionResult")
-        function = DigestFunction.from_proto(request.digest_function)
-        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        action = instance.digest(request.action_digest, request.digest_function)
+        function = action.function
         data = await instance.action_cache.get(action)  # a miss raises ActionResultNotFound: NOT_FOUND
         result = re_pb2.ActionResult()
         try:
@@ -69,8 +69,8 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         instance = self._instance(request.instance_name, context, "UpdateActionResult", write=True,
                                   detail=f"action {d.hash}/{d.size_bytes}")
         instance.check_writable("UpdateActionResult")
-        function = DigestFunction.from_proto(request.digest_function)
-        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        action = instance.digest(request.action_digest, request.digest_function)
+        function = action.function
         _referenced(request.action_result, function)  # refuse malformed digests now, not at every Get
         await check_output_trees(instance.cas, request.action_result, function)
         await instance.action_cache.put(action, request.action_result.SerializeToString(deterministic=True))

@@ -15,6 +15,7 @@ import grpc
 from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
+from casbah.digest import DigestFunction
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -77,6 +78,7 @@ def build_instances(
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
+            digest_functions=tuple(DigestFunction(f) for f in inst.digest_functions),
             extras={"check_action_results": inst.check_action_results,
                     "asset": _asset_settings(config, name, inst, where, cas)},
         )

@@ -1,6 +1,6 @@
 """`disk`: one file per blob under a data directory, with a byte quota and LRU eviction.
 
-Layout: `objects/<2 hex>/<key>` (key = `hash-size`, or `blake3-hash-size`) and
+Layout: `objects/<2 hex>/<key>` (key = `hash-size` for sha256, `<function>-hash-size` for the others) and
 `tmp/` for writes in progress.  A write goes to `tmp/`, is hashed as it is written,
 and is renamed into `objects/` only once verified, so a reader (or a restart after
 SIGKILL) never sees a partial blob; `tmp/` is emptied at startup, and an object
