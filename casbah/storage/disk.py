@@ -43,7 +43,7 @@ from typing import Any
 from pydantic import Field
 
 from casbah.config import parse_size
-from casbah.digest import Digest
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DigestMismatch, ResourceExhausted
 from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range, empty_stream
 from casbah.storage.disk_files import _FileReader, _parse_key, _pread_all, _run_to_end, _single, _TmpFile
@@ -230,6 +230,22 @@ class DiskStorage(Storage):
             self._unpin(digest)
             self._lost(digest, False)
         return _FileReader(self, digest, handle, offset, count)
+
+    async def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
+        """The stored blob with this hash, whatever its size, or None.
+
+        For protocols that name blobs by hash alone (the HTTP cache protocol): one
+        listing of the blob's prefix directory, so a fallback, not a per-request path.
+        """
+        stem = Digest(hash_hex, 0, function).key[:-1]  # the key without its size: `hash-`
+        try:
+            names = await asyncio.to_thread(os.listdir, f"{self._objects}/{hash_hex[:2]}")
+        except OSError:
+            return None
+        for name in names:
+            if name.startswith(stem) and (digest := _parse_key(name)) is not None and digest in self._index:
+                return digest
+        return None
 
     def _lookup(self, digest: Digest) -> int:
         try:
