@@ -7,7 +7,7 @@ LRU eviction and storage metrics as everything else, but a separate node, so no 
 call can ever reach them.  A gRPC GetActionResult reads only the ActionCache's node;
 an HTTP `/ac/` entry that is not an ActionResult is written here and nowhere else.
 
-A key is a path-like string (`ac/<64 hex>`, `ab/cdef…`, `a/b/c/<key>`).  Storage wants a
+Keys are per instance. A key is a path-like string (`ac/<64 hex>`, `ab/cdef…`, `a/b/c/<key>`).  Storage wants a
 `Digest`; the key's storage name is the SHA-256 of a tag and the key, with size 0 —
 nodes with `verify: false` neither check the hash nor the size, and this keeps each
 key at one fixed storage name whatever the length of its value.
@@ -32,17 +32,19 @@ class EntryNotFound(NotFound):
 class OpaqueStore:
     """Values by key, streamed in and out of a `verify: false` storage node."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, namespace: str = "") -> None:
         if storage.verify:
             raise ValueError(f"storage {storage.name!r} verifies hashes; the opaque HTTP namespace needs "
                              "'verify: false'")
         self.storage = storage
+        #: The instance name: instances sharing a node do not see each other's keys.
+        self.namespace = namespace
 
-    @staticmethod
-    def name_of(key: str) -> Digest:
+    def name_of(self, key: str) -> Digest:
         """The storage name of a key: stable, and unlike any content digest a client can send
         to this node (the node is reachable only from here)."""
-        return Digest(hashlib.sha256(_TAG + key.encode()).hexdigest(), 0, DigestFunction.SHA256)
+        name = _TAG + self.namespace.encode() + b"\0" + key.encode()
+        return Digest(hashlib.sha256(name).hexdigest(), 0, DigestFunction.SHA256)
 
     async def has(self, key: str) -> bool:
         return not await self.storage.find_missing([self.name_of(key)])

@@ -88,7 +88,7 @@ class HttpFront:
         opaque = {}
         for name, inst in config.instances.items():
             node = loader.build(inst.opaque_store or "opaque", f"instances.{name!r}.opaque-store")
-            opaque[name] = OpaqueStore(node)
+            opaque[name] = OpaqueStore(node, name)
         self.state = HttpState(instances, opaque, Path(config.data_dir) / "http-tmp")
         self.state.spool_dir.mkdir(parents=True, exist_ok=True)
         self.app = web.Application(middlewares=[self._errors])
@@ -139,7 +139,8 @@ class HttpFront:
             raise ValueError(f"http-listen: want HOST:PORT, got {address!r}")
         host = host.strip("[]")
         context = _ssl_context(self.config)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # auto_decompress off: bodies are decoded here, bounded, and only in the encodings we name.
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, auto_decompress=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, int(port), ssl_context=context, reuse_port=reuse_port or None)
         await site.start()
