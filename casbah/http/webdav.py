@@ -12,6 +12,7 @@ collection; there is no listing, `COPY`, `MOVE` or locking.
 
 from __future__ import annotations
 
+from email.utils import formatdate
 from xml.sax.saxutils import escape
 
 from aiohttp import web
@@ -86,6 +87,8 @@ async def propfind(state: HttpState, request: web.Request, target: Target) -> we
         props = f"<D:resourcetype/><D:getcontentlength>{length}</D:getcontentlength>"
     else:
         props = "<D:resourcetype><D:collection/></D:resourcetype>"
+    # Opaque nodes keep no modification times; clients (OpenDAL, in sccache) insist on one.
+    props += f"<D:getlastmodified>{formatdate(usegmt=True)}</D:getlastmodified>"
     body = (
         '<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:"><D:response>'
         f"<D:href>{href}</D:href><D:propstat><D:prop>{props}</D:prop>"
