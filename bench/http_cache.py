@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.common import Dataset, VerificationError, slice_indices
 from bench.jobs import BigReadJob, BigWriteJob, SmallReadJob, SmallWriteJob, _big_blob
 from bench.loadgen import JobResult, WorkerContext
-from bench.targets import start_target, stop_target
+from bench.targets import server_cpu_seconds, start_target, stop_target
 
 MiB = 1024 * 1024
 SMALL = 4096
@@ -153,9 +153,20 @@ def http_cache(ctx):
     parts = min(ctx.processes, count)
     slices = [slice_indices(count, parts, p) for p in range(parts)]
     figures: dict[str, list[float]] = {}
+    cpu: dict[str, list[float | None]] = {}
 
     def note(name: str, value: float) -> None:
         figures.setdefault(name, []).append(value)
+
+    def phase(jobs: list, label: str, name: str, unit_bytes: int | None = None):
+        """A phase with this scenario's own server's CPU per operation (per MiB for big blobs)."""
+        cpu0 = server_cpu_seconds(server)
+        result = ctx.phase(jobs, label)
+        cpu1 = server_cpu_seconds(server)
+        ops = result.bytes // unit_bytes if unit_bytes else result.ops
+        spent = None if cpu0 is None or cpu1 is None or not ops else (cpu1 - cpu0) / ops
+        cpu.setdefault(f"server_cpu_s_per_{name}", []).append(spent)
+        return result
 
     try:
         grpc_address = server.address
@@ -168,19 +179,21 @@ def http_cache(ctx):
                 else:
                     writes = [SmallWriteJob(grpc_address, "", dataset, s.start, s.stop, 16 * 1024) for s in slices]
                     reads = [SmallReadJob(grpc_address, "", dataset, s.start, s.stop) for s in slices]
-                w = ctx.phase(writes, f"{proto} 4 KiB writes")
-                rd = ctx.phase(reads, f"{proto} 4 KiB reads")
+                w = phase(writes, f"{proto} 4 KiB writes", f"{proto}_4KiB_write")
+                rd = phase(reads, f"{proto} 4 KiB reads", f"{proto}_4KiB_read")
                 if w.ops != count or rd.ops != count:
                     raise VerificationError(f"{proto} small: {w.ops} writes / {rd.ops} reads, {count} expected")
                 note(f"{proto} 4KiB write", w.ops_per_s)
                 note(f"{proto} 4KiB read", rd.ops_per_s)
                 variant = ctx.new_seed(f"http-big-{proto}-{r}") & 0xFFFFFFFF
                 if proto == "HTTP":
-                    bw = ctx.phase([HttpBigPutJob(http_address, size, variant)], "HTTP PUT big")
-                    br = ctx.phase([HttpBigGetJob(http_address, size, variant)], "HTTP GET big")
+                    big_w = [HttpBigPutJob(http_address, size, variant)]
+                    big_r = [HttpBigGetJob(http_address, size, variant)]
                 else:
-                    bw = ctx.phase([BigWriteJob(grpc_address, "", size, variant, MiB)], "ByteStream.Write big")
-                    br = ctx.phase([BigReadJob(grpc_address, "", size, variant)], "ByteStream.Read big")
+                    big_w = [BigWriteJob(grpc_address, "", size, variant, MiB)]
+                    big_r = [BigReadJob(grpc_address, "", size, variant)]
+                bw = phase(big_w, f"{proto} big write", f"{proto}_MiB_big_write", MiB)
+                br = phase(big_r, f"{proto} big read", f"{proto}_MiB_big_read", MiB)
                 note(f"{proto} big write", bw.bytes_per_s / 1e6)
                 note(f"{proto} big read", br.bytes_per_s / 1e6)
     finally:
@@ -188,4 +201,4 @@ def http_cache(ctx):
         shutil.rmtree(work, ignore_errors=True)
     metrics = [Metric(name, "blobs/s" if "4KiB" in name else "MB/s", values) for name, values in figures.items()]
     return ScenarioResult(metrics, {"small_blobs": count, "small_bytes": SMALL, "big_blob_bytes": size,
-                                    "processes": parts, "server": "casbah serve --http-listen (disk)"})
+                                    "processes": parts, "server": "casbah serve --http-listen (disk)", **cpu})
