@@ -15,6 +15,7 @@ then to HTTP (`_HTTP_STATUS`); every answer is counted in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from pathlib import Path
@@ -123,9 +124,13 @@ class HttpFront:
             status = _HTTP_STATUS.get(status_code(exc), 500)
             log.debug("HTTP %s %s: %d %s", request.method, request.path, status, exc)
             raise _http_error(status, exc) from None
+        except (asyncio.IncompleteReadError, web.RequestPayloadError) as exc:
+            status = 400  # the body ended before its Content-Length, or its chunking is broken
+            raise web.HTTPBadRequest(text=f"the request body is incomplete: {exc}\n") from None
         except ConnectionResetError:
-            status = 499  # the client went away mid-body
-            raise
+            status = 499  # the client went away mid-body: nothing was stored, nobody to answer
+            log.debug("HTTP %s %s: the client went away", request.method, request.path)
+            raise web.HTTPBadRequest(text="the connection was lost\n") from None
         except Exception as exc:
             log.exception("HTTP %s %s failed unexpectedly", request.method, request.path)
             raise web.HTTPInternalServerError(text=f"internal error: {type(exc).__name__}: {exc}\n") from None
@@ -140,7 +145,8 @@ class HttpFront:
         host = host.strip("[]")
         context = _ssl_context(self.config)
         # auto_decompress off: bodies are decoded here, bounded, and only in the encodings we name.
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, auto_decompress=False)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, auto_decompress=False,
+                                    shutdown_timeout=self.config.grace_seconds)
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, int(port), ssl_context=context, reuse_port=reuse_port or None)
         await site.start()

@@ -323,3 +323,18 @@ def test_metrics_count_http_requests(module_server_factory) -> None:
 def test_http_listen_in_config_and_bad_address(tmp_path: Path, start_server) -> None:
     with pytest.raises(RuntimeError, match="http-listen"):
         start_server(["--http-listen", "nonsense"])
+
+
+def test_a_body_cut_short_stores_nothing(front) -> None:
+    """A client that goes away before its Content-Length is sent leaves no entry, and no error in the log."""
+    base, server = front
+    port = int(base.rsplit(":", 1)[1])
+    paths = [f"/ac/{sha(os.urandom(4))}", f"/cas/{sha(os.urandom(4))}", f"/k/{uuid.uuid4().hex}"]
+    for path in paths:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\npartial".encode())
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1000)
+    for path in paths:
+        assert requests.get(base + path).status_code == 404, path
+    assert " ERROR " not in server.log_path.read_text(), server.log()
