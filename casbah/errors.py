@@ -100,6 +100,21 @@ class Unsupported(CasbahError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+#: Every status by its wire number (`google.rpc.Status.code`, `set_code(int)`).
+_BY_INT: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def code_from_int(value: int) -> grpc.StatusCode:
+    """The status a wire number stands for (a per-blob `google.rpc.Status`, or an int
+    a foreign handler passed to `set_code`); a number gRPC does not define is UNKNOWN."""
+    return _BY_INT.get(value, grpc.StatusCode.UNKNOWN)
+
+
+def code_to_int(code: grpc.StatusCode) -> int:
+    """The wire number of a status, for `google.rpc.Status.code` in per-blob answers."""
+    return code.value[0]
+
+
 def status_code(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status for any exception: ours by class, anything else INTERNAL."""
     if isinstance(exc, CasbahError):

@@ -3,7 +3,7 @@
 A cache server's log is only useful when a line can be tied back to the build
 that caused it: REAPI clients send a `RequestMetadata` header (tool name and
 version, invocation id, action id) on every call.  The gRPC interceptor in
-`casbah.server.observability` puts what it parsed from that header in the
+`casbah.server.interceptor` puts what it parsed from that header in the
 `REQUEST_CONTEXT` context variable for the duration of the call (every RPC runs
 in its own context, so concurrent calls never see each other's ids), and
 `RequestContextFilter` copies it onto every record logged meanwhile, whichever

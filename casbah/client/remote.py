@@ -25,7 +25,15 @@ from google.rpc import code_pb2
 from casbah.client.channel import RemoteSpec, open_channel
 from casbah.client.retry import TRANSIENT, RetryPolicy
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import AssetNotFound, BlobNotFound, DigestMismatch, NotFound, Unsupported, from_status
+from casbah.errors import (
+    AssetNotFound,
+    BlobNotFound,
+    DigestMismatch,
+    NotFound,
+    Unsupported,
+    code_from_int,
+    from_status,
+)
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -173,7 +181,7 @@ class RemoteClient:
                               f"{len(response.responses)} of {len(batch)} blobs")
         for r in response.responses:
             if r.status.code != code_pb2.OK:
-                raise from_status(_status(r.status.code), f"upload of {r.digest.hash}/{r.digest.size_bytes}: "
+                raise from_status(code_from_int(r.status.code), f"upload of {r.digest.hash}/{r.digest.size_bytes}: "
                                   f"{r.status.message}")
         nbytes = sum(d.size for d, _ in batch)
         self.uploaded.add(len(batch), nbytes)
@@ -277,7 +285,7 @@ class RemoteClient:
             if r.status.code == code_pb2.NOT_FOUND:
                 raise BlobNotFound(digest, f"not on {self.spec.url}")
             if r.status.code != code_pb2.OK:
-                raise from_status(_status(r.status.code), f"download of {digest}: {r.status.message}")
+                raise from_status(code_from_int(r.status.code), f"download of {digest}: {r.status.message}")
             verifier = Verifier(digest)
             verifier.update(r.data)
             verifier.finish()
@@ -398,7 +406,7 @@ class RemoteClient:
         if response.status.code == code_pb2.NOT_FOUND:
             raise AssetNotFound(f"{uris[0]}: {response.status.message or 'not found'}")
         if response.status.code != code_pb2.OK:  # e.g. PERMISSION_DENIED: say so, not "miss"
-            raise from_status(_status(response.status.code), f"{uris[0]}: {response.status.message}")
+            raise from_status(code_from_int(response.status.code), f"{uris[0]}: {response.status.message}")
         d = getattr(response, field)
         return Digest(d.hash, d.size_bytes, function)
 
@@ -491,10 +499,6 @@ def _fn_path(digest: Digest) -> str:
 
 def _prefix(instance: str) -> str:
     return f"{instance}/" if instance else ""
-
-
-def _status(code: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
 def _batches(items: list[tuple[Digest, Source]], limit: int) -> list[list[tuple[Digest, Source]]]:

@@ -28,6 +28,8 @@ from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
 from casbah.server.exposure import warn_if_exposed
+from casbah.server.http import Endpoints
+from casbah.server.interceptor import MetricsInterceptor
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
 from casbah.storage.action_cache import build_action_cache
@@ -49,11 +51,13 @@ class Server:
     ports: list[str] = field(default_factory=list)
     closers: list = field(default_factory=list)
     observability: Observability | None = None
+    #: gRPC health/reflection and the HTTP side (/metrics, /healthz, status page).
+    endpoints: Endpoints | None = None
     http: HttpFront | None = None  # the HTTP cache front (`http-listen`), on this event loop
 
     async def stop(self, grace: float | None = None) -> None:
-        if self.observability is not None:
-            await self.observability.enter_shutdown()  # health NOT_SERVING while draining
+        if self.endpoints is not None:
+            await self.endpoints.enter_shutdown()  # health NOT_SERVING while draining
         if self.http is not None:
             await self.http.stop()  # finishes requests in flight, then closes
         await self.grpc_server.stop(self.config.grace_seconds if grace is None else grace)
@@ -61,11 +65,14 @@ class Server:
             await close()
 
 
-def build_instances(config: ServerConfig, maintenance: bool = False) -> tuple[Instances, StorageLoader]:
+def build_instances(
+    config: ServerConfig, maintenance: bool = False, shared_directories: bool = False
+) -> tuple[Instances, StorageLoader]:
     """`maintenance`: opened by an admin command beside a live server (disk storage then
-    leaves the server's in-progress uploads alone)."""
+    leaves the server's in-progress uploads alone).  `shared_directories`: this process
+    is one of `serve --workers N` (see `StorageLoader`)."""
     load_builtin_kinds()
-    loader = StorageLoader(config.storages, maintenance=maintenance)
+    loader = StorageLoader(config.storages, maintenance=maintenance, shared_directories=shared_directories)
     instances: dict[str, Instance] = {}
     for name, inst in config.instances.items():
         where = f"instances.{name!r}"
@@ -129,8 +136,9 @@ def store_quota(node: Storage) -> int | None:
     return None if any(q is None for q in quotas) else max(q for q in quotas if q is not None)
 
 
-async def create_server(config: ServerConfig, reuse_port: bool = False) -> Server:
-    instances, loader = build_instances(config)
+async def create_server(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> Server:
+    """`worker`: this process's number among `serve --workers N` (None: the only server)."""
+    instances, loader = build_instances(config, shared_directories=worker is not None)
     limits = config.limits
     options = [
         ("grpc.max_receive_message_length", config.max_message_size),
@@ -147,8 +155,9 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
     from casbah import __version__
 
     observability = Observability(instances, version=__version__)
+    endpoints = Endpoints(observability)
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-                             interceptors=[MalformedRequests(), observability.interceptor])
+                             interceptors=[MalformedRequests(), MetricsInterceptor(observability)])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
@@ -158,14 +167,14 @@ async def create_server(config: ServerConfig, reuse_port: bool = False) -> Serve
     ra_grpc.add_FetchServicer_to_server(fetch, server)
     ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)
     bst_grpc.add_ReferenceStorageServicer_to_server(ReferenceStorageService(instances, fetch.trees), server)
-    await observability.add_health_and_reflection(server)
-    result = Server(config, instances, server, observability=observability)
+    await endpoints.add_health_and_reflection(server)
+    result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():
         result.ports.append(_listen(server, listener))
     observability.listen = list(result.ports)
     if config.http_listen:
         result.http = HttpFront(config, instances, loader)  # builds the opaque stores: before closers
-    result.closers.insert(0, observability.close)  # the status page reads storage: stop it first
+    result.closers.insert(0, endpoints.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)
     for storage in loader.all():
         result.closers.append(storage.close)
@@ -226,12 +235,12 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
 
 
 async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> None:
-    server = await create_server(config, reuse_port)
+    server = await create_server(config, reuse_port, worker)
     _warn_quota(config)
     metrics_url = None
-    if config.metrics_listen and server.observability is not None:
+    if config.metrics_listen and server.endpoints is not None:
         try:  # before gRPC starts: a bad metrics address must fail startup, not half of it
-            metrics_url = await server.observability.start_http(config.metrics_listen, worker)
+            metrics_url = await server.endpoints.start_http(config.metrics_listen, worker)
         except (OSError, ValueError) as exc:
             await server.stop(0)
             raise StartupError(str(exc)) from None

@@ -21,7 +21,7 @@ from google.rpc import code_pb2, status_pb2
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.assets.origin import OriginFetcher, git_scheme
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import CasbahError, FailedPrecondition, InvalidArgument, NotFound, status_code
+from casbah.errors import CasbahError, FailedPrecondition, InvalidArgument, NotFound, code_to_int, status_code
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -236,7 +236,7 @@ class FetchService(ra_grpc.FetchServicer):
         mode = _settings(instance).miss
         if mode == "rpc-error" or (mode == "auto" and _wants_rpc_miss(context, uri)):
             raise exc
-        return _response(kind)(status=status_pb2.Status(code=status_code(exc).value[0], message=str(exc)), uri=uri)
+        return _response(kind)(status=status_pb2.Status(code=code_to_int(status_code(exc)), message=str(exc)), uri=uri)
 
     @rpc
     async def FetchBlob(self, request, context):

@@ -209,15 +209,22 @@ def _refuse_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMe
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    """End the call with the status `casbah.errors.status_code` gives `exc`: the same
+    table per-blob statuses use, so a cause has one status whichever way it reaches
+    the client.  Only what that table cannot name (INTERNAL) is logged with a traceback."""
     if isinstance(exc, DecodeError):  # a message of a client stream that does not parse
         log.debug("%s: a request message does not parse: %s", method, exc)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: a request message does not parse: {exc}")
-    code = status_code(exc)  # the one table: per-blob statuses and whole-call errors agree
-    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, CasbahError):
+    code = status_code(exc)
+    if isinstance(exc, CasbahError):
+        log.debug("%s: %s: %s", method, code.name, exc)
+        await context.abort(code, str(exc))
+    if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed unexpectedly", method)
         await context.abort(code, f"{method}: internal error: {type(exc).__name__}: {exc}")
-    log.debug("%s: %s: %s", method, code.name, exc)
-    await context.abort(code, str(exc) or f"{method}: {type(exc).__name__}")
+    message = f"{method}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+    log.warning("%s (%s)", message, code.name)
+    await context.abort(code, message)
 
 
 def rpc(fn: Callable) -> Callable:

@@ -11,7 +11,7 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import InvalidArgument, NotFound, status_code
+from casbah.errors import InvalidArgument, NotFound, code_to_int, status_code
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.auth import digest_list
@@ -53,7 +53,7 @@ _SIZE = attrgetter("size_bytes")
 
 
 def error_status(exc: BaseException) -> status_pb2.Status:
-    return status_pb2.Status(code=status_code(exc).value[0], message=str(exc))
+    return status_pb2.Status(code=code_to_int(status_code(exc)), message=str(exc))
 
 
 class CasService(re_grpc.ContentAddressableStorageServicer):

@@ -1,19 +1,16 @@
-"""The HTTP side of observability: `/metrics`, a status page and its JSON API.
+"""The status page and its JSON API, served on the HTTP side (`casbah.server.http`).
 
-Served by aiohttp in the gRPC server's own event loop, so the page reads the live
-`Observability` state and the storage objects directly, with no IPC and no
-second process.  Everything the page needs (HTML, JS, CSS) is under
-`casbah/server/static/` and served from here: the page must work on a build
-farm with no Internet access, so nothing comes from a CDN.
+The page reads the live `Observability` state and the storage objects directly,
+with no IPC and no second process.  Everything it needs (HTML, JS, CSS) is under
+`casbah/server/static/` and served from here: the page must work on a build farm
+with no Internet access, so nothing comes from a CDN.
 
 Routes:
-  /metrics        Prometheus text format (storage gauges refreshed per scrape)
   /               the status page
   /api/status     instances, their storage graphs with stats, hit rates per minute
   /api/requests   recent calls and recent invocations (from RequestMetadata)
   /api/lookup     ?instance=&digest=HASH/SIZE[&function=] -> present? size; a Directory's entries
   /api/asset      ?instance=&uri=[&function=] -> the assets a URI maps to
-  /healthz        200 "ok" while serving, 503 while shutting down
 
 The page and its API are unauthenticated, like /metrics: they reveal digests,
 file names of stored trees and asset URIs (never blob contents), so bind
@@ -22,127 +19,50 @@ file names of stored trees and asset URIs (never blob contents), so bind
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from google.protobuf.message import DecodeError
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from casbah.assets.index import AssetKind
 from casbah.digest import Digest, DigestFunction, is_empty_blob
 from casbah.errors import CasbahError
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from casbah.server.observability import (
-    CACHES,
-    Observability,
-    invocation_summaries,
-    node_label,
-    node_stats,
-    recent_requests,
-)
+from casbah.server.observability import Observability, invocation_summaries, recent_requests
+from casbah.server.status_data import status_document
 from casbah.storage.base import Storage
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: Largest blob the lookup reads to see whether it is a Directory or an ActionResult.
 MAX_PARSE = 4 * 1024 * 1024
 ASSET_LIMIT = 20
-_OBS = web.AppKey("observability", Observability)
+#: Where the HTTP application keeps the server's `Observability`.
+OBSERVABILITY = web.AppKey("observability", Observability)
+_OBS = OBSERVABILITY
 
 
-def create_app(obs: Observability) -> web.Application:
-    app = web.Application()
-    app[_OBS] = obs
-    app.router.add_get("/metrics", _metrics)
+def add_routes(app: web.Application) -> None:
+    """The page, its static files and its API, on an app holding `OBSERVABILITY`."""
     app.router.add_get("/", _index)
-    app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/status", _status)
     app.router.add_get("/api/requests", _requests)
     app.router.add_get("/api/lookup", _lookup)
     app.router.add_get("/api/asset", _asset)
     app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
-    return app
-
-
-async def start_status_server(obs: Observability, address: str, worker: int | None = None) -> tuple[Any, str]:
-    """Bind `HOST:PORT` (the port plus the worker index under `--workers`: each worker
-    process has its own counters, so each needs its own scrape target)."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"metrics-listen {address!r}: want HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    port = int(port_text) + (worker or 0) if int(port_text) else 0
-    runner = web.AppRunner(create_app(obs), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    bound = runner.addresses[0][1] if runner.addresses else port
-    shown = f"[{host}]" if ":" in host else host
-    return runner, f"http://{shown}:{bound}"
 
 
 # -- handlers ---------------------------------------------------------------------------
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    await request.app[_OBS].refresh_storage_snapshot()
-    body = generate_latest(REGISTRY)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-async def _healthz(request: web.Request) -> web.Response:
-    if request.app[_OBS].shutting_down:
-        return web.Response(status=503, text="shutting down\n")
-    return web.Response(text="ok\n")
-
-
 async def _status(request: web.Request) -> web.Response:
-    obs = request.app[_OBS]
-    now = time.time()
-    nodes = obs.storage_nodes()
-    stats = dict(zip(map(id, nodes), await asyncio.gather(*(node_stats(n) for n in nodes)), strict=True))
-    instances = []
-    for inst in obs.instances:
-        ac_storage = getattr(inst.action_cache, "storage", None)
-        hit_rates = {}
-        for cache in CACHES:
-            series = obs.hit_window(inst.name, cache).series(now)
-            hits = sum(h for _, h, _ in series)
-            misses = sum(m for _, _, m in series)
-            hit_rates[cache] = {
-                "hits": hits, "misses": misses, "rate": hits / (hits + misses) if hits + misses else None,
-                "minutes": [{"t": t, "hits": h, "misses": m} for t, h, m in series],
-            }
-        requests = obs.request_window(inst.name).series(now)
-        instances.append({
-            "name": inst.name,
-            "services": sorted(inst.services),
-            "read_only": inst.read_only,
-            "describe": inst.cas.describe(),
-            "size": _summary(inst.cas, stats),
-            "storage": _tree(inst.cas, stats),
-            "action_cache": _tree(ac_storage, stats) if isinstance(ac_storage, Storage)
-            else {"kind": getattr(inst.action_cache, "kind", type(inst.action_cache).__name__), "children": []},
-            "hit_rates": hit_rates,
-            "requests_last_hour": sum(n for _, n, _ in requests),
-            "errors_last_hour": sum(e for _, _, e in requests),
-        })
-    return web.json_response({
-        "version": obs.version, "started": obs.started, "now": now, "uptime": now - obs.started,
-        "listen": obs.listen, "shutting_down": obs.shutting_down, "instances": instances,
-    })
+    return web.json_response(await status_document(request.app[_OBS]))
 
 
 async def _requests(request: web.Request) -> web.Response:
@@ -209,39 +129,6 @@ async def _asset(request: web.Request) -> web.Response:
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _tree(node: Storage, stats: dict[int, dict[str, int]]) -> dict[str, Any]:
-    return {
-        "name": node.name, "node": node_label(node), "kind": node.kind, "stats": stats.get(id(node), {}),
-        "children": [_tree(child, stats) for child in node.children()],
-    }
-
-
-def _leaves(node: Storage) -> Iterable[Storage]:
-    children = list(node.children())
-    if not children:
-        yield node
-    for child in children:
-        yield from _leaves(child)
-
-
-def _summary(root: Storage, stats: dict[int, dict[str, int]]) -> dict[str, int]:
-    """Size vs quota of an instance's storage: the root's own stats when it has them
-    (disk, memory, the fast tier of a cache), else the sum over its leaves (sharded,
-    replicated, size-routed graphs report nothing themselves)."""
-    own = stats.get(id(root), {})
-    if "bytes" in own:
-        return {k: own.get(k, 0) or 0 for k in ("bytes", "objects", "quota_bytes", "evictions")}
-    total = {"bytes": 0, "objects": 0, "quota_bytes": 0, "evictions": 0}
-    seen: set[int] = set()
-    for leaf in _leaves(root):
-        if id(leaf) in seen:
-            continue
-        seen.add(id(leaf))
-        for key in total:
-            total[key] += stats.get(id(leaf), {}).get(key, 0) or 0
-    return total
 
 
 async def _directory(cas: Storage, data: bytes, function: DigestFunction) -> dict[str, Any] | None:

@@ -29,7 +29,6 @@ from casbah.server.app import StartupError
 log = logging.getLogger("casbah.workers")
 
 PROCESS_LOCAL_KINDS = frozenset({"memory"})
-WORKERS_ENV = "CASBAH_WORKERS"
 
 
 def process_local_nodes(config: ServerConfig) -> list[str]:
@@ -103,7 +102,6 @@ def _child(config_data: dict, log_level: str, index: int) -> None:
 
     from casbah.server.app import serve
 
-    os.environ[WORKERS_ENV] = "1"
     config = ServerConfig.model_validate(config_data)
     setup_logging(log_level, config.log_format, worker=index)
     try:

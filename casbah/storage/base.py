@@ -125,6 +125,12 @@ class Storage(abc.ABC):
         """Decorated backends, so tools can walk the graph."""
         return ()
 
+    @property
+    def node_label(self) -> str:
+        """The `node` label of storage metrics and the status page: the node's config
+        path where the loader gave it one (`MetricsStorage`), else its name."""
+        return self.name
+
     def describe(self) -> str:
         inner = ", ".join(child.describe() for child in self.children())
         return f"{self.kind}({inner})" if inner else self.kind

@@ -7,38 +7,26 @@ SIGKILL) never sees a partial blob; `tmp/` is emptied at startup, and an object
 file whose size is not the one its name says (a machine crash without fsync) is
 removed then too.
 
-The index of what is stored (and in which LRU order) lives in memory, built once
-at startup from one scan: FindMissingBlobs is then a dictionary lookup, and no
-request rescans the tree.  Last use survives restarts approximately: the time of
-each use is recorded, written to the files' mtimes in the background (and on
-close), and the startup scan orders by mtime.
+The parts: `disk_index.py` (what is stored, LRU order, reservations, pins, quota
+and eviction order; pure), `disk_files.py` (the directory and its blocking file
+operations, run in threads), `disk_upkeep.py` (unlinks in order, last uses to mtimes),
+`disk_journal.py` (keeping `serve --workers N` processes in step), and this module,
+which decides what each request does to the index and which thread hops it takes.
 
-Quota: `_used` counts indexed bytes, `_reserved` the bytes of writes in flight;
-a write reserves its size before reading any data (evicting least recently used
-blobs to make room), so concurrent writes cannot overshoot the quota together.
-Blobs that are being read, or committed by a writer, are pinned and never
-evicted; when only pinned blobs could make room the write fails with
-RESOURCE_EXHAUSTED and nothing is evicted.
-
-Blocking work runs in threads, one hop per chunk (1 MiB) or per batch.  Files are
-only ever unlinked and renamed-over under ordering rules (see `_unlinking` and
-`_committing`) so that an eviction racing a re-upload of the same blob cannot
-leave the index naming a file that is gone.
+The index is built once at startup from one scan (ordered by mtime, which records
+last use): FindMissingBlobs is then a dictionary lookup, and no request rescans
+the tree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import os
-import shutil
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
@@ -46,9 +34,11 @@ from casbah.config import parse_size
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DigestMismatch, ResourceExhausted
 from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range, empty_stream
-from casbah.storage.disk_files import _FileReader, _parse_key, _pread_all, _run_to_end, _single, _TmpFile
+from casbah.storage.disk_files import FileReader, ObjectFiles, parse_key, run_to_end, single_chunk
+from casbah.storage.disk_index import DiskIndex
 from casbah.storage.disk_journal import Journal
-from casbah.storage.loader import NodeOptions, register
+from casbah.storage.disk_upkeep import LastUseWriter, UnlinkHops
+from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 log = logging.getLogger(__name__)
 
@@ -59,112 +49,49 @@ class DiskStorage(Storage):
     kind = "disk"
 
     def __init__(self, *, path: str | os.PathLike, max_bytes: int = 0, fsync: bool = False,
-                 maintenance: bool = False, **kwargs) -> None:
+                 maintenance: bool = False, journal: bool = False, **kwargs) -> None:
+        """`maintenance`: opened beside a live server (admin commands): leave its tmp/
+        alone.  `journal`: other processes serve the same directory at the same time
+        (`serve --workers N`): keep in step with them through `<path>/journal`."""
         super().__init__(**kwargs)
-        #: Opened beside a live server (admin commands): leave its tmp/ alone.
         self.maintenance = maintenance
         self.root = Path(path)
         self.max_bytes = max_bytes  # 0 = no quota
         self.fsync = fsync
-        self._objects = self.root / "objects"
-        self._tmp = self.root / "tmp"
-        #: digest -> stored size, least recently used first.
-        self._index: OrderedDict[Digest, int] = OrderedDict()
-        self._used = 0
-        self._reserved = 0
-        #: Open read streams per digest: never evicted while > 0.
-        self._pins: dict[Digest, int] = {}
-        #: Writers renaming a file into place per digest: never evicted or deleted
-        #: meanwhile, or the unlink could land after the rename.
-        self._committing: dict[Digest, int] = {}
-        #: Digests whose file an unlink hop is removing: a writer of one of them
-        #: waits for that hop before renaming its file into place.
-        self._unlinking: dict[Digest, asyncio.Future] = {}
-        #: Last use (time.time()) of blobs used since the last flush to mtimes.
-        self._touched: dict[Digest, float] = {}
-        self._touch_task: asyncio.Task | None = None
-        self._counter = itertools.count()
-        self.evictions = 0
+        self._files = ObjectFiles(self.root, fsync)
+        self._index = DiskIndex(max_bytes)
+        self._unlinks = UnlinkHops()
+        self._last_use = LastUseWriter(self._index, self._files)
         self._open()
-        #: Several server processes share this directory (`serve --workers N`).
-        self._journal = Journal(self.root / "journal", _parse_key) if os.environ.get("CASBAH_WORKERS") else None
+        self._journal = Journal(self.root / "journal", parse_key) if journal else None
         if self._journal is not None:
-            self._journal.start(self._apply_journal)  # replay siblings' changes from the start, not after a write
-
-    # -- startup -------------------------------------------------------------------
+            self._journal.start(self._index.apply_changes)  # replay siblings' changes from the start
 
     def _open(self) -> None:
         started = time.monotonic()
-        for prefix in range(256):
-            (self._objects / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        orphans = 0
-        for entry in () if self.maintenance else os.scandir(self._tmp):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
-            orphans += 1
-        found: list[tuple[int, Digest, int]] = []
-        dropped = 0
-        for prefix in os.scandir(self._objects):
-            if not prefix.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(prefix.path):
-                digest = _parse_key(entry.name)
-                st = entry.stat(follow_symlinks=False)
-                if (
-                    digest is None
-                    or not entry.is_file(follow_symlinks=False)
-                    or digest.hash[:2] != prefix.name
-                    or (self.verify and st.st_size != digest.size)
-                ):
-                    # Not ours, or truncated by a crash of the machine (not of casbah,
-                    # whose renames are atomic): never serve it.
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
-                    dropped += 1
-                    continue
-                found.append((st.st_mtime_ns, digest, st.st_size))
-        found.sort(key=lambda item: item[0])
-        for _, digest, size in found:
-            self._index[digest] = size
-            self._used += size
+        found, orphans, dropped = self._files.scan(self.verify, clear_tmp=not self.maintenance)
+        self._index.load(found)
         log.info(
             "disk storage %s: %d blobs, %d bytes (quota %s); removed %d partial uploads and %d bad files in %.2fs",
-            self.root, len(self._index), self._used, self.max_bytes or "none", orphans, dropped,
+            self.root, len(self._index), self._index.used, self.max_bytes or "none", orphans, dropped,
             time.monotonic() - started,
         )
-
-    def _path(self, digest: Digest) -> str:
-        return f"{self._objects}/{digest.hash[:2]}/{digest.key}"
 
     # -- existence -----------------------------------------------------------------
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         index = self._index
-        missing = []
-        touched = self._touched
-        now = time.time()
-        for digest in digests:
-            if digest in index:
-                index.move_to_end(digest)
-                touched[digest] = now
-            else:
-                missing.append(digest)
+        missing = index.find_missing(digests, time.time())
         if missing and self._journal is not None:
             # A sibling worker may have stored some within the last journal interval:
             # check their files, in one thread hop for the whole request.
-            sizes = await asyncio.to_thread(self._stat_many, missing)
+            sizes = await asyncio.to_thread(self._files.sizes_of, missing)
             still = []
             for digest, size in zip(missing, sizes, strict=True):
-                if size is not None and (not self.verify or size == digest.size) and digest not in index:
-                    index[digest] = size
-                    self._used += size
-                elif size is None:
+                if size is None:
                     still.append(digest)
+                elif not self.verify or size == digest.size:
+                    index.adopt(digest, size)
             missing = still
         self._schedule_touch()
         return missing
@@ -172,38 +99,15 @@ class DiskStorage(Storage):
     async def has(self, digest: Digest) -> bool:
         return digest in self._index or self._discover(digest)
 
-    def _stat_many(self, digests: list[Digest]) -> list[int | None]:
-        sizes: list[int | None] = []
-        for digest in digests:
-            try:
-                sizes.append(os.stat(self._path(digest)).st_size)
-            except FileNotFoundError:
-                sizes.append(None)
-        return sizes
-
     def _discover(self, digest: Digest) -> bool:
         """With sibling workers, a blob may be on disk before its journal line is replayed."""
         if self._journal is None:
             return False
-        try:
-            size = os.stat(self._path(digest)).st_size
-        except FileNotFoundError:
+        size = self._files.size_of(digest)
+        if size is None or (self.verify and size != digest.size):
             return False
-        if self.verify and size != digest.size:
-            return False
-        self._index[digest] = size
-        self._used += size
+        self._index.adopt(digest, size)
         return True
-
-    def _apply_journal(self, entries: list[tuple[str, Digest, int]]) -> None:
-        index = self._index
-        for op, digest, size in entries:
-            if op == "+":
-                if digest not in index:
-                    index[digest] = size
-                    self._used += size
-            elif digest in index and digest not in self._pins and digest not in self._committing:
-                self._used -= index.pop(digest)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -212,24 +116,26 @@ class DiskStorage(Storage):
         count = check_range(digest, size, offset, limit)
         if count == 0:
             return empty_stream()
-        self._pin(digest)
+        index = self._index
+        index.pin(digest)
         if count <= CHUNK_SIZE:
             try:
-                data = await asyncio.to_thread(self._read_range, digest, offset, count)
+                data = await asyncio.to_thread(self._files.read_range, digest, offset, count)
             finally:
-                self._unpin(digest)
+                index.unpin(digest)
             if data is None or (self.verify and len(data) != count):
                 self._lost(digest, data is not None)
-            return _single(data)
+            return single_chunk(data)
         try:
-            handle = await asyncio.to_thread(self._open_at, digest)
+            handle = await asyncio.to_thread(self._files.open, digest)
         except BaseException:
-            self._unpin(digest)
+            index.unpin(digest)
             raise
         if handle is None:
-            self._unpin(digest)
+            index.unpin(digest)
             self._lost(digest, False)
-        return _FileReader(self, digest, handle, offset, count)
+        on_short = functools.partial(self._lost, digest, True) if self.verify else None
+        return FileReader(handle, offset, count, on_close=functools.partial(index.unpin, digest), on_short=on_short)
 
     async def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
         """The stored blob with this hash, whatever its size, or None.
@@ -239,40 +145,22 @@ class DiskStorage(Storage):
         """
         stem = Digest(hash_hex, 0, function).key[:-1]  # the key without its size: `hash-`
         try:
-            names = await asyncio.to_thread(os.listdir, f"{self._objects}/{hash_hex[:2]}")
+            names = await asyncio.to_thread(os.listdir, f"{self._files.objects}/{hash_hex[:2]}")
         except OSError:
             return None
         for name in names:
-            if name.startswith(stem) and (digest := _parse_key(name)) is not None and digest in self._index:
+            if name.startswith(stem) and (digest := parse_key(name)) is not None and digest in self._index:
                 return digest
         return None
 
     def _lookup(self, digest: Digest) -> int:
-        try:
-            size = self._index[digest]
-        except KeyError:
+        size = self._index.touch(digest, time.time())
+        if size is None:
             if not self._discover(digest):
-                raise BlobNotFound(digest) from None
-            size = self._index[digest]
-        self._index.move_to_end(digest)
-        self._touch(digest)
+                raise BlobNotFound(digest)
+            size = self._index.touch(digest, time.time())
+        self._schedule_touch()
         return size
-
-    def _read_range(self, digest: Digest, offset: int, count: int) -> bytes | None:
-        try:
-            fd = os.open(self._path(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            return _pread_all(fd, offset, count)
-        finally:
-            os.close(fd)
-
-    def _open_at(self, digest: Digest) -> int | None:
-        try:
-            return os.open(self._path(digest), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
 
     def _lost(self, digest: Digest, truncated: bool) -> None:
         """A file the index names is gone or short: stop naming it, and say NOT_FOUND.
@@ -281,25 +169,26 @@ class DiskStorage(Storage):
         (or an explicit delete raced the read); the blob must then stop being
         reported present, or FindMissingBlobs would keep lying about it.
         """
+        index = self._index
         if truncated:
-            if digest in self._index and digest not in self._committing:
-                self._used -= self._index.pop(digest)
-                self._start_unlinks([digest], self._unlink_all, [digest])
+            if digest in index and not index.is_committing(digest):
+                index.remove(digest)
+                self._unlinks.start([digest], self._files.unlink_all, [digest])
             raise BlobNotFound(digest, "its file on disk is truncated; removed")
-        if digest in self._index and not os.path.exists(self._path(digest)):
-            self._used -= self._index.pop(digest)
+        if digest in index and not self._files.exists(digest):
+            index.remove(digest)
         raise BlobNotFound(digest, "removed from disk behind casbah's back")
 
     async def read_bytes(self, digest: Digest) -> bytes:
         size = self._lookup(digest)
-        self._pin(digest)
+        self._index.pin(digest)
         try:
             if self.verify:
-                data = await asyncio.to_thread(self._read_range, digest, 0, size)
+                data = await asyncio.to_thread(self._files.read_range, digest, 0, size)
             else:  # an entry may be overwritten (with another size) at any time: read it whole
-                data = (await asyncio.to_thread(self._read_batch, [digest])).get(digest)
+                data = (await asyncio.to_thread(self._files.read_batch, [digest])).get(digest)
         finally:
-            self._unpin(digest)
+            self._index.unpin(digest)
         if data is None or (self.verify and len(data) != size):
             self._lost(digest, data is not None)
         return data
@@ -309,15 +198,12 @@ class DiskStorage(Storage):
         present = [d for d in digests if d in index or self._discover(d)]
         if not present:
             return {}
-        for digest in present:
-            index.move_to_end(digest)
-            self._touch(digest)
-            self._pin(digest)
+        index.use_and_pin(present, time.time())
+        self._schedule_touch()
         try:
-            found = await asyncio.to_thread(self._read_batch, present)
+            found = await asyncio.to_thread(self._files.read_batch, present)
         finally:
-            for digest in present:
-                self._unpin(digest)
+            index.unpin_all(present)
         for digest in present:
             if digest not in found:
                 try:
@@ -332,36 +218,24 @@ class DiskStorage(Storage):
                     pass
         return found
 
-    def _read_batch(self, digests: list[Digest]) -> dict[Digest, bytes]:
-        found = {}
-        path = self._path
-        for digest in digests:
-            try:
-                with open(path(digest), "rb", buffering=0) as f:
-                    found[digest] = f.readall()
-            except FileNotFoundError:
-                continue
-        return found
-
     # -- writes --------------------------------------------------------------------
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
-        if self.verify and digest in self._index:
-            self._index.move_to_end(digest)
-            self._touch(digest)
+        index = self._index
+        if self.verify and index.touch(digest, time.time()) is not None:
+            self._schedule_touch()
             return  # content-addressed: the stored bytes are these bytes
         # With verification the size is known up front: reserve it before reading any
         # data.  Without (ActionCache entries), the size is known only at the end.
         reserved = digest.size if self.verify else 0
-        victims = self._make_room(reserved)
-        self._reserved += reserved
-        tmp = _TmpFile(self._tmp_path(digest), self.verifier(digest), self.fsync)
+        victims = self._reserve(reserved)
+        tmp = self._files.new_tmp(digest, self.verifier(digest))
         committing = False
         stored = -1
         cancelled = False
         try:
             if victims:
-                await asyncio.shield(self._start_unlinks(victims, self._unlink_all, victims))
+                await asyncio.shield(self._unlinks.start(victims, self._files.unlink_all, victims))
             buffered: list[bytes] = []
             pending = 0
             async for chunk in chunks:
@@ -379,17 +253,17 @@ class DiskStorage(Storage):
                     buffered, pending = [], 0
             if not self.verify:
                 extra = tmp.verifier.received + pending
-                victims = self._make_room(extra)
-                self._reserved += extra
+                victims = self._reserve(extra)
                 reserved += extra
                 if victims:
-                    await asyncio.shield(self._start_unlinks(victims, self._unlink_all, victims))
-            self._begin_commit(digest)
+                    await asyncio.shield(self._unlinks.start(victims, self._files.unlink_all, victims))
+            index.begin_commit((digest,))
             committing = True
-            await self._wait_unlinked((digest,))
+            await self._unlinks.wait((digest,))
             tmp.started = True
             loop = asyncio.get_running_loop()
-            stored, cancelled = await _run_to_end(loop.run_in_executor(None, tmp.commit, buffered, self._path(digest)))
+            stored, cancelled = await run_to_end(loop.run_in_executor(None, tmp.commit, buffered,
+                                                                      self._files.path(digest)))
         except BaseException:
             if tmp.started:
                 # Runs after any append still in flight (the file's lock orders them),
@@ -397,9 +271,9 @@ class DiskStorage(Storage):
                 await asyncio.to_thread(tmp.discard)
             raise
         finally:
-            self._reserved -= reserved
+            index.release(reserved)
             if committing:
-                self._end_commit(digest)
+                index.end_commit((digest,))
             if stored >= 0:
                 self._add(digest, stored)
         if cancelled:
@@ -411,8 +285,10 @@ class DiskStorage(Storage):
             raise results[0]
 
     async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
+        index = self._index
         results: list[Exception | None] = [None] * len(blobs)
         todo: list[tuple[int, Digest, bytes]] = []
+        now = time.time()
         for pos, (digest, data) in enumerate(blobs):
             if self.verify:
                 if len(data) != digest.size:
@@ -420,36 +296,36 @@ class DiskStorage(Storage):
                         f"upload for {digest} has {len(data)} bytes, its digest names {digest.size}"
                     )
                     continue
-                if digest in self._index:
-                    self._index.move_to_end(digest)
-                    self._touch(digest)
+                if index.touch(digest, now) is not None:
                     continue
             todo.append((pos, digest, data))
+        self._schedule_touch()
         if not todo:
             return results
-        for _, digest, _ in todo:  # before making room: never evict what this batch writes
-            self._begin_commit(digest)
+        committing = [digest for _, digest, _ in todo]
+        index.begin_commit(committing)  # before making room: never evict what this batch writes
         reserved = 0
         victims: list[Digest] = []
-        accepted: list[tuple[int, Digest, bytes]] = []
+        positions: list[int] = []
+        accepted: list[tuple[Digest, bytes]] = []
         try:
             for pos, digest, data in todo:
                 try:
-                    victims.extend(self._make_room(len(data)))
+                    victims.extend(index.reserve(len(data)))
                 except ResourceExhausted as exc:
                     results[pos] = exc
                     continue
-                self._reserved += len(data)
                 reserved += len(data)
-                accepted.append((pos, digest, data))
-            await self._wait_unlinked(d for _, d, _ in accepted)
-            hop = self._start_unlinks(victims, self._unlink_and_write, victims, accepted)
-            outcome, cancelled = await _run_to_end(hop)
+                positions.append(pos)
+                accepted.append((digest, data))
+            self._note_evicted(victims)
+            await self._unlinks.wait(d for d, _ in accepted)
+            hop = self._unlinks.start(victims, self._files.write_batch, victims, accepted, self.verifier)
+            outcome, cancelled = await run_to_end(hop)
         finally:
-            self._reserved -= reserved
-            for _, digest, _ in todo:
-                self._end_commit(digest)
-        for (pos, digest, data), error in zip(accepted, outcome, strict=True):
+            index.release(reserved)
+            index.end_commit(committing)
+        for pos, (digest, data), error in zip(positions, accepted, outcome, strict=True):
             if error is None:
                 self._add(digest, len(data))
             else:
@@ -458,166 +334,39 @@ class DiskStorage(Storage):
             raise asyncio.CancelledError
         return results
 
-    def _unlink_and_write(
-        self, victims: list[Digest], blobs: list[tuple[int, Digest, bytes]]
-    ) -> list[Exception | None]:
-        """One thread hop for a whole batch: evict what must go, then store each blob."""
-        self._unlink_all(victims)
-        errors: list[Exception | None] = []
-        for _, digest, data in blobs:
-            tmp = _TmpFile(self._tmp_path(digest), self.verifier(digest), self.fsync)
-            try:
-                tmp.commit([data], self._path(digest))
-                errors.append(None)
-            except Exception as exc:
-                tmp.discard()
-                errors.append(exc)
-        return errors
-
-    def _tmp_path(self, digest: Digest) -> str:
-        return f"{self._tmp}/{digest.key}.{os.getpid()}.{next(self._counter)}"
-
     def _add(self, digest: Digest, size: int) -> None:
         if self._journal is not None:
             self._journal.note_added(digest, size)
-            self._journal.start(self._apply_journal)
-        old = self._index.pop(digest, None)
-        if old is not None:
-            self._used -= old
-        self._index[digest] = size
-        self._used += size
-        if self.max_bytes and self._used + self._reserved > self.max_bytes:
-            # Only after writes whose size was not known up front (verify=False).
-            try:
-                victims = self._make_room(0)
-            except ResourceExhausted:
-                return
-            if victims:
-                self._start_unlinks(victims, self._unlink_all, victims)
+            self._journal.start(self._index.apply_changes)
+        victims = self._index.add(digest, size)
+        if victims:  # only after writes whose size was not known up front (verify=False)
+            self._note_evicted(victims)
+            self._unlinks.start(victims, self._files.unlink_all, victims)
 
-    # -- quota ---------------------------------------------------------------------
+    # -- quota --------------------------------------------------------------------
 
-    def _make_room(self, size: int) -> list[Digest]:
-        """Take least recently used blobs out of the index until `size` more bytes fit.
+    def _reserve(self, size: int) -> list[Digest]:
+        """Reserve room for a write (see `DiskIndex.reserve`); the victims' files must go."""
+        victims = self._index.reserve(size)
+        self._note_evicted(victims)
+        return victims
 
-        Returns the victims, whose files the caller must unlink (`_start_unlinks`).
-        Raises ResourceExhausted, having changed nothing, when the blob is larger
-        than the quota or only pinned blobs could make room.
-        """
-        if not self.max_bytes:
-            return []
-        if size > self.max_bytes:
-            raise ResourceExhausted(f"blob of {size} bytes is larger than the disk quota ({self.max_bytes} bytes)")
-        excess = self._used + self._reserved + size - self.max_bytes
-        if excess <= 0:
-            return []
-        index = self._index
-        busy = self._pins.keys() | self._committing.keys()
-        busy_bytes = sum(index.get(d, 0) for d in busy)
-        if self._used - busy_bytes < excess:
-            raise ResourceExhausted(
-                f"disk quota of {self.max_bytes} bytes is full of blobs in use or being written; "
-                f"cannot store {size} more bytes"
-            )
-        victims: list[Digest] = []
-        skipped: list[tuple[Digest, int]] = []
-        freed = 0
-        while freed < excess:
-            digest, stored = index.popitem(last=False)
-            if digest in busy:
-                skipped.append((digest, stored))
-                continue
-            victims.append(digest)
-            freed += stored
-        for digest, stored in skipped:  # in use: keep them, as most recently used
-            index[digest] = stored
-        self._used -= freed
-        self.evictions += len(victims)
+    def _note_evicted(self, victims: list[Digest]) -> None:
+        if not victims:
+            return
         if self._journal is not None:
             for digest in victims:
                 self._journal.note_removed(digest)
-        log.debug("disk storage %s: evicting %d blobs (%d bytes)", self.root, len(victims), freed)
-        return victims
-
-    def _start_unlinks(self, victims: list[Digest], fn: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """Run `fn(*args)` (which unlinks `victims` first) in a thread and return its
-        future (await it shielded).  Until it finishes, writers of the victims wait."""
-        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        if victims:
-            unlinking = self._unlinking
-            for digest in victims:
-                unlinking[digest] = future
-            future.add_done_callback(functools.partial(self._unlinked, victims))
-        return future
-
-    def _unlinked(self, victims: list[Digest], future: asyncio.Future) -> None:
-        for digest in victims:
-            if self._unlinking.get(digest) is future:
-                del self._unlinking[digest]
-
-    async def _wait_unlinked(self, digests: Iterable[Digest]) -> None:
-        unlinking = self._unlinking
-        if not unlinking:
-            return
-        pending = {unlinking[d] for d in digests if d in unlinking}
-        if pending:
-            await asyncio.wait(pending)
-
-    def _unlink_all(self, digests: list[Digest]) -> None:
-        for digest in digests:
-            try:
-                os.unlink(self._path(digest))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:  # the index has forgotten it already: log, do not fail the caller
-                log.warning("disk storage %s: cannot remove %s: %s", self.root, digest, exc)
-
-    def _pin(self, digest: Digest) -> None:
-        self._pins[digest] = self._pins.get(digest, 0) + 1
-
-    def _unpin(self, digest: Digest) -> None:
-        count = self._pins.pop(digest, 1) - 1
-        if count > 0:
-            self._pins[digest] = count
-
-    def _begin_commit(self, digest: Digest) -> None:
-        self._committing[digest] = self._committing.get(digest, 0) + 1
-
-    def _end_commit(self, digest: Digest) -> None:
-        count = self._committing.pop(digest, 1) - 1
-        if count > 0:
-            self._committing[digest] = count
+        log.debug("disk storage %s: evicting %d blobs", self.root, len(victims))
 
     # -- last-use persistence ------------------------------------------------------
 
-    def _touch(self, digest: Digest) -> None:
-        self._touched[digest] = time.time()
-        self._schedule_touch()
-
     def _schedule_touch(self) -> None:
-        if self._touch_task is None and self._touched:
-            try:
-                self._touch_task = asyncio.get_running_loop().create_task(self._touch_later())
-            except RuntimeError:
-                pass
-
-    async def _touch_later(self) -> None:
-        await asyncio.sleep(_TOUCH_INTERVAL)
-        self._touch_task = None
-        await self.flush_touches()
+        self._last_use.schedule(_TOUCH_INTERVAL)
 
     async def flush_touches(self) -> None:
         """Write recorded last-use times to the files' mtimes (what a restart orders by)."""
-        touched, self._touched = self._touched, {}
-        if touched:
-            await asyncio.to_thread(self._utime_all, touched)
-
-    def _utime_all(self, touched: dict[Digest, float]) -> None:
-        for digest, when in touched.items():
-            try:
-                os.utime(self._path(digest), (when, when))
-            except FileNotFoundError:
-                pass
+        await self._last_use.flush()
 
     # -- maintenance ---------------------------------------------------------------
 
@@ -625,43 +374,31 @@ class DiskStorage(Storage):
         """Remove blobs.  A blob being committed by a concurrent writer stays (the
         write wins); a blob being read is removed from the index at once, and its
         readers finish from the open file."""
+        index = self._index
         present = []
         for digest in digests:
-            if digest in self._committing:
+            if index.is_committing(digest):
                 continue
-            size = self._index.pop(digest, None)
-            if size is not None:
-                self._used -= size
-                self._touched.pop(digest, None)
+            if index.remove(digest) is not None:
                 present.append(digest)
                 if self._journal is not None:
                     self._journal.note_removed(digest)
         if present:
-            await asyncio.shield(self._start_unlinks(present, self._unlink_all, present))
+            await asyncio.shield(self._unlinks.start(present, self._files.unlink_all, present))
         return len(present)
 
     async def iterate(self) -> AsyncIterator[BlobInfo]:
-        now = time.time()
-        touched = self._touched
-        for digest, size in list(self._index.items()):
-            yield BlobInfo(digest, size, touched.get(digest, now))
+        for digest, size, last_use in self._index.snapshot(time.time()):
+            yield BlobInfo(digest, size, last_use)
 
     async def stats(self) -> dict[str, int]:
-        return {
-            "bytes": self._used,
-            "objects": len(self._index),
-            "quota_bytes": self.max_bytes,
-            "reserved_bytes": self._reserved,
-            "evictions": self.evictions,
-        }
+        index = self._index
+        return {"bytes": index.used, "objects": len(index), "quota_bytes": self.max_bytes,
+                "reserved_bytes": index.reserved, "evictions": index.evictions}
 
     async def close(self) -> None:
-        if self._touch_task is not None:
-            self._touch_task.cancel()
-            self._touch_task = None
-        if self._unlinking:
-            await asyncio.wait(set(self._unlinking.values()))
-        await self.flush_touches()
+        await self._unlinks.drain()
+        await self._last_use.close()
         if self._journal is not None:
             await self._journal.close()
 
@@ -673,8 +410,8 @@ class DiskOptions(NodeOptions):
 
 
 @register("disk", DiskOptions)
-def _build(options: DiskOptions, loader: object, path: str) -> DiskStorage:
+def _build(options: DiskOptions, loader: StorageLoader, path: str) -> DiskStorage:
     return DiskStorage(
         path=options.path, max_bytes=parse_size(options.max_size), fsync=options.fsync,
-        verify=options.verify, name=path, maintenance=getattr(loader, "maintenance", False),
+        verify=options.verify, name=path, maintenance=loader.maintenance, journal=loader.shared_directories,
     )

@@ -1,31 +1,37 @@
-"""The file-level pieces of the `disk` backend: names, temporary files, streamed reads.
+"""The file-level pieces of the `disk` backend: names, the directory layout, temporary
+files, streamed reads.
 
-Kept apart from `disk.py` (the index, quota and ordering rules) because these run in
-worker threads and know nothing of the index: a temporary file that is hashed as it
-is written and renamed into place only once verified, and a reader that reads one
-chunk ahead.
+Kept apart from `disk.py` (which orders these against the index, `disk_index.py`)
+because most of this runs in worker threads and knows nothing of the index: the
+startup scan, batch reads and writes, unlinks; a temporary file that is hashed as it
+is written and renamed into place only once verified; and a reader that reads one
+chunk ahead.  Nothing here imports `disk.py`: the reader reports back through the
+callbacks it is given.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
+import shutil
 import threading
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 from casbah.digest import Digest, DigestFunction
 from casbah.storage.base import CHUNK_SIZE, Verifier
 
-if TYPE_CHECKING:
-    from casbah.storage.disk import DiskStorage
+log = logging.getLogger(__name__)
 
 _FUNCTIONS = {f.value: f for f in DigestFunction}
 _HEX = frozenset("0123456789abcdef")
 
 
-def _parse_key(name: str) -> Digest | None:
+def parse_key(name: str) -> Digest | None:
     parts = name.split("-")
     try:
         if len(parts) == 2:
@@ -41,7 +47,156 @@ def _parse_key(name: str) -> Digest | None:
     return digest
 
 
-async def _run_to_end(future: asyncio.Future) -> tuple[Any, bool]:
+class ObjectFiles:
+    """The directory of a disk store: `objects/<2 hex>/<key>` and `tmp/`.
+
+    Every method but the path helpers blocks: call it in a thread (one hop per
+    request, or per chunk of a large blob).  None of them touches the index; the
+    caller decides what a missing or short file means.
+    """
+
+    def __init__(self, root: Path, fsync: bool) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+        self._counter = itertools.count()
+
+    def path(self, digest: Digest) -> str:
+        return f"{self.objects}/{digest.hash[:2]}/{digest.key}"
+
+    def tmp_path(self, digest: Digest) -> str:
+        return f"{self.tmp}/{digest.key}.{os.getpid()}.{next(self._counter)}"
+
+    def new_tmp(self, digest: Digest, verifier: Verifier) -> TmpFile:
+        return TmpFile(self.tmp_path(digest), verifier, self.fsync)
+
+    def scan(self, verify: bool, clear_tmp: bool) -> tuple[list[tuple[Digest, int]], int, int]:
+        """Create the layout, empty tmp/ (if `clear_tmp`) and list the stored blobs,
+        least recently modified first.
+
+        Files that are not ours, or whose size is not the one their name says (a
+        machine crash without fsync; casbah's own renames are atomic), are removed:
+        never served.  Returns (blobs as (digest, size), tmp entries removed, bad
+        files removed).
+        """
+        for prefix in range(256):
+            (self.objects / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        orphans = 0
+        for entry in os.scandir(self.tmp) if clear_tmp else ():
+            _remove(entry)
+            orphans += 1
+        found: list[tuple[int, Digest, int]] = []
+        dropped = 0
+        for prefix in os.scandir(self.objects):
+            if not prefix.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(prefix.path):
+                digest = parse_key(entry.name)
+                st = entry.stat(follow_symlinks=False)
+                if (
+                    digest is None
+                    or not entry.is_file(follow_symlinks=False)
+                    or digest.hash[:2] != prefix.name
+                    or (verify and st.st_size != digest.size)
+                ):
+                    _remove(entry)
+                    dropped += 1
+                    continue
+                found.append((st.st_mtime_ns, digest, st.st_size))
+        found.sort(key=lambda item: item[0])
+        return [(digest, size) for _, digest, size in found], orphans, dropped
+
+    def size_of(self, digest: Digest) -> int | None:
+        try:
+            return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def sizes_of(self, digests: list[Digest]) -> list[int | None]:
+        path = self.path
+        sizes: list[int | None] = []
+        for digest in digests:
+            try:
+                sizes.append(os.stat(path(digest)).st_size)
+            except FileNotFoundError:
+                sizes.append(None)
+        return sizes
+
+    def exists(self, digest: Digest) -> bool:
+        return os.path.exists(self.path(digest))
+
+    def open(self, digest: Digest) -> int | None:
+        try:
+            return os.open(self.path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+
+    def read_range(self, digest: Digest, offset: int, count: int) -> bytes | None:
+        fd = self.open(digest)
+        if fd is None:
+            return None
+        try:
+            return pread_all(fd, offset, count)
+        finally:
+            os.close(fd)
+
+    def read_batch(self, digests: list[Digest]) -> dict[Digest, bytes]:
+        """Every file that exists, whole."""
+        found = {}
+        path = self.path
+        for digest in digests:
+            try:
+                with open(path(digest), "rb", buffering=0) as f:
+                    found[digest] = f.readall()
+            except FileNotFoundError:
+                continue
+        return found
+
+    def write_batch(
+        self, victims: list[Digest], blobs: list[tuple[Digest, bytes]], verifier: Callable[[Digest], Verifier]
+    ) -> list[Exception | None]:
+        """One thread hop for a whole batch: remove the evicted files, then store each
+        blob (verified, renamed into place).  Returns each blob's error, or None."""
+        self.unlink_all(victims)
+        errors: list[Exception | None] = []
+        for digest, data in blobs:
+            tmp = self.new_tmp(digest, verifier(digest))
+            try:
+                tmp.commit([data], self.path(digest))
+                errors.append(None)
+            except Exception as exc:
+                tmp.discard()
+                errors.append(exc)
+        return errors
+
+    def unlink_all(self, digests: list[Digest]) -> None:
+        for digest in digests:
+            try:
+                os.unlink(self.path(digest))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the index has forgotten it already: log, do not fail the caller
+                log.warning("disk storage %s: cannot remove %s: %s", self.root, digest, exc)
+
+    def utime_all(self, touched: dict[Digest, float]) -> None:
+        """Set each file's mtime to its last use (what a restart orders by)."""
+        for digest, when in touched.items():
+            try:
+                os.utime(self.path(digest), (when, when))
+            except FileNotFoundError:
+                pass
+
+
+def _remove(entry: os.DirEntry) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path, ignore_errors=True)
+    else:
+        os.unlink(entry.path)
+
+
+async def run_to_end(future: asyncio.Future) -> tuple[Any, bool]:
     """Await a thread hop that must not be abandoned half-way (a commit: once the
     rename is done the blob must be indexed).  Returns (result, whether the caller
     was cancelled meanwhile); the caller does its bookkeeping, then re-raises."""
@@ -56,7 +211,7 @@ async def _run_to_end(future: asyncio.Future) -> tuple[Any, bool]:
     return future.result(), cancelled
 
 
-def _pread_all(fd: int, offset: int, count: int) -> bytes:
+def pread_all(fd: int, offset: int, count: int) -> bytes:
     """`count` bytes at `offset`, fewer only at end of file."""
     data = os.pread(fd, count, offset)
     if len(data) == count or not data:
@@ -72,7 +227,7 @@ def _pread_all(fd: int, offset: int, count: int) -> bytes:
     return b"".join(parts)
 
 
-class _TmpFile:
+class TmpFile:
     """A blob being written in tmp/: appended to and hashed in threads, then renamed.
 
     The lock orders the thread hops of one write, so `discard` (after a failure or a
@@ -150,33 +305,40 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-async def _single(data: bytes) -> AsyncIterator[bytes]:
+async def single_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-class _FileReader:
-    """An async iterator over an open file that unpins the blob when done.
+class FileReader:
+    """An async iterator over an open file that calls `on_close` (the reader's unpin)
+    once, when done.
 
     A class rather than an async generator: an async generator that is never
     started never runs its `finally`, which would leak the file and the pin.
 
     It reads one chunk ahead: while the event loop hands chunk N to gRPC, a thread
     is already reading chunk N+1, so disk reads and network sends use both cores.
+
+    A chunk shorter than expected means the file was truncated or replaced:
+    `on_short` is called (after `on_close`) and may raise (a verified blob is then
+    lost); else (or without `on_short`: an unverified entry replaced by a shorter
+    one) the short chunk is the last one.
     """
 
-    def __init__(self, storage: DiskStorage, digest: Digest, fd: int, offset: int, remaining: int) -> None:
-        self._storage = storage
-        self._digest = digest
+    def __init__(self, fd: int, offset: int, remaining: int, *, on_close: Callable[[], None],
+                 on_short: Callable[[], None] | None) -> None:
         self._fd = fd
         self._offset = offset
         self._remaining = remaining
+        self._on_close = on_close
+        self._on_short = on_short
         self._ahead: asyncio.Future | None = None
 
-    def __aiter__(self) -> _FileReader:
+    def __aiter__(self) -> FileReader:
         return self
 
     def _read(self, want: int) -> asyncio.Future:
-        return asyncio.get_running_loop().run_in_executor(None, _pread_all, self._fd, self._offset, want)
+        return asyncio.get_running_loop().run_in_executor(None, pread_all, self._fd, self._offset, want)
 
     async def __anext__(self) -> bytes:
         if self._remaining <= 0 or self._fd < 0:
@@ -187,8 +349,8 @@ class _FileReader:
         chunk = await (pending if pending is not None else self._read(want))
         if len(chunk) != want:
             self._release()
-            if self._storage.verify:
-                self._storage._lost(self._digest, True)
+            if self._on_short is not None:
+                self._on_short()
             if not chunk:  # without verification, a shorter entry replaced this one meanwhile
                 raise StopAsyncIteration
         self._offset += want
@@ -216,7 +378,7 @@ class _FileReader:
 
     def _close(self, fd: int) -> None:
         os.close(fd)
-        self._storage._unpin(self._digest)
+        self._on_close()
 
     def __del__(self) -> None:
         self._release()

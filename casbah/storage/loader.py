@@ -33,9 +33,15 @@ register = STORAGE.register
 
 
 class StorageLoader:
-    def __init__(self, named: dict[str, dict[str, Any]], maintenance: bool = False) -> None:
+    def __init__(self, named: dict[str, dict[str, Any]], maintenance: bool = False,
+                 shared_directories: bool = False) -> None:
+        """`maintenance`: opened by an admin command beside a live server.
+        `shared_directories`: several server processes build this same graph and serve
+        its directories at once (`serve --workers N`), so backends that keep a
+        per-process index (disk) must keep it in step with the others'."""
         self._named = named
         self.maintenance = maintenance
+        self.shared_directories = shared_directories
         self._built: dict[str, Storage] = {}
         self._building: set[str] = set()
         #: Every node built, named or inline, so the server can close them all.

@@ -41,6 +41,10 @@ class MetricsStorage(Storage):
         self._hit = DIGESTS.labels(result="present", **labels)
         self._miss = DIGESTS.labels(result="missing", **labels)
 
+    @property
+    def node_label(self) -> str:
+        return self.node_path or self.name
+
     def _done(self, op: str, started: float, ok: bool) -> None:
         (self._ok if ok else self._err)[op].inc()
         self._lat[op].observe(time.perf_counter() - started)

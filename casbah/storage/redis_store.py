@@ -143,16 +143,16 @@ class RedisStorage(Storage):
     async def iterate(self) -> AsyncIterator[BlobInfo]:
         """SCANs the keyspace (for GC and stats, never for requests); last access is
         now minus the key's OBJECT IDLETIME, which Redis keeps for its LRU."""
-        from casbah.storage.disk_files import _parse_key
+        from casbah.storage.disk_files import parse_key
 
         keys: list[bytes] = []
         for key in await self._scan():
             keys.append(key)
             if len(keys) >= 1000:
-                for info in await self._infos(keys, _parse_key):
+                for info in await self._infos(keys, parse_key):
                     yield info
                 keys = []
-        for info in await self._infos(keys, _parse_key):
+        for info in await self._infos(keys, parse_key):
             yield info
 
     @translated

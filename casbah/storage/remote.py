@@ -58,6 +58,7 @@ from casbah.errors import (
     InvalidArgument,
     Unavailable,
     Unsupported,
+    code_from_int,
     from_status,
 )
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -256,7 +257,7 @@ class RemoteStorage(Storage):
                 lost[digest] = DataLoss(f"{what}: {r.status.message}")
                 continue
             if r.status.code != code_pb2.OK:
-                raise from_status(_status_code(r.status.code), f"{what}: {r.status.message}")
+                raise from_status(code_from_int(r.status.code), f"{what}: {r.status.message}")
             try:
                 data = r.data
                 if r.compressor == re_pb2.Compressor.ZSTD:
@@ -428,7 +429,7 @@ class RemoteStorage(Storage):
             if s is None:
                 errors.append(Unavailable(f"{self._what('BatchUpdateBlobs', digest)}: no status in the response"))
             elif s.code != code_pb2.OK:
-                errors.append(from_status(_status_code(s.code), f"{self._what('BatchUpdateBlobs', digest)}: "
+                errors.append(from_status(code_from_int(s.code), f"{self._what('BatchUpdateBlobs', digest)}: "
                                                                  f"{s.message}"))
             else:
                 errors.append(None)
@@ -450,10 +451,6 @@ class RemoteStorage(Storage):
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _status_code(value: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 def _by_function(digests: Sequence[Digest]) -> dict[DigestFunction, list[Digest]]:

@@ -305,7 +305,7 @@ class S3Storage(Storage):
 
     async def iterate(self) -> AsyncIterator[BlobInfo]:
         """Lists the bucket: for GC and scrubbing, never for requests."""
-        from casbah.storage.disk_files import _parse_key
+        from casbah.storage.disk_files import parse_key
 
         token = None
         while True:
@@ -314,7 +314,7 @@ class S3Storage(Storage):
                 kwargs["ContinuationToken"] = token
             page = await self._run(self.client.list_objects_v2, **kwargs)
             for obj in page.get("Contents", []):
-                digest = _parse_key(obj["Key"][len(self.prefix):])
+                digest = parse_key(obj["Key"][len(self.prefix):])
                 if digest is not None:
                     yield BlobInfo(digest, obj["Size"], obj["LastModified"].timestamp())
             if not page.get("IsTruncated"):

@@ -204,6 +204,43 @@ def test_reflection_lists_and_describes_the_reapi_services(chan) -> None:
     assert "FindMissingBlobs" in {m.name for m in cas.method}
 
 
+def test_every_call_shape_is_counted(obs_server, chan) -> None:
+    """The interceptor's one wrapper serves all four shapes: unary (health Check), a server
+    stream written with context.write() (health Watch), a client stream (a Write that sends
+    nothing, so no instance can be known) and a bidirectional stream (reflection)."""
+    http = obs_server.http
+    before = http.metrics()
+    health = health_pb2_grpc.HealthStub(chan)
+    health.Check(health_pb2.HealthCheckRequest(service=CAS))
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=CAS))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    with pytest.raises(grpc.RpcError):
+        bs_grpc.ByteStreamStub(chan).Write(iter(()))
+    after = before
+
+    def delta(code: str, instance: str, **labels: str) -> float:
+        key = {**labels, "code": code, "instance": instance}
+        return value(after, "casbah_grpc_requests_total", **key) - value(before, "casbah_grpc_requests_total", **key)
+
+    assert CAS in ProtoReflectionDescriptorDatabase(chan).get_services()
+    reflection = {"service": "grpc.reflection.v1alpha.ServerReflection", "method": "ServerReflectionInfo"}
+    # The reflection stream ends when the client drops it (OK or CANCELLED, as the race goes).
+    deadline = time.monotonic() + 5
+    while True:
+        after = http.metrics()
+        reflected = {code.name: delta(code.name, "", **reflection) for code in grpc.StatusCode}
+        if (sum(reflected.values()) and delta("CANCELLED", "", service="grpc.health.v1.Health", method="Watch")) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert delta("OK", "", service="grpc.health.v1.Health", method="Check") == 1
+    assert delta("CANCELLED", "", service="grpc.health.v1.Health", method="Watch") == 1
+    assert sum(delta(code.name, "(unknown)", service=BYTESTREAM, method="Write") for code in grpc.StatusCode
+               if code is not grpc.StatusCode.OK) == 1
+    assert sum(reflected.values()) == reflected["OK"] + reflected["CANCELLED"] >= 1
+
+
 def test_json_logs_carry_the_request_metadata(obs_server, chan) -> None:
     invocation = f"inv-json-{uuid.uuid4()}"
     action = f"action-{uuid.uuid4().hex[:12]}"
@@ -442,6 +479,7 @@ def test_interceptor_overhead_per_call_is_small() -> None:
     import asyncio
     from types import SimpleNamespace
 
+    from casbah.server.interceptor import MetricsInterceptor
     from casbah.server.observability import Observability
 
     md = re_pb2.RequestMetadata(tool_details=re_pb2.ToolDetails(tool_name="bazel", tool_version="7.4.1"),
@@ -464,6 +502,7 @@ def test_interceptor_overhead_per_call_is_small() -> None:
 
     async def measure() -> tuple[float, float]:
         obs = Observability([SimpleNamespace(name="")])
+        interceptor = MetricsInterceptor(obs)
         calls = 20_000
         bare, wrapped = [], []
         for _ in range(5):
@@ -473,9 +512,9 @@ def test_interceptor_overhead_per_call_is_small() -> None:
             bare.append((time.perf_counter() - started) / calls)
             started = time.perf_counter()
             for _ in range(calls):
-                await (await obs.interceptor.intercept_service(continuation, details)).unary_unary(request, context)
+                await (await interceptor.intercept_service(continuation, details)).unary_unary(request, context)
             wrapped.append((time.perf_counter() - started) / calls)
-        series = next(iter(obs._methods.values()))[1].series[""]
+        series = obs.methods()[0].series[""]
         assert series.ok == 5 * calls and series.window.total_a == 5 * calls * 7  # it did count
         return min(bare), min(wrapped)
 

@@ -413,3 +413,30 @@ def test_eviction_racing_a_reupload_of_the_victim_keeps_index_and_files_in_step(
             await check_disk_consistent(storage)
 
     run(main)
+
+
+def test_shared_directories_keep_disk_indexes_in_step_through_the_journal(tmp_path: Path) -> None:
+    """What `serve --workers N` asks of the loader: disk nodes built with
+    shared_directories see each other's writes and deletes; a lone server keeps no journal."""
+
+    async def main() -> None:
+        load_builtin_kinds()
+        node = {"kind": "disk", "path": str(tmp_path)}
+        alone = StorageLoader({}).build(node, "cas")
+        await alone.close()
+        assert not (tmp_path / "journal").exists()
+        first = StorageLoader({}, shared_directories=True).build(node, "cas")
+        second = StorageLoader({}, shared_directories=True).build(node, "cas")
+        digest, data = blob(KiB)
+        await first.write_bytes(digest, data)
+        assert await second.find_missing([digest]) == []  # its file, before any journal line
+        assert await first.delete([digest]) == 1
+        for _ in range(50):  # the journal is replayed twice a second
+            if (await second.stats())["objects"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (await second.stats())["objects"] == 0
+        await first.close()
+        await second.close()
+
+    run(main)

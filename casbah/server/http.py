@@ -1,0 +1,123 @@
+"""A server's operational endpoints: gRPC health and reflection, and the HTTP side
+(`/metrics`, `/healthz`, the status page) served by aiohttp in the server's own event loop.
+
+Health lets load balancers and Kubernetes probes ask over gRPC instead of guessing
+from an open port; reflection lets grpcurl and grpc_cli call the server without
+the .proto files at hand.  On shutdown both health and `/healthz` turn
+NOT_SERVING before the drain starts, so balancers stop sending work.
+
+HTTP routes (the status page adds its own, see `casbah.server.status_page`):
+  /metrics        Prometheus text format (storage gauges refreshed per scrape)
+  /healthz        200 "ok" while serving, 503 while shutting down
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
+from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
+from casbah.server import status_page
+from casbah.server.collectors import refresh_storage_snapshot
+from casbah.server.observability import Observability
+
+#: Every gRPC service casbah registers (health and reflection list these).
+SERVED_SERVICES = (
+    re_pb2.DESCRIPTOR.services_by_name["Capabilities"].full_name,
+    re_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name,
+    re_pb2.DESCRIPTOR.services_by_name["ActionCache"].full_name,
+    bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name,
+    ra_pb2.DESCRIPTOR.services_by_name["Fetch"].full_name,
+    ra_pb2.DESCRIPTOR.services_by_name["Push"].full_name,
+    bst_pb2.DESCRIPTOR.services_by_name["ReferenceStorage"].full_name,
+)
+
+
+class Endpoints:
+    """Health, reflection and the HTTP runner of one server, and their shutdown."""
+
+    def __init__(self, obs: Observability) -> None:
+        self.obs = obs
+        self.health: Any = None
+        self.http: web.AppRunner | None = None
+
+    async def add_health_and_reflection(self, server: grpc.aio.Server,
+                                        services: Iterable[str] = SERVED_SERVICES) -> None:
+        """Register grpc.health.v1 (SERVING for "" and each service) and server reflection."""
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        for name in ("", *names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+
+    async def enter_shutdown(self) -> None:
+        """Health turns NOT_SERVING (and /healthz 503) before the drain starts."""
+        self.obs.shutting_down = True
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+
+    async def start_http(self, address: str, worker: int | None = None) -> str:
+        """Serve /metrics, /healthz and the status page; returns the URL (port 0 resolved)."""
+        self.http, url = await start_http_server(self.obs, address, worker)
+        return url
+
+    async def close(self) -> None:
+        if self.http is not None:
+            runner, self.http = self.http, None
+            await runner.cleanup()
+
+
+_OBS = status_page.OBSERVABILITY
+
+
+def create_app(obs: Observability) -> web.Application:
+    app = web.Application()
+    app[_OBS] = obs
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    status_page.add_routes(app)
+    return app
+
+
+async def start_http_server(obs: Observability, address: str, worker: int | None = None) -> tuple[web.AppRunner, str]:
+    """Bind `HOST:PORT` (the port plus the worker index under `--workers`: each worker
+    process has its own counters, so each needs its own scrape target)."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"metrics-listen {address!r}: want HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    port = int(port_text) + (worker or 0) if int(port_text) else 0
+    runner = web.AppRunner(create_app(obs), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    bound = runner.addresses[0][1] if runner.addresses else port
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"http://{shown}:{bound}"
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    await refresh_storage_snapshot(request.app[_OBS])
+    body = generate_latest(REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    if request.app[_OBS].shutting_down:
+        return web.Response(status=503, text="shutting down\n")
+    return web.Response(text="ok\n")
