@@ -142,6 +142,8 @@ class DiskStorage(Storage):
 
         For protocols that name blobs by hash alone (the HTTP cache protocol): one
         listing of the blob's prefix directory, so a fallback, not a per-request path.
+        The file, not the index, answers (a sibling worker's blob is on disk before it
+        is in this process's index); callers check presence with `find_missing`.
         """
         stem = Digest(hash_hex, 0, function).key[:-1]  # the key without its size: `hash-`
         try:
@@ -149,7 +151,7 @@ class DiskStorage(Storage):
         except OSError:
             return None
         for name in names:
-            if name.startswith(stem) and (digest := parse_key(name)) is not None and digest in self._index:
+            if name.startswith(stem) and (digest := parse_key(name)) is not None:
                 return digest
         return None
 

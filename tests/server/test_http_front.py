@@ -338,3 +338,19 @@ def test_a_body_cut_short_stores_nothing(front) -> None:
     for path in paths:
         assert requests.get(base + path).status_code == 404, path
     assert " ERROR " not in server.log_path.read_text(), server.log()
+
+
+def test_workers_share_the_front(module_server_factory) -> None:
+    """`--workers 2`: a blob PUT through one worker is readable at once through either (fresh
+    connections land on either process; the disk store finds a sibling's file by hash)."""
+    port = free_port()
+    module_server_factory(["--workers", "2", "--http-listen", f"127.0.0.1:{port}"])
+    for _ in range(20):
+        data = os.urandom(200)
+        url = f"http://127.0.0.1:{port}/cas/{sha(data)}"
+        assert requests.put(url, data=data).status_code == 200
+        got = requests.get(url)
+        assert got.status_code == 200 and got.content == data
+        key = f"http://127.0.0.1:{port}/k/{sha(data)}"
+        assert requests.put(key, data=data).status_code == 201
+        assert requests.get(key).content == data
