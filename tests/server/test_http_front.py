@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,6 +267,34 @@ def test_access_table(guarded: str, token: str | None, instance: str, basic: boo
             assert get.status_code == 404  # nothing was stored by the refused PUT
 
 
+def test_jwt_and_authenticated_action_cache_writers(module_server_factory, tmp_path_factory) -> None:
+    """JWTs work over HTTP as over gRPC, and `action-cache-writers: authenticated` keeps anonymous
+    writers (allowed to write CAS here) out of `/ac/` and the opaque namespace."""
+    import jwt
+
+    secret = "http-front-test-secret-0123456789abcdef"
+    port = free_port()
+    config = tmp_path_factory.mktemp("jwt") / "casbah.yaml"
+    config.write_text(yaml.safe_dump({
+        "http-listen": f"127.0.0.1:{port}",
+        "auth": {"jwt": {"secret": secret}, "anonymous": "read-write", "action-cache-writers": "authenticated"},
+    }))
+    module_server_factory(["--config", str(config)])
+    base = f"http://127.0.0.1:{port}"
+    token = jwt.encode({"sub": "ci", "scope": "casbah:write", "exp": int(time.time()) + 600}, secret,
+                       algorithm="HS256")
+    data = os.urandom(100)
+    assert requests.put(f"{base}/cas/{sha(data)}", data=data).status_code == 200  # anonymous CAS write
+    for url in (f"{base}/ac/{sha(data)}", f"{base}/ccache/{sha(data)}"):
+        assert requests.put(url, data=b"value").status_code == 403, url
+        assert requests.put(url, data=b"value", headers={"Authorization": f"Bearer {token}"}).status_code in (
+            200, 201), url
+        assert requests.get(url).content == b"value"
+    expired = jwt.encode({"sub": "ci", "scope": "write", "exp": int(time.time()) - 10}, secret, algorithm="HS256")
+    refused = requests.put(f"{base}/k/x", data=b"v", headers={"Authorization": f"Bearer {expired}"})
+    assert refused.status_code == 401 and "expired" in refused.text.lower()
+
+
 # -- memory ---------------------------------------------------------------------------------------------
 
 
@@ -309,6 +338,7 @@ def test_large_put_and_get_stream_with_bounded_memory(front) -> None:
             if number % 16 == 0:
                 peak = max(peak, process.memory_info().rss)
     assert received.hexdigest() == hasher.hexdigest()
+    print(f"300 MiB PUT + GET: server RSS grew by {(peak - before) / MiB:.1f} MiB")
     assert peak - before < 100 * MiB, f"server RSS grew by {(peak - before) / MiB:.0f} MiB"
 
 
