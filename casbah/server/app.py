@@ -258,7 +258,9 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
             ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
         )
     if not worker:  # once, not once per worker
-        warn_if_exposed(config.listeners(), server.instances)
+        http = [ListenerConfig(address=config.http_listen, tls_client_ca=config.tls_client_ca)] \
+            if config.http_listen else []  # the HTTP front takes the same callers
+        warn_if_exposed(config.listeners() + http, server.instances)
     who = "casbah" if worker is None else f"casbah worker {worker}"
     for address in server.ports:
         print(f"{who}: serving REAPI on {address} (instances: "

@@ -384,3 +384,10 @@ def test_workers_share_the_front(module_server_factory) -> None:
         key = f"http://127.0.0.1:{port}/k/{sha(data)}"
         assert requests.put(key, data=data).status_code == 201
         assert requests.get(key).content == data
+
+
+def test_an_exposed_http_front_without_auth_is_warned_about(start_server) -> None:
+    port = free_port()
+    server = start_server(["--http-listen", f"0.0.0.0:{port}"])
+    text = server.log_path.read_text()
+    assert f"0.0.0.0:{port} is reachable from other machines and anonymous callers may WRITE" in text, text
