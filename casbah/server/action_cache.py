@@ -40,25 +40,11 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         action = instance.digest(request.action_digest, request.digest_function)
         function = action.function
         data = await instance.action_cache.get(action)  # a miss raises ActionResultNotFound: NOT_FOUND
-        result = re_pb2.ActionResult()
+        result = await checked_action_result(instance, data, action, function)
         try:
-            result.ParseFromString(data)
-        except DecodeError:
-            log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
-            raise NotFound(f"ActionResult for action {action} is corrupt") from None
-        try:
-            if instance.extras.get("check_action_results", True):
-                missing = await missing_outputs(instance.cas, result, function)
-                if missing:
-                    raise NotFound(
-                        f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
-                        f"e.g. {missing[0]}"
-                    )
             await _inline(instance.cas, result, request, function)
         except InvalidArgument as exc:
-            # The stored entry is bad (a malformed digest, a Tree blob that is not a
-            # Tree, a tree breaking the REAPI's name rules), not the request: a miss
-            # lets the client rebuild and overwrite it.
+            # The stored entry names a blob it cannot inline (a malformed digest): a miss.
             log.warning("ActionCache entry for %s is unusable (%s); reporting a miss", action, exc)
             raise NotFound(f"ActionResult for action {action} is unusable: {exc}") from None
         return result
@@ -75,6 +61,44 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         await check_output_trees(instance.cas, request.action_result, function)
         await instance.action_cache.put(action, request.action_result.SerializeToString(deterministic=True))
         return request.action_result
+
+
+async def checked_action_result(instance: Instance, data: bytes, action: Digest,
+                                function: DigestFunction) -> re_pb2.ActionResult:
+    """A stored entry as an ActionResult fit to serve, else `NotFound` (a miss).
+
+    Every front serves ActionCache entries through this (gRPC GetActionResult, the HTTP
+    `/ac/`): a corrupt entry, or one naming blobs no longer in CAS (with
+    `check-action-results`, the default), is reported as a miss so the client rebuilds.
+    """
+    result = re_pb2.ActionResult()
+    try:
+        result.ParseFromString(data)
+    except DecodeError:
+        log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
+        raise NotFound(f"ActionResult for action {action} is corrupt") from None
+    try:
+        if instance.extras.get("check_action_results", True):
+            missing = await missing_outputs(instance.cas, result, function)
+            if missing:
+                raise NotFound(
+                    f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
+                    f"e.g. {missing[0]}"
+                )
+    except InvalidArgument as exc:
+        # The stored entry is bad (a malformed digest, a Tree blob that is not a
+        # Tree, a tree breaking the REAPI's name rules), not the request: a miss
+        # lets the client rebuild and overwrite it.
+        log.warning("ActionCache entry for %s is unusable (%s); reporting a miss", action, exc)
+        raise NotFound(f"ActionResult for action {action} is unusable: {exc}") from None
+    return result
+
+
+def referenced_digests(result, function: DigestFunction) -> list[Digest]:
+    """Every digest an ActionResult names directly (files, stdout/stderr, trees, roots);
+    raises `InvalidArgument` for a malformed one."""
+    blobs, trees, roots = _referenced(result, function)
+    return [*blobs, *trees, *roots]
 
 
 def _d(message, function: DigestFunction) -> Digest | None:
