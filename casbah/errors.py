@@ -151,3 +151,8 @@ def from_status(code: grpc.StatusCode, message: str) -> CasbahError:
     if cls is CasbahError:
         err.code = code
     return err
+
+
+class StartupError(FailedPrecondition):
+    """Something an operator must fix before a server can start (an address that cannot
+    be bound, unusable TLS material): reported as one line by the CLI, exit 1."""

@@ -13,7 +13,6 @@ from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import DEFAULT_URI_TEMPLATE, PUBLISH_MODES, pull, push
 from casbah.config import parse_size
-from casbah.errors import CasbahError
 
 DEFAULT_CACHE_DIR = "~/.cache/casbah"
 
@@ -35,17 +34,8 @@ uri_option = click.option("--uri-template", default=DEFAULT_URI_TEMPLATE, show_d
 
 
 class CasbahCommand(click.Command):
-    """Turns casbah errors and file-system errors (a permission, a full disk) into one
-    clean error line and exit 1 instead of a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except CasbahError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) \
-                from None
+    """A casbah command.  Errors are reported by the root group (casbah/cli/errors.py):
+    one line, no traceback; this class stays so commands can say where they belong."""
 
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:

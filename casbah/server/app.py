@@ -15,6 +15,7 @@ import grpc
 from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
+from casbah.errors import StartupError
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -23,6 +24,7 @@ from casbah.server.action_cache import ActionCacheService
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances, MalformedRequests
+from casbah.server.binding import check_bind, check_tls
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
@@ -36,10 +38,6 @@ from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
 log = logging.getLogger("casbah.server")
-
-
-class StartupError(Exception):
-    """Something an operator must fix before the server can start (printed, exit 1)."""
 
 
 @dataclass
@@ -166,7 +164,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     await endpoints.add_health_and_reflection(server)
     result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():
-        result.ports.append(_listen(server, listener))
+        result.ports.append(_listen(server, listener, reuse_port))
     observability.listen = list(result.ports)
     result.closers.insert(0, endpoints.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)
@@ -192,17 +190,20 @@ def _remove_stale_socket(path: str) -> None:
     raise StartupError(f"cannot listen on unix:{path}: another server is listening there")
 
 
-def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
+def _listen(server: grpc.aio.Server, listener: ListenerConfig, reuse_port: bool = False) -> str:
     """Bind one listener; returns the address as served (port 0 resolved)."""
     address = listener.address
     if address.startswith("unix:"):
         path = address.removeprefix("unix:").removeprefix("//")
         if os.path.exists(path):
             _remove_stale_socket(path)
+    if listener.tls_cert or listener.tls_key:
+        if not (listener.tls_cert and listener.tls_key):
+            raise StartupError(f"{address}: TLS needs both a certificate and a key")
+        check_tls(listener.tls_cert, listener.tls_key, listener.tls_client_ca)
+    check_bind(address, reuse_port)
     try:
-        if listener.tls_cert or listener.tls_key:
-            if not (listener.tls_cert and listener.tls_key):
-                raise StartupError(f"{address}: TLS needs both a certificate and a key")
+        if listener.tls_cert and listener.tls_key:
             credentials = grpc.ssl_server_credentials(
                 [(Path(listener.tls_key).read_bytes(), Path(listener.tls_cert).read_bytes())],
                 root_certificates=Path(listener.tls_client_ca).read_bytes() if listener.tls_client_ca else None,
@@ -216,9 +217,9 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
     except OSError as exc:
         raise StartupError(f"{address}: cannot read TLS material: {exc}") from None
     except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
     if port == 0 and not address.startswith("unix:"):
-        raise StartupError(f"cannot listen on {address} (is another server using the port?)")
+        raise StartupError(f"cannot listen on {address}: grpc refused the address")
     if address.startswith("unix:"):
         if listener.unix_mode:
             os.chmod(address.removeprefix("unix:").removeprefix("//"), int(listener.unix_mode, 8))
