@@ -8,6 +8,7 @@ from datetime import datetime
 
 import click
 
+from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
@@ -101,6 +102,7 @@ def rm(cache_dir: str, refs: tuple[str, ...]) -> None:
     local = _cache(cache_dir)
     for ref in refs:
         local.remove_ref(ref)
+        click.echo(f"removed ref {ref}")
 
 
 @cache.command(cls=CasbahCommand)
@@ -108,7 +110,7 @@ def rm(cache_dir: str, refs: tuple[str, ...]) -> None:
 def prune(cache_dir: str) -> None:
     """Delete every object no ref reaches."""
     report = _cache(cache_dir).prune()
-    click.echo(f"removed {report.objects_removed} objects, {report.bytes_removed} bytes")
+    click.echo(f"removed {humanize.count(report.objects_removed, 'object')}, {humanize.size(report.bytes_removed)}")
 
 
 @cache.command(cls=CasbahCommand)
@@ -117,8 +119,10 @@ def prune(cache_dir: str) -> None:
 def gc(cache_dir: str, quota: int) -> None:
     """Evict least recently used refs, then prune, until under SIZE."""
     report = _cache(cache_dir).gc(quota)
-    click.echo(f"removed refs {report.refs_removed or 'none'}; {report.objects_removed} objects, "
-               f"{report.bytes_removed} bytes")
+    for ref in report.refs_removed:
+        click.echo(f"removed ref {ref}")
+    click.echo(f"removed {humanize.count(len(report.refs_removed), 'ref')}, "
+               f"{humanize.count(report.objects_removed, 'object')}, {humanize.size(report.bytes_removed)}")
 
 
 @cache.command(cls=CasbahCommand)

@@ -9,10 +9,11 @@ Exit status:
 
 ====  =========================================================================
 0     success
-1     the operation failed (server error or unreachable, OS error on a path,
-      a bind failure, corrupt data found, an unexpected bug)
-2     bad input: a command-line argument, an address, a config, tokens or
-      manifest file (`InvalidArgument`, `ConfigError`, click usage errors)
+1     the operation failed: bad input (a config, tokens or manifest file, a
+      digest, a ref), the server refused or could not be reached, an OS error
+      on a path, a bind failure, corrupt data found, an unexpected bug
+2     the command line itself is wrong (an unknown option, a missing
+      argument, an option value such as `--listen 127.0.0.1` without a port)
 130   interrupted (Ctrl-C)
 141   stdout was closed early (`casbah cas tree … | head`): exits quietly, as a
       process killed by SIGPIPE would
@@ -27,7 +28,7 @@ import sys
 
 import click
 
-from casbah.errors import CasbahError, InvalidArgument
+from casbah.errors import CasbahError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -70,8 +71,6 @@ def describe(exc: BaseException) -> tuple[str | None, int]:
         return "interrupted", EXIT_INTERRUPTED
     if _is_broken_pipe(exc):
         return None, EXIT_SIGPIPE
-    if isinstance(exc, InvalidArgument):
-        return one_line(str(exc)), EXIT_USAGE
     if isinstance(exc, CasbahError):
         return one_line(str(exc)), EXIT_FAILURE
     if isinstance(exc, OSError):
@@ -98,6 +97,15 @@ class CasbahGroup(click.Group):
 
     #: Set by the root group's callback (`--debug`) or `CASBAH_DEBUG=1`.
     debug: bool = False
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:  # before click's own EPIPE handling, which exits 1
+            if not _is_broken_pipe(exc):
+                raise
+            silence_stdout()
+            sys.exit(EXIT_SIGPIPE)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         try:

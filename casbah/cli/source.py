@@ -7,6 +7,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -15,7 +16,7 @@ from typing import Any
 import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import DEFAULT_CACHE_DIR, CasbahCommand
@@ -74,9 +75,10 @@ def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None,
         if asset_fetch != "off" or asset_push == "on":
             raise click.UsageError("--remote (or CASBAH_REMOTE) is needed unless --asset-fetch off --asset-push off")
         cache = SourceCache(local, [])
-        root = cache.fetch(src, dest)
+        with _working(f"fetching {src.name}"):
+            root = cache.fetch(src, dest)
     else:
-        with RemoteClient(spec_from(kwargs)) as client:
+        with RemoteClient(spec_from(kwargs)) as client, _working(f"fetching {src.name}"):
             cache = SourceCache(local, [RemotePolicy(client, asset_fetch, asset_push)])
             root = cache.fetch(src, dest)
     click.echo(f"{root} {dest}")
@@ -91,7 +93,8 @@ def push_cmd(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | No
     """Fetch a source natively and push it to the asset cache (warms the cache)."""
     _logging()
     src = _source(kind, uris, ref, branch, sha256, with_git_dir, filename)
-    with RemoteClient(spec_from(kwargs)) as client, tempfile.TemporaryDirectory() as tmp:
+    with RemoteClient(spec_from(kwargs)) as client, tempfile.TemporaryDirectory() as tmp, \
+            _working(f"fetching and pushing {src.name}"):
         cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, "off", "on")])
         root = cache.fetch(src, Path(tmp) / "stage")
     click.echo(str(root))
@@ -114,6 +117,14 @@ class ManifestRemote(_Model):
     token_file: str | None = Field(default=None, alias="token-file")
     asset_fetch: str = Field(default="fallback", alias="asset-fetch", pattern="^(off|fallback|only)$")
     asset_push: str = Field(default="off", alias="asset-push", pattern="^(on|off)$")
+
+    @field_validator("asset_fetch", "asset_push", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `on`/`off` as a boolean: take it as the word meant."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
 
 class ManifestSource(_Model):
@@ -236,6 +247,16 @@ def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: 
         click.echo(f"error: {failure}", err=True)
     if result.failures:
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _working(what: str) -> Iterator[None]:
+    """A spinner with the elapsed time on a terminal while one source is fetched (its
+    size is not known up front); nothing otherwise."""
+    with Progress(SpinnerColumn(), TextColumn(what), TimeElapsedColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as progress:
+        progress.add_task(what, total=None)
+        yield
 
 
 def _logging(quiet: bool = False) -> None:

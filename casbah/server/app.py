@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from casbah import humanize
 from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
@@ -270,5 +271,5 @@ def _warn_quota(config: ServerConfig) -> None:
     except OSError:
         return
     if config.quota and free < config.quota:
-        log.warning("quota %d bytes exceeds free space on %s (%d bytes): eviction will not save the disk",
-                    config.quota, data, free)
+        log.warning("quota %s exceeds free space on %s (%s): eviction will not save the disk",
+                    humanize.size(config.quota), data, humanize.size(free))

@@ -105,7 +105,7 @@ def test_scrub_rate_limit(launch, tmp_path: Path, rate: str) -> None:
     assert server.stop() == 0
     limited = scrub(data_dir, "--rate", rate)
     assert limited.returncode == 0, limited.stdout + limited.stderr
-    assert "scanned 20 blobs (20971520 bytes)" in limited.stdout
+    assert "scanned 20 blobs (20 MiB)" in limited.stdout
     assert report_seconds(limited.stdout) >= 1.5
     unlimited = scrub(data_dir, "--rate", "0")
     assert unlimited.returncode == 0
