@@ -242,9 +242,11 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
             raise StartupError(str(exc)) from None
     await server.grpc_server.start()
     for instance in server.instances:
+        quota = store_quota(instance.cas)
         log.info(
-            "instance %r: storage %s, services %s%s", instance.name, instance.cas.describe(),
-            ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
+            "instance %r: storage %s (quota %s), services %s%s", instance.name, instance.cas.describe(),
+            humanize.size(quota) if quota else "none", ",".join(sorted(instance.services)),
+            " (read-only)" if instance.read_only else "",
         )
     if not worker:  # once, not once per worker
         warn_if_exposed(config.listeners(), server.instances)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from pydantic import Field
 
-from casbah import humanize
 from casbah.config import parse_size
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, DigestMismatch, ResourceExhausted
@@ -73,9 +72,8 @@ class DiskStorage(Storage):
         found, orphans, dropped = self._files.scan(self.verify, clear_tmp=not self.maintenance)
         self._index.load(found)
         log.info(
-            "disk storage %s: %d blobs, %s (quota %s); removed %d partial uploads and %d bad files in %.2fs",
-            self.root, len(self._index), humanize.size(self._index.used),
-            humanize.size(self.max_bytes) if self.max_bytes else "none", orphans, dropped,
+            "disk storage %s: %d blobs, %d bytes (quota %s); removed %d partial uploads and %d bad files in %.2fs",
+            self.root, len(self._index), self._index.used, self.max_bytes or "none", orphans, dropped,
             time.monotonic() - started,
         )
 
