@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from google.protobuf.message import DecodeError
 
+from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import CasbahCommand
 from casbah.client.remote import RemoteClient
@@ -87,7 +88,7 @@ def download(digest: str, output: str, as_tree: bool | None, **kwargs) -> None:
                     os.unlink(tmp)
                 raise
             os.replace(tmp, output)
-            click.echo(f"{d} -> {output}", err=True)
+            click.echo(f"{d} -> {output} ({humanize.size(d.size)})", err=True)
             return
         summary = download_tree(client, d, output, show_progress=sys.stderr.isatty())
     click.echo(summary.line("downloaded"), err=True)

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import DEFAULT_CACHE_DIR, CasbahCommand
 from casbah.client.cache import LocalCache
@@ -242,7 +243,8 @@ def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: 
         result = fetch_manifest(spec, dest, cache_dir, jobs, asset_fetch, asset_push, progress)
     for target, root in sorted(result.roots.items()):
         click.echo(f"{root} {target}")
-    click.echo(f"summary: {len(spec.sources)} sources in {result.seconds:.2f}s; {result.summary.line()}", err=True)
+    click.echo(f"summary: {humanize.count(len(spec.sources), 'source')} in {humanize.duration(result.seconds)}; "
+               f"{result.summary.line()}", err=True)
     for failure in result.failures:
         click.echo(f"error: {failure}", err=True)
     if result.failures:

@@ -2,7 +2,8 @@
 
 Each test runs the real command as its own process (as a user would) and checks the
 exit status, that the single `Error:` line names the thing at fault, and that no
-traceback (nor grpc's raw `E… add_port.cc` log lines) reaches the user.
+traceback (nor grpc's raw `E… add_port.cc` log lines) reaches the user.  The manifest
+row is checked at the loader (what `fetch-all` calls first).
 """
 
 from __future__ import annotations
