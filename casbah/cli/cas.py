@@ -79,7 +79,7 @@ def download(digest: str, output: str, as_tree: bool | None, **kwargs) -> None:
         if not tree:
             tmp = f"{output}.casbah-tmp"
             try:
-                with open(tmp, "wb") as f, TransferBar(f"download {d}", d.size, sys.stderr.isatty()) as bar:
+                with open(tmp, "wb") as f, TransferBar(f"download {d.hash[:12]}…", d.size, sys.stderr.isatty()) as bar:
                     for chunk in client.read_stream(d):
                         f.write(chunk)
                         bar.advance(0, len(chunk))

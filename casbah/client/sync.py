@@ -57,21 +57,27 @@ class TransferBar:
         self.advance: Callable[[int, int], None] = lambda blobs, nbytes: None
         if not show or total == 0:
             return
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), transient=True)
-        task = progress.add_task(description, total=total)
+        # Sizes and rates in casbah's own units (the summary line's), not rich's decimal MB.
+        sizes = TextColumn("{task.fields[done_text]} of {task.fields[total_text]}")
+        speed = TextColumn("{task.fields[rate_text]}")
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), sizes, speed, TimeRemainingColumn(),
+                            transient=True)
+        started = time.monotonic()
+        task = progress.add_task(description, total=total, done_text=humanize.size(0),
+                                 total_text=humanize.size(total), rate_text="")
+        done = 0
+
+        def advance(blobs: int, nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            progress.update(task, advance=nbytes, done_text=humanize.size(done),
+                            rate_text=humanize.rate(done, time.monotonic() - started))
+
         progress.start()
         self._progress = progress
-        self.advance = lambda blobs, nbytes: progress.update(task, advance=nbytes)
+        self.advance = advance
 
     def __enter__(self) -> TransferBar:
         return self
