@@ -45,11 +45,10 @@ class Family:
 
 
 def _storage_kinds() -> Mapping[str, Any]:
-    """The storage registry, every built-in backend imported (they register on import)."""
-    from casbah.storage.loader import KINDS, load_builtin_kinds
+    """The storage registry, every built-in backend imported, the lazy ones too (they register on import)."""
+    from casbah.storage.loader import STORAGE
 
-    load_builtin_kinds()
-    return KINDS
+    return STORAGE.load_all()
 
 
 def _storage_base() -> type[BaseModel]:

@@ -18,9 +18,9 @@ def test_generated_blocks_are_current() -> None:
 
 
 def test_storage_doc_lists_every_registered_kind_with_its_yaml_keys() -> None:
-    from casbah.storage.loader import KINDS, load_builtin_kinds
+    from casbah.storage.loader import STORAGE
 
-    load_builtin_kinds()
+    KINDS = STORAGE.load_all()
     text = (ROOT / "docs" / "storage.md").read_text()
     for name, kind in KINDS.items():
         assert f"### `{name}`" in text
@@ -123,9 +123,9 @@ def test_documented_server_configs_validate(monkeypatch) -> None:
     import yaml
 
     from casbah.config import ServerConfig, expand_env
-    from casbah.storage.loader import KINDS, load_builtin_kinds
+    from casbah.storage.loader import STORAGE
 
-    load_builtin_kinds()
+    KINDS = STORAGE.load_all()
     monkeypatch.setenv("CASBAH_SHARDS", "grpc://a:1,grpc://b:2")
     top = {field.alias or name for name, field in ServerConfig.model_fields.items()}
     configs = []

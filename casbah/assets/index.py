@@ -25,7 +25,7 @@ from typing import Any
 
 from casbah.digest import Digest
 from casbah.metered import Meter
-from casbah.registry import Registry
+from casbah.registry import LazyKind, Registry
 
 
 class AssetKind(StrEnum):
@@ -101,7 +101,12 @@ class IndexContext:
 
 #: Builders are called as `(options, context: IndexContext) -> AssetIndex`.
 ASSET_INDEX: Registry[AssetIndex] = Registry(
-    "asset-index", [f"casbah.assets.{m}" for m in ("memory", "postgres", "redis", "remote", "sqlite")]
+    "asset-index",
+    [f"casbah.assets.{m}" for m in ("memory", "remote", "sqlite")],
+    lazy={
+        "redis": LazyKind("casbah.assets.redis", "redis", ("redis",)),
+        "postgres": LazyKind("casbah.assets.postgres", "postgres", ("psycopg", "psycopg_pool")),
+    },
 )
 
 

@@ -5,18 +5,25 @@ cannot live in one server's disk.  PostgreSQL is the recommended default: an
 acknowledged UpdateActionResult is durable (fsync'd WAL) and survives a restart;
 Redis is faster but keeps that promise only when run with `appendonly yes` and
 `appendfsync always` (see docs/deployment.md).
+
+The two kinds live in one module but need different extras, so each imports
+its client module when it is built: a deployment with Redis alone needs no
+psycopg, and one with PostgreSQL alone no redis.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from casbah.digest import Digest
 from casbah.errors import ActionResultNotFound
-from casbah.postgres_client import PgClient
-from casbah.redis_client import connect, release, translated
 from casbah.registry import KindOptions
 from casbah.storage.action_cache import ACTION_CACHE, ActionCache
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS casbah_action_cache (
@@ -28,36 +35,39 @@ CREATE TABLE IF NOT EXISTS casbah_action_cache (
 
 class RedisActionCache(ActionCache):
     def __init__(self, url: str, prefix: str = "casbah:ac:", ttl: int | None = None) -> None:
+        from casbah import redis_client
+
+        self._client = redis_client
         self.url = url
         self.prefix = prefix
         self.ttl = ttl
-        self.redis = connect(url)
+        self.redis = redis_client.connect(url)
 
-    @translated
     async def get(self, action: Digest) -> bytes:
-        data = await self.redis.get(self.prefix + action.key)
+        data = await self._client.call(self.url, lambda: self.redis.get(self.prefix + action.key))
         if data is None:
             raise ActionResultNotFound(action)
         return data
 
-    @translated
     async def put(self, action: Digest, result: bytes) -> None:
-        await self.redis.set(self.prefix + action.key, result, ex=self.ttl)
+        await self._client.call(self.url, lambda: self.redis.set(self.prefix + action.key, result, ex=self.ttl))
 
     async def close(self) -> None:
-        await release(self.url, self.redis)
+        await self._client.release(self.url, self.redis)
 
 
 class PostgresActionCache(ActionCache):
     def __init__(self, url: str, instance: str = "") -> None:
         self.url = url
         self.instance = instance
+        from casbah.postgres_client import PgClient
+
         self.db = PgClient(url)
 
     async def get(self, action: Digest) -> bytes:
         await self.db.ensure_schema("action_cache", _DDL)
 
-        async def q(conn):
+        async def q(conn: AsyncConnection[Any]) -> bytes | None:
             cur = await conn.execute(
                 "SELECT result FROM casbah_action_cache WHERE instance = %s AND key = %s", (self.instance, action.key)
             )
@@ -72,7 +82,7 @@ class PostgresActionCache(ActionCache):
     async def put(self, action: Digest, result: bytes) -> None:
         await self.db.ensure_schema("action_cache", _DDL)
 
-        async def q(conn):
+        async def q(conn: AsyncConnection[Any]) -> None:
             await conn.execute(
                 "INSERT INTO casbah_action_cache (instance, key, result) VALUES (%s, %s, %s) "
                 "ON CONFLICT (instance, key) DO UPDATE SET result = EXCLUDED.result, updated_at = now()",

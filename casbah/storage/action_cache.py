@@ -19,7 +19,7 @@ from casbah.config import ConfigError
 from casbah.digest import Digest
 from casbah.errors import ActionResultNotFound, BlobNotFound, NotFound
 from casbah.metered import Meter
-from casbah.registry import Registry
+from casbah.registry import LazyKind, Registry
 from casbah.storage.base import Storage
 from casbah.storage.loader import STORAGE, StorageLoader
 from casbah.storage.remote import RemoteConnectionOptions, remote_from_options
@@ -40,7 +40,12 @@ class ActionCache(abc.ABC):
 
 #: Builders are called as `(options, path) -> ActionCache`.
 ACTION_CACHE: Registry[ActionCache] = Registry(
-    "ActionCache", ["casbah.storage.action_cache", "casbah.storage.ac_shared"]
+    "ActionCache",
+    ["casbah.storage.action_cache"],
+    lazy={
+        "redis": LazyKind("casbah.storage.ac_shared", "redis", ("redis",)),
+        "postgres": LazyKind("casbah.storage.ac_shared", "postgres", ("psycopg", "psycopg_pool")),
+    },
 )
 
 
@@ -140,11 +145,11 @@ def build_action_cache(storage: StorageLoader, node: str | dict[str, Any], path:
         where = f"storages.{node}"
         _, options = STORAGE.parse(storage.named_node(node), where)
         inner = ACTION_CACHE.kinds["remote"].build(options, where)
-    elif isinstance(node, dict) and kind_name in ACTION_CACHE.kinds:
+    elif isinstance(node, dict) and ACTION_CACHE.has(kind_name):
         kind, options = ACTION_CACHE.parse(node, path)
         inner = kind.build(options, path)
     else:
-        if isinstance(node, dict) and kind_name is not None and kind_name not in STORAGE.kinds:
+        if isinstance(node, dict) and kind_name is not None and not STORAGE.has(kind_name):
             raise ConfigError(f"{path}.kind: unknown ActionCache kind {kind_name!r}; known: "
                               f"{', '.join(ACTION_CACHE.known())}, or any storage kind "
                               f"({', '.join(STORAGE.known())}) with 'verify: false'")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from casbah.config import ConfigError
-from casbah.registry import Kind, KindOptions, Registry
+from casbah.registry import Kind, KindOptions, LazyKind, Registry
 from casbah.storage.base import Storage
 
 
@@ -22,12 +22,19 @@ class NodeOptions(KindOptions):
 
 
 #: Builders are called as `(options, loader, path) -> Storage`.
-STORAGE: Registry[Storage] = Registry("storage", [
-    f"casbah.storage.{m}" for m in (
-        "blob_index", "cache", "disk", "existence_cache", "memory", "redis_store", "remote", "replicated", "s3",
-        "sharded", "size_routed",
-    )
-])
+STORAGE: Registry[Storage] = Registry(
+    "storage",
+    [
+        f"casbah.storage.{m}" for m in (
+            "cache", "disk", "existence_cache", "memory", "remote", "replicated", "sharded", "size_routed",
+        )
+    ],
+    lazy={
+        "s3": LazyKind("casbah.storage.s3", "s3", ("boto3",)),
+        "redis": LazyKind("casbah.storage.redis_store", "redis", ("redis",)),
+        "blob-index": LazyKind("casbah.storage.blob_index", "postgres", ("psycopg", "psycopg_pool")),
+    },
+)
 KINDS: dict[str, Kind[Storage]] = STORAGE.kinds
 register = STORAGE.register
 

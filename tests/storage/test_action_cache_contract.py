@@ -217,7 +217,7 @@ def test_contract_covers_every_kind() -> None:
     """Every ActionCache kind the registry knows runs the contract (plus a storage-backed one)."""
     from casbah.storage.action_cache import ACTION_CACHE
 
-    ACTION_CACHE.load_builtin()
+    ACTION_CACHE.load_all()
     names = [kind.name for kind in AC_KINDS]
     assert len(names) == len(set(names))
     assert set(ACTION_CACHE.kinds) <= set(names)

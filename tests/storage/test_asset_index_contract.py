@@ -252,5 +252,5 @@ def test_instances_are_separate_and_records_persist(run_on, uri) -> None:
 
 
 def test_contract_covers_every_kind() -> None:
-    ASSET_INDEX.load_builtin()
+    ASSET_INDEX.load_all()
     assert sorted(kind.name for kind in INDEX_KINDS) == sorted(ASSET_INDEX.kinds)
