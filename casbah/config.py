@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from casbah.digest import DEFAULT_FUNCTIONS, DigestFunction
 from casbah.errors import InvalidArgument
@@ -42,6 +42,10 @@ def parse_size(value: int | str) -> int:
         raise ValueError(f"{value!r} is not a size (examples: 1048576, 512M, 20G, 1.5TiB)")
     number, unit = float(match.group(1)), match.group(2).lower()
     return int(number * 1024 ** "bkmgtp".index(unit or "b"))
+
+
+#: A byte count written as `parse_size` accepts; the model holds the int.
+Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 def check_address(address: str) -> str:
@@ -91,17 +95,14 @@ class OriginFetchConfig(_Model):
     git: str = "git"
     #: Largest download one fetch may make (a blob, or a git fetch and its checkout);
     #: unset: 4G, or the instance store's quota when that is smaller.
-    max_size: int | str | None = Field(default=None, alias="max-size")
+    max_size: Size | None = Field(default=None, alias="max-size")
 
     @field_validator("max_size")
     @classmethod
-    def _size(cls, value: int | str | None) -> int | None:
-        if value is None:
-            return None
-        size = parse_size(value)
-        if size <= 0:
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
             raise ValueError("must be a positive size")
-        return size
+        return value
 
 
 class InstanceConfig(_Model):
@@ -173,16 +174,11 @@ class LimitsConfig(_Model):
 
     max_concurrent_rpcs: int = Field(default=2000, alias="max-concurrent-rpcs", gt=0)
     max_streams_per_connection: int = Field(default=200, alias="max-streams-per-connection", gt=0)
-    upload_bytes_in_flight: int | str = Field(default="2G", alias="upload-bytes-in-flight")
+    upload_bytes_in_flight: Size = Field(default=parse_size("2G"), alias="upload-bytes-in-flight")
     #: Seconds a streaming call may wait for the client's next message.
     idle_timeout: float = Field(default=60.0, alias="idle-timeout", gt=0)
     #: Seconds a connection with no call in progress stays open.
     connection_idle: float = Field(default=600.0, alias="connection-idle", gt=0)
-
-    @field_validator("upload_bytes_in_flight")
-    @classmethod
-    def _size(cls, value: int | str) -> int:
-        return parse_size(value)
 
 
 class AuthConfig(_Model):
@@ -199,8 +195,12 @@ class AuthConfig(_Model):
     action_cache_writers: str = Field(default="any", alias="action-cache-writers", pattern="^(any|authenticated)$")
 
 
+def _default_listen() -> list[str | ListenerConfig]:
+    return [DEFAULT_LISTEN]
+
+
 class ServerConfig(_Model):
-    listen: list[str | ListenerConfig] = Field(default_factory=lambda: [DEFAULT_LISTEN])
+    listen: list[str | ListenerConfig] = Field(default_factory=lambda: _default_listen())
     tls_cert: str | None = Field(default=None, alias="tls-cert")
     tls_key: str | None = Field(default=None, alias="tls-key")
     tls_client_ca: str | None = Field(default=None, alias="tls-client-ca")
@@ -211,13 +211,13 @@ class ServerConfig(_Model):
     http_listen: str | None = Field(default=None, alias="http-listen")
     log_format: str = Field(default="text", alias="log-format", pattern="^(text|json)$")
     data_dir: str = Field(default=DEFAULT_DATA_DIR, alias="data-dir")
-    quota: int | str = DEFAULT_QUOTA
+    quota: Size = Field(default=parse_size(DEFAULT_QUOTA))
     #: Largest gRPC message the server accepts or sends.
-    max_message_size: int | str = Field(default="64M", alias="max-message-size")
+    max_message_size: Size = Field(default=parse_size("64M"), alias="max-message-size")
     #: Advertised max_batch_total_size_bytes.  2 MiB leaves room for ~26,000 blobs' worth
     #: of protobuf overhead in a BatchReadBlobs response that a client with gRPC's
     #: default 4 MiB receive limit must accept.
-    max_batch_size: int | str = Field(default="2M", alias="max-batch-size")
+    max_batch_size: Size = Field(default=parse_size("2M"), alias="max-batch-size")
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
     grace_seconds: float = Field(default=30.0, alias="grace-seconds")
@@ -236,11 +236,6 @@ class ServerConfig(_Model):
         if value is not None and value.startswith("unix:"):
             raise ValueError(f"{value!r}: the metrics endpoint listens on HOST:PORT")
         return check_address(value) if value is not None else None
-
-    @field_validator("quota", "max_message_size", "max_batch_size")
-    @classmethod
-    def _size(cls, value: int | str) -> int:
-        return parse_size(value)
 
     def with_defaults(self) -> ServerConfig:
         """Fill in the embedded default: disk under data-dir, one instance ''."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from enum import StrEnum
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 import blake3 as _blake3
 
 from casbah.errors import InvalidArgument
 from casbah.sha256tree import Sha256TreeHasher
+
+if TYPE_CHECKING:  # the generated modules are imported only where a message is built
+    from casbah.protos.build.bazel.remote.execution.v2.remote_execution_pb2 import DigestFunction as ProtoFunction
 
 
 class DigestFunction(StrEnum):
@@ -35,8 +38,9 @@ class DigestFunction(StrEnum):
     GITSHA1 = "gitsha1"
 
     @property
-    def proto_value(self) -> int:
-        return _PROTO_VALUES[self]
+    def proto_value(self) -> ProtoFunction.Value:
+        """The REAPI enum number (an int, typed as the generated enum so request fields accept it)."""
+        return cast("ProtoFunction.Value", _PROTO_VALUES[self])
 
     @property
     def hex_length(self) -> int:
