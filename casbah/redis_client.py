@@ -19,8 +19,8 @@ import asyncio
 import contextlib
 import functools
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -63,9 +63,27 @@ async def release(url: str, client: aioredis.Redis) -> None:
         entry[1] -= 1
         if entry[1] > 0:
             return
+        assert loop is not None  # an entry is only found inside a loop
         del _CLIENTS[loop][url]
     with contextlib.suppress(Exception):
         await client.aclose()
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A reply value as the bytes it is: our clients never set `decode_responses`, but
+    redis-py types every reply as `bytes | str` whatever the client's settings."""
+    if isinstance(value, str):
+        raise TypeError("a casbah Redis client decoded a reply (decode_responses must stay off)")
+    return value
+
+
+def scored(reply: Iterable[Any]) -> list[tuple[bytes, float]]:
+    """The (member, score) pairs of a `withscores=True` sorted-set reply, typed."""
+    pairs: list[tuple[bytes, float]] = []
+    for pair in reply:
+        member, score = pair
+        pairs.append((as_bytes(member), float(score)))
+    return pairs
 
 
 def safe_url(url: str) -> str:

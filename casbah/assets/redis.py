@@ -21,7 +21,7 @@ from pydantic import Field
 
 from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
-from casbah.redis_client import connect, release, translated
+from casbah.redis_client import connect, release, scored, translated
 from casbah.registry import KindOptions
 
 #: KEYS[1] = counter, KEYS[2] = record, KEYS[3..] = sorted sets; ARGV[1] = record JSON
@@ -85,7 +85,7 @@ class RedisAssetIndex(AssetIndex):
             else:
                 found = await self.redis.zrevrange(self._uri(kind.value, fn, uri), 0, -1 if want is None else want - 1,
                                                    withscores=True)
-            for key, score in found:
+            for key, score in scored(found):
                 scores[key] = max(score, scores.get(key, score))
         keys = sorted(scores, key=scores.__getitem__, reverse=True)[offset:want]
         if not keys:

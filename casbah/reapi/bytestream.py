@@ -88,7 +88,7 @@ async def read_stream(remote: AsyncRemote, digest: Digest, offset: int, limit: i
                 return
             code, details = grpc.StatusCode.UNAVAILABLE, f"stream ended after {delivered} of {expected} bytes"
         except grpc.RpcError as exc:
-            code, details = transport_code(exc.code(), exc.details() or ""), exc.details()
+            code, details = transport_code(exc.code(), exc.details() or ""), exc.details() or ""
         except DeadlineExceeded as exc:
             code, details = exc.code, str(exc)
         finally:

@@ -57,7 +57,7 @@ class AsyncRemote:
         self._caps_retry_at: float | None = None
 
     @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
+    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         """Call metadata (the bearer token).  The token file is read again when it changes,
         so a long-running proxy follows a rotated token without a restart."""
         mtime = _mtime(self.spec.token_file)

@@ -21,7 +21,7 @@ from pydantic import Field
 from casbah.config import parse_size
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, ResourceExhausted
-from casbah.redis_client import connect, release, safe_url, translated
+from casbah.redis_client import as_bytes, connect, release, safe_url, translated
 from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range, found_or_lost
 from casbah.storage.loader import NodeOptions, register
 
@@ -59,18 +59,20 @@ class RedisStorage(Storage):
 
     @translated
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
-        data = await self.redis.get(self._key(digest))
-        if data is None:
+        reply = await self.redis.get(self._key(digest))
+        if reply is None:
             raise BlobNotFound(digest, f"not in {self.describe()}")
+        data = as_bytes(reply)
         self.check_read(digest, data)  # whole, whatever the range: a slice cannot be verified
         count = check_range(digest, len(data), offset, limit)
         return _chunks(memoryview(data)[offset : offset + count])
 
     @translated
     async def read_bytes(self, digest: Digest) -> bytes:
-        data = await self.redis.get(self._key(digest))
-        if data is None:
+        reply = await self.redis.get(self._key(digest))
+        if reply is None:
             raise BlobNotFound(digest, f"not in {self.describe()}")
+        data = as_bytes(reply)
         self.check_read(digest, data)
         return data
 
@@ -81,9 +83,10 @@ class RedisStorage(Storage):
         values = await self.redis.mget([self._key(d) for d in digests])
         found: dict[Digest, bytes] = {}
         lost: dict[Digest, CasbahError] = {}
-        for digest, value in zip(digests, values, strict=True):
-            if value is None:
+        for digest, reply in zip(digests, values, strict=True):
+            if reply is None:
                 continue
+            value = as_bytes(reply)
             try:
                 self.check_read(digest, value)
             except DataLoss as exc:
