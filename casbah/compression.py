@@ -13,6 +13,7 @@ A zstd stream may be several concatenated frames (RFC 8878); all are decoded.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import IO, cast
 
 import zstandard
 
@@ -53,8 +54,9 @@ class Decompressor:
 
     def __init__(self, expected_size: int) -> None:
         self._sink = _BoundedSink(expected_size)
+        # The writer only calls `write()`; the stub asks for a whole IO[bytes].
         self._writer = zstandard.ZstdDecompressor().stream_writer(
-            self._sink, write_size=_WRITE_SIZE, write_return_read=True, closefd=False
+            cast("IO[bytes]", self._sink), write_size=_WRITE_SIZE, write_return_read=True, closefd=False
         )
 
     def feed(self, data: bytes) -> bytes:

@@ -10,6 +10,7 @@ one REAPI client (`casbah.reapi.cas`).  An upstream without Remote Asset
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
@@ -17,6 +18,9 @@ from casbah.errors import NotFound, Unsupported
 from casbah.reapi.cas import CasClient
 from casbah.reapi.connection import AsyncRemote
 from casbah.storage.remote import RemoteConnectionOptions, remote_from_options
+
+if TYPE_CHECKING:
+    from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as asset_pb2
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ class RemoteAssetIndex(AssetIndex):
         if offset:
             return []  # the upstream answers with its one best match
         fn = DigestFunction(function)
+        response: asset_pb2.FetchBlobResponse | asset_pb2.FetchDirectoryResponse
         try:
             if kind is AssetKind.BLOB:
                 response = await self.client.fetch_blob(uris, qualifiers, fn, failed_is_miss=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
 
@@ -13,6 +14,9 @@ from casbah.digest import Digest, DigestFunction
 from casbah.errors import CasbahError, NotFound
 from casbah.reapi.channel import RemoteSpec
 from casbah.reapi.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as asset_pb2
 
 
 def remote_options(fn=None, *, required: bool = True):
@@ -71,6 +75,7 @@ def fetch(uris: tuple[str, ...], qualifiers: tuple[str, ...], directory: bool, b
     named = _qualifiers(qualifiers)
     # The server may spend `timeout` fetching from the origin: wait for it, and then some.
     policy = RetryPolicy(request_timeout=max(60.0, (timeout or 0) + 30))
+    response: asset_pb2.FetchBlobResponse | asset_pb2.FetchDirectoryResponse
     with RemoteClient(spec, policy) as client:
         try:
             if directory:

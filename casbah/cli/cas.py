@@ -111,11 +111,11 @@ def tree(digest: str, **kwargs) -> None:
         if directory is None:
             click.echo(f"{'?':>72}  {prefix or '.'}/ (missing on server)")
             continue
-        for node in directory.files:
-            mode = "x" if node.is_executable else "-"
-            click.echo(f"{node.digest.hash}/{node.digest.size_bytes} {mode} {prefix}{node.name}")
-        for node in directory.symlinks:
-            click.echo(f"{'symlink':>72} l {prefix}{node.name} -> {node.target}")
+        for file in directory.files:
+            mode = "x" if file.is_executable else "-"
+            click.echo(f"{file.digest.hash}/{file.digest.size_bytes} {mode} {prefix}{file.name}")
+        for link in directory.symlinks:
+            click.echo(f"{'symlink':>72} l {prefix}{link.name} -> {link.target}")
         for node in reversed(directory.directories):
             click.echo(f"{node.digest.hash}/{node.digest.size_bytes} d {prefix}{node.name}/")
             stack.append((f"{prefix}{node.name}/", Digest(node.digest.hash, node.digest.size_bytes)))

@@ -107,7 +107,7 @@ class CasbahGroup(click.Group):
             silence_stdout()
             sys.exit(EXIT_SIGPIPE)
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except SystemExit:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -92,6 +93,10 @@ class TreePlan:
             parts.append(self.names[index])
             index = self.parents[index]
         return "/".join(reversed(parts)) or "."
+
+
+def _symlink(target: str, dir_fd: int, name: str) -> None:
+    os.symlink(target, name, dir_fd=dir_fd)
 
 
 def plan_tree(root: Digest, directory: Callable[[Digest], re_pb2.Directory],
@@ -212,7 +217,7 @@ class Materialiser:
                     parent = plan.parents[index]
                     self._create(parent, plan.names[index], lambda fd, name: os.mkdir(name, 0o777, dir_fd=fd))
                 for index, name, target in plan.symlinks:
-                    self._create(index, name, lambda fd, name, t=target: os.symlink(t, name, dir_fd=fd))
+                    self._create(index, name, functools.partial(_symlink, target))
         except BaseException:
             self._rollback()
             raise

@@ -21,7 +21,7 @@ from pathlib import Path
 from casbah import humanize
 from casbah.client.cache import LocalCache
 from casbah.client.materialise import Materialiser, copy_fd, plan_tree
-from casbah.client.remote import RemoteClient
+from casbah.client.remote import RemoteClient, Source
 from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -112,7 +112,7 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
     if absent:
         raise BlobNotFound(min(absent), f"{name}: {len(absent)} objects of the tree are missing from the local "
                                         f"cache {cache.root} (run `casbah cache fsck`)")
-    sources = {d: cache.object_path(d) for d in missing}
+    sources: dict[Digest, Source] = {d: cache.object_path(d) for d in missing}
     with TransferBar(f"push {name}", sum(d.size for d in missing), show_progress) as bar:
         client.upload(sources, bar.advance)
     summary.blobs_sent = len(missing)

@@ -140,7 +140,7 @@ class Spooled:
 
     @classmethod
     async def receive(cls, request: web.Request, spool_dir: Path, encoding: str) -> Spooled:
-        handle = await asyncio.to_thread(tempfile.TemporaryFile, dir=spool_dir)
+        handle = await asyncio.to_thread(tempfile.TemporaryFile, "w+b", dir=spool_dir)
         hasher = hashlib.sha256()
         decompressor = Decompressor(MAX_SPOOLED) if encoding == "zstd" else None
         size = 0

@@ -101,7 +101,7 @@ class CasClient(NameCalls):
     # -- reads ---------------------------------------------------------------------
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0, expected: int | None = None,
-                   verifier: Verifier | None = None) -> AsyncIterator[bytes]:
+                   verifier: Verifier | None = None) -> Prefetched:
         """A ByteStream read of `expected` bytes (the whole blob from `offset` by default).
         With a `verifier`, the whole blob is read and hashed, and only the range passed on.
         Raises BlobNotFound before any data."""

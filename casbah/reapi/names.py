@@ -90,10 +90,12 @@ class NameCalls:
             request = re_pb2.GetTreeRequest(instance_name=self.remote.instance,
                                             digest_function=root.function.proto_value, root_digest=_proto(root),
                                             page_token=token)
-            pages = await self.remote.policy.call(
-                lambda r=request: _collect(stub.GetTree(r, metadata=self.remote.metadata,
-                                                        timeout=self.remote.policy.request_timeout)),
-                f"GetTree on {self.remote.describe()}")
+
+            async def pages_of(r: re_pb2.GetTreeRequest = request) -> list[re_pb2.GetTreeResponse]:
+                return await _collect(stub.GetTree(r, metadata=self.remote.metadata,
+                                                   timeout=self.remote.policy.request_timeout))
+
+            pages = await self.remote.policy.call(pages_of, f"GetTree on {self.remote.describe()}")
             token = ""
             for page in pages:
                 yield page

@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -150,8 +151,10 @@ class _Malformed:
         self.error = error
 
 
-def _tolerant(deserializer: Callable) -> Callable:
-    def parse(data: bytes):
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if deserializer is None:  # a handler taking raw bytes: nothing to refuse
+            return data
         try:
             return deserializer(data)
         except Exception as exc:  # DecodeError, or whatever else garbage makes a parser raise
@@ -204,20 +207,22 @@ def _refuse_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMe
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, handler.response_serializer)
-    inner = handler.unary_stream
-    if inspect.iscoroutinefunction(inner):  # a handler that writes with context.write()
+    streaming: Callable[..., Any] | None = handler.unary_stream
+    if streaming is None:
+        raise ValueError(f"{method}: a unary-request handler with no behaviour")
+    if inspect.iscoroutinefunction(streaming):  # a handler that writes with context.write()
 
         async def unary_stream_writer(request, context):
             if isinstance(request, _Malformed):
                 await refuse(request, context)
-            return await inner(request, context)
+            return await streaming(request, context)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream_writer, deserializer, handler.response_serializer)
 
     async def unary_stream(request, context):
         if isinstance(request, _Malformed):
             await refuse(request, context)
-        async for response in inner(request, context):
+        async for response in streaming(request, context):
             yield response
 
     return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, handler.response_serializer)

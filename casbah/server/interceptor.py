@@ -239,7 +239,10 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) ->
     `context.write()` (grpc_health's Watch), so the behaviour is an async generator
     exactly when the handler's is, and a coroutine otherwise.
     """
-    inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    inner: Callable[..., Any] | None = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
+    if inner is None:
+        return handler  # nothing to time
     client_streams = handler.request_streaming
     instance_of = method.instance_of
     labels = obs.labels

@@ -151,7 +151,8 @@ async def _directory(cas: Storage, data: bytes, function: DigestFunction) -> dic
         return None
     if directory.SerializeToString(deterministic=True) != data:
         return None
-    names = [e.name for e in (*directory.files, *directory.directories, *directory.symlinks)]
+    names = [*(f.name for f in directory.files), *(d.name for d in directory.directories),
+             *(s.name for s in directory.symlinks)]
     if any(not n or "/" in n or n in (".", "..") for n in names):
         return None
     children = [Digest(f.digest.hash, f.digest.size_bytes, function) for f in directory.files]

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import time
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from casbah.config import ServerConfig
@@ -126,7 +127,7 @@ def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
             os.unlink(os.path.join(path, "journal"))
     ctx = multiprocessing.get_context("spawn")
     data = config.model_dump(by_alias=True)
-    workers: dict[int, multiprocessing.Process] = {}
+    workers: dict[int, BaseProcess] = {}
     stopping = False
     restarts: list[float] = []
 
@@ -139,7 +140,7 @@ def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
         nonlocal stopping
         stopping = True
         for p in workers.values():
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)

@@ -47,7 +47,7 @@ class RedisActionCache(ActionCache):
         data = await self._client.call(self.url, lambda: self.redis.get(self.prefix + action.key))
         if data is None:
             raise ActionResultNotFound(action)
-        return data
+        return self._client.as_bytes(data)
 
     async def put(self, action: Digest, result: bytes) -> None:
         await self._client.call(self.url, lambda: self.redis.set(self.prefix + action.key, result, ex=self.ttl))

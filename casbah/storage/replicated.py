@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 
@@ -99,7 +100,7 @@ class ReplicatedStorage(Storage):
                     self._suspect(index, digest)
                 last = exc
                 continue
-            stream = _Watched(stream, lambda index=index: self._suspect(index, digest))
+            stream = _Watched(stream, functools.partial(self._suspect, index, digest))
             if lacking and not offset and not limit:
                 self.repairs += len(lacking)
                 for target in lacking:

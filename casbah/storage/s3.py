@@ -29,6 +29,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import boto3
 import botocore.config
@@ -71,7 +72,7 @@ class S3Storage(Storage):
         # boto3 >= 1.36 adds CRC32 checksum headers to every upload by default, which many
         # S3-compatible stores (MinIO before 2025, Ceph RGW, GCS interop, B2, R2) reject or
         # mis-sign; casbah verifies SHA-256 itself before any PUT, so they are opt-in.
-        when = "when_supported" if checksums else "when_required"
+        when: Literal["when_supported", "when_required"] = "when_supported" if checksums else "when_required"
         self.client = session.client(
             "s3", endpoint_url=endpoint,
             config=botocore.config.Config(max_pool_connections=parallelism, retries={"max_attempts": 3,
