@@ -109,11 +109,11 @@ async def upload_tree(cas: Storage, build: TreeBuild) -> None:
 
 
 class OriginFetcher:
-    """Downloads for one instance, inside its allow-list, size cap and the request timeout.
+    r"""Downloads for one instance, inside its allow-list, size cap and the request timeout.
 
     `allow` entries are regular expressions matched at the *start* of a URI (a
     prefix match: anchor the host with a trailing `/` or `:` so that
-    `https://example\\.com` does not also admit `https://example.com.evil/`).  Every
+    `https://example\.com` does not also admit `https://example.com.evil/`).  Every
     redirect hop of an http(s) download must match too; git is never let to follow
     one.
     """

@@ -1,7 +1,7 @@
-"""The identity an mTLS client certificate carries, read from the certificate itself.
+r"""The identity an mTLS client certificate carries, read from the certificate itself.
 
 gRPC also reports the subject and common name as strings (`x509_subject`,
-`x509_common_name`), but those are C strings: a common name `build-farm\\0x`
+`x509_common_name`), but those are C strings: a common name `build-farm\0x`
 arrives as `build-farm`, so a certificate the CA issued for another name would
 match an identity it was never given.  We therefore parse the PEM certificate
 gRPC hands over (`x509_pem_cert`, already verified against the client CA by the
