@@ -441,12 +441,12 @@ class LocalCache:
             return {}
         d = self.directory(digest)
         entries: dict[str, tuple[str, object]] = {}
-        for n in d.files:
-            entries[n.name] = ("file", (n.digest.hash, n.is_executable))
-        for n in d.symlinks:
-            entries[n.name] = ("symlink", n.target)
-        for n in d.directories:
-            entries[n.name] = ("dir", Digest(n.digest.hash, n.digest.size_bytes))
+        for file in d.files:
+            entries[file.name] = ("file", (file.digest.hash, file.is_executable))
+        for link in d.symlinks:
+            entries[link.name] = ("symlink", link.target)
+        for sub in d.directories:
+            entries[sub.name] = ("dir", Digest(sub.digest.hash, sub.digest.size_bytes))
         return entries
 
     def _diff(self, a: Digest | None, b: Digest | None, prefix: str, result: TreeDiff) -> None:

@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import Field
 
@@ -161,10 +162,12 @@ class DiskStorage(Storage):
             if not self._discover(digest):
                 raise BlobNotFound(digest)
             size = self._index.touch(digest, time.time())
+            if size is None:  # evicted again in between
+                raise BlobNotFound(digest)
         self._schedule_touch()
         return size
 
-    def _lost(self, digest: Digest, truncated: bool) -> None:
+    def _lost(self, digest: Digest, truncated: bool) -> NoReturn:
         """A file the index names is gone or short: stop naming it, and say NOT_FOUND.
 
         Only happens when something outside casbah removed or damaged the file

@@ -90,16 +90,16 @@ class ObjectFiles:
             orphans += 1
         found: list[tuple[int, Digest, int]] = []
         dropped = 0
-        for prefix in os.scandir(self.objects):
-            if not prefix.is_dir(follow_symlinks=False):
+        for shard in os.scandir(self.objects):
+            if not shard.is_dir(follow_symlinks=False):
                 continue
-            for entry in os.scandir(prefix.path):
+            for entry in os.scandir(shard.path):
                 digest = parse_key(entry.name)
                 st = entry.stat(follow_symlinks=False)
                 if (
                     digest is None
                     or not entry.is_file(follow_symlinks=False)
-                    or digest.hash[:2] != prefix.name
+                    or digest.hash[:2] != shard.name
                     or (verify and st.st_size != digest.size)
                 ):
                     _remove(entry)
@@ -373,7 +373,12 @@ class FileReader:
         if ahead is not None and not ahead.done():
             # A thread is still reading this fd: close it only when that read is over,
             # or the number could be reused by another file under its feet.
-            ahead.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._close(fd)))
+            def close_after(f: asyncio.Future[Any]) -> None:
+                if not f.cancelled():
+                    f.exception()  # retrieved, so it is never reported as unretrieved
+                self._close(fd)
+
+            ahead.add_done_callback(close_after)
         else:
             self._close(fd)
 
