@@ -14,7 +14,7 @@ from typing import NamedTuple, Protocol
 
 import blake3 as _blake3
 
-from casbah.errors import InvalidArgument
+from casbah.errors import InvalidArgument, echo
 
 
 class DigestFunction(StrEnum):
@@ -37,7 +37,7 @@ class DigestFunction(StrEnum):
         """
         if value == 0:
             if hash_hex is not None and len(hash_hex) != 64:
-                raise InvalidArgument(f"hash {hash_hex!r} has {len(hash_hex)} characters: not a SHA-256 hash")
+                raise InvalidArgument(f"hash {echo(hash_hex)} has {len(hash_hex)} characters: not a SHA-256 hash")
             return cls.SHA256
         try:
             return _FROM_PROTO[value]
@@ -86,7 +86,7 @@ class Digest(NamedTuple):
         """Parse `HASH/SIZE` (the CLI and log form) with validation."""
         hash_hex, sep, size = text.partition("/")
         if not sep:
-            raise InvalidArgument(f"digest {text!r} is not of the form HASH/SIZE")
+            raise InvalidArgument(f"digest {echo(text)} is not of the form HASH/SIZE")
         return make_digest(hash_hex, _parse_size(size, text), function)
 
     @classmethod
@@ -109,7 +109,7 @@ class Digest(NamedTuple):
 
 def _parse_size(size: str, text: str) -> int:
     if not (size.isascii() and size.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
-        raise InvalidArgument(f"digest {text!r} has an invalid size {size!r}")
+        raise InvalidArgument(f"digest {echo(text)} has an invalid size {echo(size)}")
     return int(size)
 
 
@@ -120,7 +120,7 @@ def make_digest(hash_hex: str, size: int, function: DigestFunction = DigestFunct
     a well-formed lowercase hash and a non-negative size (it becomes a file name).
     """
     if len(hash_hex) != 64 or not _HEX.issuperset(hash_hex):
-        raise InvalidArgument(f"invalid {function.value} hash {hash_hex!r}: want 64 lowercase hex characters")
+        raise InvalidArgument(f"invalid {function.value} hash {echo(hash_hex)}: want 64 lowercase hex characters")
     if size < 0:
         raise InvalidArgument(f"invalid size {size} for digest {hash_hex}")
     return Digest(hash_hex, size, function)

@@ -82,6 +82,10 @@ class RemoteAssetIndex(AssetIndex):
             request.expire_at.FromNanoseconds(int(record.expire_at * 1e9))
         await self.remote.unary(method, request, f"Push{record.kind.value.capitalize()}")
 
+    async def purge_expired(self, now: float) -> int:
+        """Nothing to do here: the upstream purges its own index."""
+        return 0
+
     async def close(self) -> None:
         await self.remote.close()
 

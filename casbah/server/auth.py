@@ -15,6 +15,7 @@ anonymous clients get nothing unless `anonymous` says otherwise.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -27,6 +28,37 @@ from casbah.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from casbah.server.client_cert import certificate_subject, has_control_character, peer_certificate
 
 audit = logging.getLogger("casbah.audit")
+
+#: The audit line of the write the current call was allowed to make, written with its
+#: outcome when the call ends (`finish_write_audit`): an audit log that said "WRITE" for
+#: pushes that then failed would name content that is not there.
+_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("casbah_pending_audit", default=None)
+#: Set by the `rpc` wrapper: the current call writes its pending audit line when it ends.
+_IN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("casbah_in_call", default=False)
+
+
+def begin_call() -> None:
+    """A call starts: no write audited yet (each grpc.aio call has its own context)."""
+    _PENDING.set(None)
+    _IN_CALL.set(True)
+
+
+def note_write_outcome(outcome: str) -> None:
+    """The outcome a handler reports for its write when the call's status says too little
+    (BatchUpdateBlobs answers OK with a status per blob)."""
+    pending = _PENDING.get()
+    if pending is not None:
+        pending[2] = outcome
+
+
+def finish_write_audit(outcome: str) -> None:
+    """Write the call's pending `WRITE …` audit line, ending `: <outcome>` (OK, or the status)."""
+    pending = _PENDING.get()
+    if pending is None:
+        return
+    _PENDING.set(None)
+    fmt, args, override = pending
+    audit.info(fmt + ": %s", *args, override or outcome)
 
 _SCOPES = {"read": frozenset({"read"}), "write": frozenset({"read", "write"})}
 _ANONYMOUS = {"read-write": _SCOPES["write"], "read-only": _SCOPES["read"], "none": frozenset()}
@@ -310,7 +342,8 @@ class Authorizer:
         target = f" {detail}" if detail else ""
         if self.open:
             if write:
-                audit.info("WRITE %s on instance %r%s by anonymous (peer %s)", what, instance, target, _peer(context))
+                _audit_write("WRITE %s on instance %r%s by anonymous (peer %s)",
+                             (what, instance, target, _peer(context)))
             return self.anonymous
         try:
             identity = self.identify(context)
@@ -334,9 +367,21 @@ class Authorizer:
                 f"{what} needs an authenticated writer on this server (action-cache-writers: authenticated)"
             )
         if write:
-            audit.info("WRITE %s on instance %r%s by %s (peer %s)", what, instance, target, identity.name,
-                       _peer(context))
+            _audit_write("WRITE %s on instance %r%s by %s (peer %s)",
+                         (what, instance, target, identity.name, _peer(context)))
         return identity
+
+    def visible(self, context, names: list[str]) -> list[str] | None:
+        """The instance names this caller may read, to list when it named an unknown one;
+        None when it has no valid credentials and may read nothing (it learns no names).
+        Raises UNAUTHENTICATED for a credential that does not verify."""
+        if self.open or context is None:
+            return names
+        identity = self.identify(context)
+        if identity is self.anonymous:
+            shown = [n for n in names if self.anonymous_for(n).allows("read", n)]
+            return shown or None
+        return [n for n in names if identity.allows("read", n)]
 
     def audit_write(self, context, instance: str, what: str, detail: str) -> None:
         """An audit line for a write the server makes on a caller's behalf after the call
@@ -347,6 +392,17 @@ class Authorizer:
         except Unauthenticated:
             who = "unauthenticated caller"
         audit.info("WRITE %s on instance %r %s by %s (peer %s)", what, instance, detail, who, _peer(context))
+
+
+def _audit_write(fmt: str, args: tuple) -> None:
+    """Hold the audit line of an allowed write until the call's outcome is known; outside a
+    call wrapped by `casbah.server.base.rpc` (nothing will finish it) write it at once."""
+    if not _IN_CALL.get():
+        audit.info(fmt + ": %s", *args, "allowed")
+        return
+    if _PENDING.get() is not None:  # a second write in one call: the first one's line is not lost
+        finish_write_audit("OK")
+    _PENDING.set([fmt, args, None])
 
 
 def _is_hex(text: str) -> bool:

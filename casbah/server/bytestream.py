@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from casbah import compression
 from casbah.digest import is_empty_blob
-from casbah.errors import Aborted, DigestMismatch, InvalidArgument, NotFound, OutOfRange
+from casbah.errors import Aborted, DigestMismatch, InvalidArgument, NotFound, OutOfRange, echo
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.base import Instances, next_message, rpc, rpc_stream
@@ -200,7 +200,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 # Early return: the blob is there.  -1 for compressed writes (REAPI).
                 return bs_pb2.WriteResponse(committed_size=-1 if resource.compressor else digest.size)
             if first.write_offset != 0:
-                raise InvalidArgument(f"no upload in progress for {name!r}: write_offset must be 0")
+                raise InvalidArgument(f"no upload in progress for {echo(name)}: write_offset must be 0")
             if first.finish_write:
                 data = first.data
                 if resource.compressor:
@@ -223,7 +223,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     raise InvalidArgument("resource_name changed in the middle of a Write stream")
                 async with session.lock:
                     if session.owner is not token:
-                        raise Aborted(f"upload {name!r} was resumed on another stream")
+                        raise Aborted(f"upload {echo(name)} was resumed on another stream")
                     await self._accept(session, request)
                     if request.finish_write:
                         await session.finish()
@@ -233,7 +233,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     if session.owner is token:
                         session.park()
                     raise InvalidArgument(
-                        f"Write stream for {name!r} ended before finish_write at {session.committed} bytes"
+                        f"Write stream for {echo(name)} ended before finish_write at {session.committed} bytes"
                     )
         except AlreadyStored:
             session.close()
@@ -278,11 +278,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 self._park_partial(instance, resource, progress)
                 raise
             if progress.taken:
-                raise Aborted(f"upload {first.resource_name!r} was resumed on another stream")
+                raise Aborted(f"upload {echo(first.resource_name)} was resumed on another stream")
             if request is None:
                 self._park_partial(instance, resource, progress)
                 raise InvalidArgument(
-                    f"Write stream for {first.resource_name!r} ended before finish_write at {received} bytes"
+                    f"Write stream for {echo(first.resource_name)} ended before finish_write at {received} bytes"
                 )
             if request.resource_name and request.resource_name != first.resource_name:
                 raise InvalidArgument("resource_name changed in the middle of a Write stream")
@@ -331,7 +331,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             return bs_pb2.QueryWriteStatusResponse(committed_size=resource.digest.size, complete=True)
         if session is not None:  # its write failed: the client learns why when it resumes
             return bs_pb2.QueryWriteStatusResponse(committed_size=session.committed, complete=False)
-        raise NotFound(f"no upload in progress for {request.resource_name!r}")
+        raise NotFound(f"no upload in progress for {echo(request.resource_name)}")
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

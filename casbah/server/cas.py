@@ -11,7 +11,7 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import InvalidArgument, NotFound, code_to_int, status_code
+from casbah.errors import InvalidArgument, NotFound, code_to_int, echo, status_code
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.auth import digest_list
@@ -248,4 +248,4 @@ def _parse_page_token(token: str, root: Digest) -> int:
             raise ValueError
         return int(position)
     except ValueError:
-        raise InvalidArgument(f"page_token {token!r} was not issued for this tree") from None
+        raise InvalidArgument(f"page_token {echo(token)} was not issued for this tree") from None

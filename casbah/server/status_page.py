@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 
 from casbah.assets.index import AssetKind
 from casbah.digest import Digest, DigestFunction, is_empty_blob
-from casbah.errors import CasbahError
+from casbah.errors import CasbahError, echo
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.server.observability import Observability, invocation_summaries, recent_requests
 from casbah.server.status_data import status_document
@@ -189,7 +189,7 @@ def _instance(obs: Observability, request: web.Request):
     for inst in obs.instances:
         if inst.name == name:
             return inst
-    raise _bad_request(f"unknown instance {name!r}; served: {', '.join(repr(i.name) for i in obs.instances)}")
+    raise _bad_request(f"unknown instance {echo(name)}; served: {', '.join(repr(i.name) for i in obs.instances)}")
 
 
 def _function(request: web.Request) -> DigestFunction:
@@ -197,7 +197,7 @@ def _function(request: web.Request) -> DigestFunction:
     try:
         return DigestFunction(value)
     except ValueError:
-        raise _bad_request(f"unknown digest function {value!r} (sha256, blake3)") from None
+        raise _bad_request(f"unknown digest function {echo(value)} (sha256, blake3)") from None
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
