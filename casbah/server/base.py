@@ -28,6 +28,7 @@ from casbah.errors import (
     Unauthenticated,
     Unsupported,
     echo,
+    from_os_error,
     is_no_space,
     status_code,
 )
@@ -244,6 +245,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
         log.debug("%s: a request message does not parse: %s", method, exc)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             bounded(f"{method}: a request message does not parse: {exc}"))
+    if is_no_space(exc) and not isinstance(exc, CasbahError):  # a store that did not name itself
+        exc = from_os_error(exc, "storage")
     code = status_code(exc)
     if isinstance(exc, CasbahError):
         if no_space(exc):
