@@ -128,8 +128,12 @@ class ListenerConfig(_Model):
 class LimitsConfig(_Model):
     """Protection against overload and slow clients; every value has a sane default."""
 
+    #: Calls whose handlers run at once; further calls wait (casbah.server.admission).
     max_concurrent_rpcs: int = Field(default=2000, alias="max-concurrent-rpcs", gt=0)
-    max_streams_per_connection: int = Field(default=200, alias="max-streams-per-connection", gt=0)
+    #: Calls that may wait for a slot; beyond, RESOURCE_EXHAUSTED with a RetryInfo.
+    max_queued_rpcs: int = Field(default=10000, alias="max-queued-rpcs", ge=0)
+    #: Above a burst's size, so HTTP/2 never refuses (REFUSED_STREAM) what casbah would queue.
+    max_streams_per_connection: int = Field(default=4096, alias="max-streams-per-connection", gt=0)
     upload_bytes_in_flight: int | str = Field(default="2G", alias="upload-bytes-in-flight")
     #: Seconds a streaming call may wait for the client's next message.
     idle_timeout: float = Field(default=60.0, alias="idle-timeout", gt=0)

@@ -20,6 +20,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
+from casbah.server.admission import Admission
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances, MalformedRequests
@@ -143,6 +144,11 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
         # same port silently and steal half the connections: a port in use must fail.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        # Calls gRPC has taken off the wire but the Python server not yet picked up: above
+        # 1,000 gRPC cancels some at random (CANCELLED), above 3,000 all.  A burst must be
+        # picked up and then wait in casbah's admission instead; the queue bounds it there.
+        ("grpc.server.max_pending_requests", limits.max_concurrent_rpcs + limits.max_queued_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", limits.max_concurrent_rpcs + limits.max_queued_rpcs),
         ("grpc.max_connection_idle_ms", int(limits.connection_idle * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -152,8 +158,11 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
 
     observability = Observability(instances, version=__version__)
     endpoints = Endpoints(observability)
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-                             interceptors=[MalformedRequests(), MetricsInterceptor(observability)])
+    # No `maximum_concurrent_rpcs`: gRPC refuses the calls over it, where casbah's admission
+    # makes them wait (casbah.server.admission).
+    admission = Admission(limits.max_concurrent_rpcs, limits.max_queued_rpcs)
+    server = grpc.aio.server(options=options,
+                             interceptors=[MalformedRequests(), MetricsInterceptor(observability, admission)])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
