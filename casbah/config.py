@@ -180,6 +180,10 @@ class ServerConfig(_Model):
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
     grace_seconds: float = Field(default=30.0, alias="grace-seconds")
+    #: Seconds between checks of the TLS and tokens files for changes (SIGHUP reloads at once).
+    reload_interval: float = Field(default=5.0, alias="reload-interval", gt=0)
+    #: Seconds between purges of expired Remote Asset entries.
+    asset_purge_interval: float = Field(default=600.0, alias="asset-purge-interval", gt=0)
 
     @field_validator("quota", "max_message_size", "max_batch_size")
     @classmethod

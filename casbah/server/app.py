@@ -32,6 +32,7 @@ from casbah.server.http import Endpoints
 from casbah.server.interceptor import MetricsInterceptor
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
+from casbah.server.upkeep import Reloader, TlsFiles, cancel, purge_assets
 from casbah.storage.action_cache import build_action_cache
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
@@ -53,6 +54,11 @@ class Server:
     observability: Observability | None = None
     #: gRPC health/reflection and the HTTP side (/metrics, /healthz, status page).
     endpoints: Endpoints | None = None
+    #: The TLS listeners' files, reloadable (casbah.server.upkeep).
+    tls: list[TlsFiles] = field(default_factory=list)
+
+    def reloader(self) -> Reloader:
+        return Reloader(self.instances.authorizer, self.config.auth.tokens, self.tls, self.config.reload_interval)
 
     async def stop(self, grace: float | None = None) -> None:
         if self.endpoints is not None:
@@ -157,7 +163,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     from casbah import __version__
 
     observability = Observability(instances, version=__version__)
-    endpoints = Endpoints(observability)
+    endpoints = Endpoints(observability, instances.authorizer)
     # No `maximum_concurrent_rpcs`: gRPC refuses the calls over it, where casbah's admission
     # makes them wait (casbah.server.admission).
     admission = Admission(limits.max_concurrent_rpcs, limits.max_queued_rpcs)
@@ -175,7 +181,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     await endpoints.add_health_and_reflection(server)
     result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():
-        result.ports.append(_listen(server, listener))
+        result.ports.append(_listen(server, listener, result.tls))
     observability.listen = list(result.ports)
     result.closers.insert(0, endpoints.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)
@@ -201,7 +207,7 @@ def _remove_stale_socket(path: str) -> None:
     raise StartupError(f"cannot listen on unix:{path}: another server is listening there")
 
 
-def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
+def _listen(server: grpc.aio.Server, listener: ListenerConfig, tls: list[TlsFiles]) -> str:
     """Bind one listener; returns the address as served (port 0 resolved)."""
     address = listener.address
     if address.startswith("unix:"):
@@ -212,12 +218,9 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
         if listener.tls_cert or listener.tls_key:
             if not (listener.tls_cert and listener.tls_key):
                 raise StartupError(f"{address}: TLS needs both a certificate and a key")
-            credentials = grpc.ssl_server_credentials(
-                [(Path(listener.tls_key).read_bytes(), Path(listener.tls_cert).read_bytes())],
-                root_certificates=Path(listener.tls_client_ca).read_bytes() if listener.tls_client_ca else None,
-                require_client_auth=bool(listener.tls_client_ca),
-            )
-            port = server.add_secure_port(address, credentials)
+            files = TlsFiles(listener.tls_cert, listener.tls_key, listener.tls_client_ca)
+            port = server.add_secure_port(address, files.credentials())
+            tls.append(files)
         else:
             if listener.tls_client_ca:
                 raise StartupError(f"{address}: a client CA (mTLS) needs a TLS certificate and key too")
@@ -265,7 +268,13 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = server.reloader()
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    background = [loop.create_task(reloader.watch()),
+                  loop.create_task(purge_assets(list(server.instances), config.asset_purge_interval))]
     await stop.wait()
+    for task in background:
+        await cancel(task)
     log.info("shutting down: draining in-flight requests for up to %.0fs", config.grace_seconds)
     await server.stop()
     print("casbah: stopped", flush=True)

@@ -294,6 +294,13 @@ class Authorizer:
         self.open = (not configured and anonymous == "read-write" and not self.authenticated_ac_writers
                      and all(v == "read-write" for v in (per_instance or {}).values()))
 
+    def reload_tokens(self, path: str) -> int:
+        """Read the tokens file again (SIGHUP, or it changed); returns how many tokens it holds.
+        Raises what `load_tokens` raises, leaving the current tokens in place."""
+        tokens = load_tokens(path)
+        self.tokens = tokens
+        return len(tokens)
+
     def anonymous_for(self, instance: str) -> Identity:
         """What a caller without credentials may do on this instance."""
         if self.open:
