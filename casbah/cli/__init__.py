@@ -8,6 +8,7 @@ import sys
 import click
 
 from casbah.config import ALL_SERVICES, ConfigError, load_config
+from casbah.errors import CasbahError
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -69,7 +70,7 @@ def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, inst
 
             sys.exit(run_workers(config, workers, log_level))
         asyncio.run(run_server(config))
-    except (ConfigError, StartupError) as exc:
+    except (CasbahError, StartupError) as exc:  # ConfigError, and a tokens or JWT file that does not load
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass

@@ -91,7 +91,11 @@ def load_tokens(path: str) -> dict[str, Identity]:
     credential.  `""` names the default (empty) instance.
     """
     tokens: dict[str, Identity] = {}
-    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"auth.tokens: cannot read {path}: {exc}") from None
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -126,12 +130,17 @@ class JwtVerifier:
             raise InvalidArgument(f"auth.jwt.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
         self.keys: dict[str, Any] = {}
         self.secret = spec.get("secret")
-        if spec.get("secret-file"):
-            self.secret = Path(spec["secret-file"]).read_text().strip()
-        if spec.get("jwks"):
-            jwks = json.loads(Path(spec["jwks"]).read_text())
-            for key in jwks.get("keys", []):
-                self.keys[key.get("kid", "")] = jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(key))
+        try:
+            if spec.get("secret-file"):
+                self.secret = Path(spec["secret-file"]).read_text().strip()
+            if spec.get("jwks"):
+                jwks = json.loads(Path(spec["jwks"]).read_text())
+                for key in jwks.get("keys", []):
+                    self.keys[key.get("kid", "")] = jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(key))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, jwt.PyJWTError) as exc:
+            raise InvalidArgument(f"auth.jwt: cannot load the key material: {type(exc).__name__}: {exc}") from None
+        if self.secret is not None and not isinstance(self.secret, str):
+            raise InvalidArgument("auth.jwt.secret must be a string")
         if not self.secret and not self.keys:
             raise InvalidArgument("auth.jwt needs 'secret', 'secret-file' or 'jwks'")
         self.audience = spec.get("audience")
