@@ -12,9 +12,10 @@ Routes:
   /api/lookup     ?instance=&digest=HASH/SIZE[&function=] -> present? size; a Directory's entries
   /api/asset      ?instance=&uri=[&function=] -> the assets a URI maps to
 
-The page and its API are unauthenticated, like /metrics: they reveal digests,
-file names of stored trees and asset URIs (never blob contents), so bind
-`metrics-listen` to loopback or an operators' network.
+The page and its API reveal digests, file names of stored trees and asset URIs
+(never blob contents): with auth configured they answer only callers with the
+read scope (`casbah.server.http_auth`), and `metrics-listen` belongs on loopback
+or an operators' network either way.
 """
 
 from __future__ import annotations
