@@ -7,13 +7,13 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
 
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import (
     InvalidArgument,
+    InvalidTree,
     NotFound,
     code_from_int,
     code_to_int,
@@ -27,6 +27,8 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.server.auth import digest_list, note_write_outcome
 from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
 from casbah.storage.base import Storage, read_many_partial
+from casbah.tree import Visit, walk_levels
+from casbah.tree_rules import served
 
 log = logging.getLogger("casbah.server")
 _ZSTD = re_pb2.Compressor.ZSTD
@@ -214,55 +216,37 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         position = 0
         page: list = []
         page_bytes = 0
-        async for directory, size in walk_tree(cas, root):
+        async for visit in _present(cas, root):
             position += 1
             if position <= skip:
                 continue
-            if page and (len(page) >= page_size or page_bytes + size > budget):
+            if page and (len(page) >= page_size or page_bytes + visit.size > budget):
                 yield re_pb2.GetTreeResponse(
                     directories=page, next_page_token=_page_token(root, position - 1)
                 )
                 page, page_bytes = [], 0
-            page.append(directory)
-            page_bytes += size + 8
+            page.append(visit.directory)
+            page_bytes += visit.size + 8
         yield re_pb2.GetTreeResponse(directories=page, next_page_token="")
 
 
-async def walk_tree(cas: Storage, root: Digest) -> AsyncIterator[tuple[object, int]]:
-    """Breadth-first Directory messages of a tree, each once; missing subtrees are skipped.
+async def _present(cas: Storage, root: Digest) -> AsyncIterator[Visit]:
+    """The tree's Directory messages for GetTree: missing subtrees are skipped (REAPI),
+    only a missing root is NOT_FOUND.
 
-    One `read_many` per level keeps the number of storage round trips at the
-    tree's depth, not its size.
+    The walk checks each level before it is handed over, so a stored tree with a bad
+    name is never served: the stream ends with FAILED_PRECONDITION naming the entry
+    (see docs/architecture.md), before any Directory of that level is sent.
     """
-    function = root.function
-    if is_empty_blob(root):
-        yield re_pb2.Directory(), 0
-        return
-    level = [root]
-    seen = {root}
-    first = True
-    while level:
-        found = await cas.read_many([d for d in level if not is_empty_blob(d)])
-        if first and root not in found:
-            raise NotFound(f"root directory {root} not found")
-        first = False
-        next_level: list[Digest] = []
-        for digest in level:
-            data = b"" if is_empty_blob(digest) else found.get(digest)
-            if data is None:
-                continue
-            directory = re_pb2.Directory()
-            try:
-                directory.ParseFromString(data)
-            except DecodeError:
-                raise InvalidArgument(f"blob {digest} is not a Directory message") from None
-            yield directory, len(data)
-            for node in directory.directories:
-                child = make_digest(node.digest.hash, node.digest.size_bytes, function)
-                if child not in seen:
-                    seen.add(child)
-                    next_level.append(child)
-        level = next_level
+    try:
+        async for visits in walk_levels(cas.read_many, [(root, "")]):
+            if visits[0].digest == root and visits[0].directory is None:
+                raise NotFound(f"root directory {root} not found")
+            for visit in visits:
+                if visit.directory is not None:
+                    yield visit
+    except InvalidTree as exc:
+        raise served(exc) from None
 
 
 def _page_token(root: Digest, position: int) -> str:
