@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from casbah.digest import DEFAULT_FUNCTIONS, DigestFunction
 from casbah.errors import InvalidArgument
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -41,6 +42,24 @@ def parse_size(value: int | str) -> int:
         raise ValueError(f"{value!r} is not a size (examples: 1048576, 512M, 20G, 1.5TiB)")
     number, unit = float(match.group(1)), match.group(2).lower()
     return int(number * 1024 ** "bkmgtp".index(unit or "b"))
+
+
+def check_address(address: str) -> str:
+    """`HOST:PORT`, `[IPV6]:PORT` or `unix:PATH`, checked before anything binds: a
+    missing or non-numeric port is an error here, not a surprise at bind time (grpc
+    would take `127.0.0.1` alone as port 443)."""
+    if address.startswith("unix:"):
+        if not address.removeprefix("unix:").removeprefix("//"):
+            raise ValueError(f"{address!r}: a unix socket needs a path (unix:PATH)")
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or (host.startswith("[") != host.endswith("]")) or (":" in host and not host.startswith("[")):
+        raise ValueError(f"{address!r} needs a port (HOST:PORT, e.g. 127.0.0.1:50051, or [::1]:50051)")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r}: the port {port!r} is not a number from 0 to 65535")
+    if not host.strip("[]"):
+        raise ValueError(f"{address!r} needs a host (HOST:PORT; 0.0.0.0:{port} for every interface)")
+    return address
 
 
 def expand_env(value: Any, where: str = "") -> Any:
@@ -103,6 +122,25 @@ class InstanceConfig(_Model):
     #: for everyone else), `status`, or `rpc-error`.
     asset_miss: str = Field(default="auto", alias="asset-miss", pattern="^(auto|status|rpc-error)$")
     origin_fetch: OriginFetchConfig | None = Field(default=None, alias="origin-fetch")
+    #: Where the HTTP front keeps opaque entries (ccache, sccache, non-ActionResult `/ac/`):
+    #: a storage node with `verify: false`; default the `opaque` node (disk under data-dir).
+    opaque_store: str | dict[str, Any] | None = Field(default=None, alias="opaque-store")
+    #: The digest functions this instance serves and advertises, by REAPI lowercase name.
+    #: Default: all but sha1 and md5, which legacy clients may have enabled per instance.
+    digest_functions: list[str] = Field(
+        default_factory=lambda: [f.value for f in DEFAULT_FUNCTIONS], alias="digest-functions", min_length=1
+    )
+
+    @field_validator("digest_functions")
+    @classmethod
+    def _known_functions(cls, value: list[str]) -> list[str]:
+        known = [f.value for f in DigestFunction]
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise ValueError(f"unknown digest function(s) {unknown}; casbah computes: {', '.join(known)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"digest function listed twice in {value}")
+        return value
 
     @field_validator("services")
     @classmethod
@@ -123,6 +161,11 @@ class ListenerConfig(_Model):
     tls_client_ca: str | None = Field(default=None, alias="tls-client-ca")
     #: File mode of a unix socket, e.g. "0660" (group members may connect).
     unix_mode: str | None = Field(default=None, alias="unix-mode", pattern="^0?[0-7]{3}$")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return check_address(value)
 
 
 class LimitsConfig(_Model):
@@ -168,6 +211,8 @@ class ServerConfig(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     metrics_listen: str | None = Field(default=None, alias="metrics-listen")
+    #: `HOST:PORT` of the HTTP cache front (Bazel HTTP, ccache, sccache WebDAV); off when unset.
+    http_listen: str | None = Field(default=None, alias="http-listen")
     log_format: str = Field(default="text", alias="log-format", pattern="^(text|json)$")
     data_dir: str = Field(default=DEFAULT_DATA_DIR, alias="data-dir")
     quota: int | str = DEFAULT_QUOTA
@@ -185,6 +230,21 @@ class ServerConfig(_Model):
     #: Seconds between purges of expired Remote Asset entries.
     asset_purge_interval: float = Field(default=600.0, alias="asset-purge-interval", gt=0)
 
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, value: list[str | ListenerConfig]) -> list[str | ListenerConfig]:
+        for item in value:
+            if isinstance(item, str):
+                check_address(item)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("unix:"):
+            raise ValueError(f"{value!r}: the metrics endpoint listens on HOST:PORT")
+        return check_address(value) if value is not None else None
+
     @field_validator("quota", "max_message_size", "max_batch_size")
     @classmethod
     def _size(cls, value: int | str) -> int:
@@ -197,6 +257,11 @@ class ServerConfig(_Model):
         storages.setdefault("default", {"kind": "disk", "path": str(data / "cas"), "max-size": self.quota})
         storages.setdefault(
             "action-cache", {"kind": "disk", "path": str(data / "ac"), "max-size": "1G", "verify": False}
+        )
+        # Opaque HTTP entries (ccache, sccache): their own node, so no REAPI call reaches them.
+        storages.setdefault(
+            "opaque", {"kind": "disk", "path": str(data / "opaque"), "max-size": max(self.quota // 4, 1 << 20),
+                       "verify": False}
         )
         instances = dict(self.instances) or {"": InstanceConfig()}
         for inst in instances.values():

@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from casbah import humanize
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DigestMismatch
-from casbah.storage.base import Storage, Verifier
+from casbah.storage.base import Storage
+from casbah.streams import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class ScrubReport:
     seconds: float = 0.0
 
     def line(self) -> str:
-        return (f"scanned {self.scanned} blobs ({self.bytes} bytes) in {self.seconds:.1f}s: "
+        return (f"scanned {self.scanned} blobs ({humanize.size(self.bytes)}) in {humanize.duration(self.seconds)}: "
                 f"{len(self.corrupt)} corrupt, {self.removed} removed, {self.vanished} vanished meanwhile"
                 + (f", {len(self.unreadable)} unreadable" if self.unreadable else ""))
 

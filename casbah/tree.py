@@ -25,9 +25,9 @@ _READ = 1024 * 1024
 
 
 def hash_file(path: str | os.PathLike, function: DigestFunction) -> Digest:
-    h = function.hasher()
     size = 0
     with open(path, "rb", buffering=0) as f:
+        h = function.hasher(os.fstat(f.fileno()).st_size)  # gitsha1 hashes the size first
         while chunk := f.read(_READ):
             h.update(chunk)
             size += len(chunk)

@@ -37,28 +37,14 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
     @rpc
     async def GetActionResult(self, request, context):
         instance = self._instance(request.instance_name, context, "GetActionResult")
-        function = DigestFunction.from_proto(request.digest_function)
-        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        action = instance.digest(request.action_digest, request.digest_function)
+        function = action.function
         data = await instance.action_cache.get(action)  # a miss raises ActionResultNotFound: NOT_FOUND
-        result = re_pb2.ActionResult()
+        result = await checked_action_result(instance, data, action, function)
         try:
-            result.ParseFromString(data)
-        except DecodeError:
-            log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
-            raise NotFound(f"ActionResult for action {action} is corrupt") from None
-        try:
-            if instance.extras.get("check_action_results", True):
-                missing = await missing_outputs(instance.cas, result, function)
-                if missing:
-                    raise NotFound(
-                        f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
-                        f"e.g. {missing[0]}"
-                    )
             await _inline(instance.cas, result, request, function)
         except InvalidArgument as exc:
-            # The stored entry is bad (a malformed digest, a Tree blob that is not a
-            # Tree, a tree breaking the REAPI's name rules), not the request: a miss
-            # lets the client rebuild and overwrite it.
+            # The stored entry names a blob it cannot inline (a malformed digest): a miss.
             log.warning("ActionCache entry for %s is unusable (%s); reporting a miss", action, exc)
             raise NotFound(f"ActionResult for action {action} is unusable: {exc}") from None
         return result
@@ -69,12 +55,50 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         instance = self._instance(request.instance_name, context, "UpdateActionResult", write=True,
                                   detail=f"action {d.hash}/{d.size_bytes}")
         instance.check_writable("UpdateActionResult")
-        function = DigestFunction.from_proto(request.digest_function)
-        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        action = instance.digest(request.action_digest, request.digest_function)
+        function = action.function
         _referenced(request.action_result, function)  # refuse malformed digests now, not at every Get
         await check_output_trees(instance.cas, request.action_result, function)
         await instance.action_cache.put(action, request.action_result.SerializeToString(deterministic=True))
         return request.action_result
+
+
+async def checked_action_result(instance: Instance, data: bytes, action: Digest,
+                                function: DigestFunction) -> re_pb2.ActionResult:
+    """A stored entry as an ActionResult fit to serve, else `NotFound` (a miss).
+
+    Every front serves ActionCache entries through this (gRPC GetActionResult, the HTTP
+    `/ac/`): a corrupt entry, or one naming blobs no longer in CAS (with
+    `check-action-results`, the default), is reported as a miss so the client rebuilds.
+    """
+    result = re_pb2.ActionResult()
+    try:
+        result.ParseFromString(data)
+    except DecodeError:
+        log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
+        raise NotFound(f"ActionResult for action {action} is corrupt") from None
+    try:
+        if instance.extras.get("check_action_results", True):
+            missing = await missing_outputs(instance.cas, result, function)
+            if missing:
+                raise NotFound(
+                    f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
+                    f"e.g. {missing[0]}"
+                )
+    except InvalidArgument as exc:
+        # The stored entry is bad (a malformed digest, a Tree blob that is not a
+        # Tree, a tree breaking the REAPI's name rules), not the request: a miss
+        # lets the client rebuild and overwrite it.
+        log.warning("ActionCache entry for %s is unusable (%s); reporting a miss", action, exc)
+        raise NotFound(f"ActionResult for action {action} is unusable: {exc}") from None
+    return result
+
+
+def referenced_digests(result, function: DigestFunction) -> list[Digest]:
+    """Every digest an ActionResult names directly (files, stdout/stderr, trees, roots);
+    raises `InvalidArgument` for a malformed one."""
+    blobs, trees, roots = _referenced(result, function)
+    return [*blobs, *trees, *roots]
 
 
 def _d(message, function: DigestFunction) -> Digest | None:

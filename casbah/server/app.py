@@ -12,9 +12,13 @@ from pathlib import Path
 
 import grpc
 
+from casbah import humanize
 from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
+from casbah.digest import DigestFunction
+from casbah.errors import StartupError
+from casbah.http.server import HttpFront
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -24,6 +28,7 @@ from casbah.server.admission import Admission
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances, MalformedRequests
+from casbah.server.binding import check_bind, check_tls
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
@@ -40,10 +45,6 @@ from casbah.storage.loader import StorageLoader, load_builtin_kinds
 log = logging.getLogger("casbah.server")
 
 
-class StartupError(Exception):
-    """Something an operator must fix before the server can start (printed, exit 1)."""
-
-
 @dataclass
 class Server:
     config: ServerConfig
@@ -56,6 +57,7 @@ class Server:
     endpoints: Endpoints | None = None
     #: The TLS listeners' files, reloadable (casbah.server.upkeep).
     tls: list[TlsFiles] = field(default_factory=list)
+    http: HttpFront | None = None  # the HTTP cache front (`http-listen`), on this event loop
 
     def reloader(self) -> Reloader:
         return Reloader(self.instances.authorizer, self.config.auth.tokens, self.tls, self.config.reload_interval)
@@ -63,6 +65,8 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         if self.endpoints is not None:
             await self.endpoints.enter_shutdown()  # health NOT_SERVING while draining
+        if self.http is not None:
+            await self.http.stop()  # finishes requests in flight, then closes
         await self.grpc_server.stop(self.config.grace_seconds if grace is None else grace)
         for close in self.closers:
             await close()
@@ -84,6 +88,7 @@ def build_instances(
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
+            digest_functions=tuple(DigestFunction(f) for f in inst.digest_functions),
             extras={"check_action_results": inst.check_action_results,
                     "asset": _asset_settings(config, name, inst, where, cas)},
         )
@@ -181,8 +186,10 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     await endpoints.add_health_and_reflection(server)
     result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():
-        result.ports.append(_listen(server, listener, result.tls))
+        result.ports.append(_listen(server, listener, result.tls, reuse_port))
     observability.listen = list(result.ports)
+    if config.http_listen:
+        result.http = HttpFront(config, instances, loader)  # builds the opaque stores: before closers
     result.closers.insert(0, endpoints.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)
     for storage in loader.all():
@@ -207,17 +214,20 @@ def _remove_stale_socket(path: str) -> None:
     raise StartupError(f"cannot listen on unix:{path}: another server is listening there")
 
 
-def _listen(server: grpc.aio.Server, listener: ListenerConfig, tls: list[TlsFiles]) -> str:
+def _listen(server: grpc.aio.Server, listener: ListenerConfig, tls: list[TlsFiles], reuse_port: bool = False) -> str:
     """Bind one listener; returns the address as served (port 0 resolved)."""
     address = listener.address
     if address.startswith("unix:"):
         path = address.removeprefix("unix:").removeprefix("//")
         if os.path.exists(path):
             _remove_stale_socket(path)
+    if listener.tls_cert or listener.tls_key:
+        if not (listener.tls_cert and listener.tls_key):
+            raise StartupError(f"{address}: TLS needs both a certificate and a key")
+        check_tls(listener.tls_cert, listener.tls_key, listener.tls_client_ca)
+    check_bind(address, reuse_port)
     try:
-        if listener.tls_cert or listener.tls_key:
-            if not (listener.tls_cert and listener.tls_key):
-                raise StartupError(f"{address}: TLS needs both a certificate and a key")
+        if listener.tls_cert and listener.tls_key:
             files = TlsFiles(listener.tls_cert, listener.tls_key, listener.tls_client_ca)
             port = server.add_secure_port(address, files.credentials())
             tls.append(files)
@@ -228,9 +238,9 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig, tls: list[TlsFile
     except OSError as exc:
         raise StartupError(f"{address}: cannot read TLS material: {exc}") from None
     except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
     if port == 0 and not address.startswith("unix:"):
-        raise StartupError(f"cannot listen on {address} (is another server using the port?)")
+        raise StartupError(f"cannot listen on {address}: grpc refused the address")
     if address.startswith("unix:"):
         if listener.unix_mode:
             os.chmod(address.removeprefix("unix:").removeprefix("//"), int(listener.unix_mode, 8))
@@ -250,18 +260,31 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
         except (OSError, ValueError) as exc:
             await server.stop(0)
             raise StartupError(str(exc)) from None
+    http_url = None
+    if config.http_listen and server.http is not None:
+        try:
+            http_url = await server.http.start(config.http_listen, reuse_port)
+        except (OSError, ValueError) as exc:
+            await server.stop(0)
+            raise StartupError(f"cannot serve HTTP on {config.http_listen}: {exc}") from None
     await server.grpc_server.start()
     for instance in server.instances:
+        quota = store_quota(instance.cas)
         log.info(
-            "instance %r: storage %s, services %s%s", instance.name, instance.cas.describe(),
-            ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
+            "instance %r: storage %s (quota %s), services %s%s", instance.name, instance.cas.describe(),
+            humanize.size(quota) if quota else "none", ",".join(sorted(instance.services)),
+            " (read-only)" if instance.read_only else "",
         )
     if not worker:  # once, not once per worker
-        warn_if_exposed(config.listeners(), server.instances)
+        http = [ListenerConfig(address=config.http_listen, tls_client_ca=config.tls_client_ca)] \
+            if config.http_listen else []  # the HTTP front takes the same callers
+        warn_if_exposed(config.listeners() + http, server.instances)
     who = "casbah" if worker is None else f"casbah worker {worker}"
     for address in server.ports:
         print(f"{who}: serving REAPI on {address} (instances: "
               f"{', '.join(repr(n) for n in server.instances.names())})", flush=True)
+    if http_url:
+        print(f"{who}: serving the HTTP cache protocol on {http_url}", flush=True)
     if metrics_url:
         print(f"{who}: metrics on {metrics_url}/metrics, status page on {metrics_url}/", flush=True)
     stop = asyncio.Event()
@@ -287,5 +310,5 @@ def _warn_quota(config: ServerConfig) -> None:
     except OSError:
         return
     if config.quota and free < config.quota:
-        log.warning("quota %d bytes exceeds free space on %s (%d bytes): eviction will not save the disk",
-                    config.quota, data, free)
+        log.warning("quota %s exceeds free space on %s (%s): eviction will not save the disk",
+                    humanize.size(config.quota), data, humanize.size(free))

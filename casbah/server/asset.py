@@ -22,7 +22,7 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.assets.origin import OriginFetcher, git_scheme
-from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.digest import Digest, is_empty_blob, make_digest
 from casbah.errors import (
     CasbahError,
     FailedPrecondition,
@@ -157,7 +157,7 @@ class FetchService(ra_grpc.FetchServicer):
         candidate is tried, and if none is usable the answer names the bad entry.
         """
         uris, qualifiers = validate(request.uris, request.qualifiers)
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function)  # no digest to infer from: unset is sha256
         oldest = _timestamp_seconds(request.oldest_content_accepted)
         index = _settings(instance).index
         now = time.time()
@@ -198,7 +198,7 @@ class FetchService(ra_grpc.FetchServicer):
         unknown = sorted(set(qualifiers) - ORIGIN_QUALIFIERS)
         if unknown:
             raise InvalidArgument(f"qualifier {echo(unknown[0])} cannot be honoured by an origin fetch")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function)
         timeout = request.timeout.seconds + request.timeout.nanos / 1e9 or None
         last_error: CasbahError | None = None
         for uri in allowed:
@@ -291,7 +291,7 @@ class PushService(ra_grpc.PushServicer):
                            what=f"Push{kind.value.capitalize()}",
                            detail=f"{uris[0]} -> {root_message.hash}/{root_message.size_bytes}")
         instance.check_writable(f"Push{kind.value.capitalize()}")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function, root_message.hash)
 
         def digest(message) -> Digest:
             return make_digest(message.hash, message.size_bytes, function)

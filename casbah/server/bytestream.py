@@ -199,8 +199,10 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         stops the reading (the storage stream is pulled one chunk at a time) and is ended
         after `limits.idle-timeout` (see `_send`)."""
         resource = parse_read(request.resource_name)
-        cas = self.instances.get(resource.instance, "bytestream", context, what="ByteStream.Read",
-                                 detail=str(resource.digest)).cas
+        reader = self.instances.get(resource.instance, "bytestream", context, what="ByteStream.Read",
+                                    detail=str(resource.digest))
+        reader.check_function(resource.digest.function)
+        cas = reader.cas
         digest = resource.digest
         if request.read_limit < 0:
             raise InvalidArgument(f"read_limit {request.read_limit} is negative")
@@ -235,6 +237,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         resource = parse_write(name)
         instance = self.instances.get(resource.instance, "bytestream", context, write=True, what="ByteStream.Write",
                                       detail=str(resource.digest))
+        instance.check_function(resource.digest.function)
         instance.check_writable("ByteStream.Write")
         digest = resource.digest
         key = (resource.instance, resource.upload_id, digest, resource.compressor)
@@ -374,6 +377,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     async def QueryWriteStatus(self, request, context):
         resource = parse_write(request.resource_name)
         instance = self.instances.get(resource.instance, "bytestream", context, what="QueryWriteStatus")
+        instance.check_function(resource.digest.function)
         key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
         gathered = self.gathering.get(key)
         if gathered is not None and not gathered.taken:

@@ -1,4 +1,5 @@
-"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree."""
+"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree (SplitBlob and
+SpliceBlob answer UNIMPLEMENTED until content-defined chunking lands)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from operator import attrgetter
 from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
-from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.digest import INFERABLE_LENGTHS, Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import (
     InvalidArgument,
     InvalidTree,
     NotFound,
+    Unsupported,
     code_from_int,
     code_to_int,
     echo,
@@ -48,10 +50,11 @@ def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
     hashes = list(map(_HASH, messages))
     sizes = list(map(_SIZE, messages))
     n = len(hashes)
+    width = function.hex_length
     joined = "".join(hashes)
     try:
-        ok = (len(joined) == 64 * n and len(bytes.fromhex(joined)) == 32 * n and joined == joined.lower()
-              and (not n or (min(map(len, hashes)) == 64 and min(sizes) >= 0)))
+        ok = (len(joined) == width * n and len(bytes.fromhex(joined)) * 2 == width * n and joined == joined.lower()
+              and (not n or (min(map(len, hashes)) == width and min(sizes) >= 0)))
     except ValueError:
         ok = False
     if not ok:
@@ -63,6 +66,13 @@ def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
 
 _HASH = attrgetter("hash")
 _SIZE = attrgetter("size_bytes")
+
+
+def _first_hash(messages: Sequence) -> str | None:
+    """What an unset `digest_function` is inferred from: all digests of a request
+    share one function, so the first hash of a usable length decides (the rest must
+    match it; a malformed one fails alone where the call reports per blob)."""
+    return next((m.hash for m in messages if len(m.hash) in INFERABLE_LENGTHS), None)
 
 
 def error_status(exc: BaseException) -> status_pb2.Status:
@@ -91,8 +101,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc
     async def FindMissingBlobs(self, request, context):
-        cas = self._instance(request.instance_name, context, "FindMissingBlobs").cas
-        function = DigestFunction.from_proto(request.digest_function)
+        instance = self._instance(request.instance_name, context, "FindMissingBlobs")
+        cas = instance.cas
+        function = instance.digest_function(request.digest_function, _first_hash(request.blob_digests))
         digests = digests_from(request.blob_digests, function)
         wanted = [d for d in digests if d.size or not is_empty_blob(d)]
         missing = await cas.find_missing(wanted) if wanted else []
@@ -114,7 +125,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         detail = digest_list([r.digest for r in request.requests])
         instance = self._instance(request.instance_name, context, "BatchUpdateBlobs", write=True, detail=detail)
         instance.check_writable("BatchUpdateBlobs")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function,
+                                            _first_hash([r.digest for r in request.requests]))
         self._check_batch_size(sum(len(r.data) for r in request.requests), "BatchUpdateBlobs request")
         # Compressed blobs are expanded in memory, up to the size their digests claim:
         # bound the total a client can make the server allocate for one request.
@@ -172,8 +184,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc
     async def BatchReadBlobs(self, request, context):
-        cas = self._instance(request.instance_name, context, "BatchReadBlobs").cas
-        function = DigestFunction.from_proto(request.digest_function)
+        instance = self._instance(request.instance_name, context, "BatchReadBlobs")
+        cas = instance.cas
+        function = instance.digest_function(request.digest_function, _first_hash(request.digests))
         digests = digests_from(request.digests, function)
         self._check_batch_size(sum(d.size for d in digests), "BatchReadBlobs request")
         zstd = _ZSTD in request.acceptable_compressors
@@ -205,9 +218,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc_stream
     async def GetTree(self, request, context) -> AsyncIterator:
-        cas = self._instance(request.instance_name, context, "GetTree").cas
-        function = DigestFunction.from_proto(request.digest_function)
-        root = make_digest(request.root_digest.hash, request.root_digest.size_bytes, function)
+        instance = self._instance(request.instance_name, context, "GetTree")
+        cas = instance.cas
+        root = instance.digest(request.root_digest, request.digest_function)
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -228,6 +241,19 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             page.append(visit.directory)
             page_bytes += visit.size + 8
         yield re_pb2.GetTreeResponse(directories=page, next_page_token="")
+
+    # Capabilities advertise split_blob_support and splice_blob_support false, so a
+    # client that checks them never calls these; one that does not gets UNIMPLEMENTED,
+    # after the same access check a working call would make.
+    @rpc
+    async def SplitBlob(self, request, context):
+        self._instance(request.instance_name, context, "SplitBlob")
+        raise Unsupported("SplitBlob is not implemented by this server (split_blob_support is false)")
+
+    @rpc
+    async def SpliceBlob(self, request, context):
+        self._instance(request.instance_name, context, "SpliceBlob", write=True)
+        raise Unsupported("SpliceBlob is not implemented by this server (splice_blob_support is false)")
 
 
 async def _present(cas: Storage, root: Digest) -> AsyncIterator[Visit]:

@@ -1,6 +1,6 @@
 """`disk`: one file per blob under a data directory, with a byte quota and LRU eviction.
 
-Layout: `objects/<2 hex>/<key>` (key = `hash-size`, or `blake3-hash-size`) and
+Layout: `objects/<2 hex>/<key>` (key = `hash-size` for sha256, `<function>-hash-size` for the others) and
 `tmp/` for writes in progress.  A write goes to `tmp/`, is hashed as it is written,
 and is renamed into `objects/` only once verified, so a reader (or a restart after
 SIGKILL) never sees a partial blob; `tmp/` is emptied at startup, and an object
@@ -31,7 +31,7 @@ from pathlib import Path
 from pydantic import Field
 
 from casbah.config import parse_size
-from casbah.digest import Digest
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DigestMismatch, ResourceExhausted
 from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range, empty_stream
 from casbah.storage.disk_files import FileReader, ObjectFiles, parse_key, run_to_end, single_chunk
@@ -136,6 +136,24 @@ class DiskStorage(Storage):
             self._lost(digest, False)
         on_short = functools.partial(self._lost, digest, True) if self.verify else None
         return FileReader(handle, offset, count, on_close=functools.partial(index.unpin, digest), on_short=on_short)
+
+    async def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
+        """The stored blob with this hash, whatever its size, or None.
+
+        For protocols that name blobs by hash alone (the HTTP cache protocol): one
+        listing of the blob's prefix directory, so a fallback, not a per-request path.
+        The file, not the index, answers (a sibling worker's blob is on disk before it
+        is in this process's index); callers check presence with `find_missing`.
+        """
+        stem = Digest(hash_hex, 0, function).key[:-1]  # the key without its size: `hash-`
+        try:
+            names = await asyncio.to_thread(os.listdir, f"{self._files.objects}/{hash_hex[:2]}")
+        except OSError:
+            return None
+        for name in names:
+            if name.startswith(stem) and (digest := parse_key(name)) is not None:
+                return digest
+        return None
 
     def _lookup(self, digest: Digest) -> int:
         size = self._index.touch(digest, time.time())

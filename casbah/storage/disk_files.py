@@ -42,7 +42,8 @@ def parse_key(name: str) -> Digest | None:
             return None
     except (ValueError, KeyError):
         return None
-    if len(digest.hash) != 64 or not _HEX.issuperset(digest.hash) or digest.size < 0 or digest.key != name:
+    if (len(digest.hash) != digest.function.hex_length or not _HEX.issuperset(digest.hash) or digest.size < 0
+            or digest.key != name):
         return None
     return digest
 

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 from casbah.cli import main
 from casbah.client.cache import LocalCache
-from casbah.client.channel import RemoteSpec
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.reapi.channel import RemoteSpec
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 VICTIM = "../../../../victim.txt"
@@ -82,12 +82,21 @@ class HostileAssets(grpc.GenericRpcHandler):
         if method in ("/google.bytestream.ByteStream/Read", "/build.bazel.remote.execution.v2."
                       "ContentAddressableStorage/GetTree"):
             call = self.upstream.unary_stream(method)
-            return grpc.unary_stream_rpc_method_handler(lambda request, context: call(request))
+            return grpc.unary_stream_rpc_method_handler(lambda request, context: _relay(call(request), context))
         if method == "/google.bytestream.ByteStream/Write":
             call = self.upstream.stream_unary(method)
             return grpc.stream_unary_rpc_method_handler(lambda requests, context: call(requests))
         call = self.upstream.unary_unary(method)
         return grpc.unary_unary_rpc_method_handler(lambda request, context: call(request))
+
+
+def _relay(responses, context: grpc.ServicerContext):
+    """Pass a streamed answer on, and the upstream's error status with it (the real server
+    refuses the hostile tree in GetTree with FAILED_PRECONDITION)."""
+    try:
+        yield from responses
+    except grpc.RpcError as exc:
+        context.abort(exc.code(), exc.details())
 
 
 @pytest.fixture
