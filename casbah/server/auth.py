@@ -15,50 +15,16 @@ anonymous clients get nothing unless `anonymous` says otherwise.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from casbah.config import AuthConfig
 from casbah.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from casbah.server.audit import audit, audit_write_when_done
 from casbah.server.client_cert import certificate_subject, has_control_character, peer_certificate
-
-audit = logging.getLogger("casbah.audit")
-
-#: The audit line of the write the current call was allowed to make, written with its
-#: outcome when the call ends (`finish_write_audit`): an audit log that said "WRITE" for
-#: pushes that then failed would name content that is not there.
-_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("casbah_pending_audit", default=None)
-#: Set by the `rpc` wrapper: the current call writes its pending audit line when it ends.
-_IN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("casbah_in_call", default=False)
-
-
-def begin_call() -> None:
-    """A call starts: no write audited yet (each grpc.aio call has its own context)."""
-    _PENDING.set(None)
-    _IN_CALL.set(True)
-
-
-def note_write_outcome(outcome: str) -> None:
-    """The outcome a handler reports for its write when the call's status says too little
-    (BatchUpdateBlobs answers OK with a status per blob)."""
-    pending = _PENDING.get()
-    if pending is not None:
-        pending[2] = outcome
-
-
-def finish_write_audit(outcome: str) -> None:
-    """Write the call's pending `WRITE …` audit line, ending `: <outcome>` (OK, or the status)."""
-    pending = _PENDING.get()
-    if pending is None:
-        return
-    _PENDING.set(None)
-    fmt, args, override = pending
-    audit.info(fmt + ": %s", *args, override or outcome)
 
 _SCOPES = {"read": frozenset({"read"}), "write": frozenset({"read", "write"})}
 _ANONYMOUS = {"read-write": _SCOPES["write"], "read-only": _SCOPES["read"], "none": frozenset()}
@@ -358,7 +324,7 @@ class Authorizer:
         target = f" {detail}" if detail else ""
         if self.open:
             if write:
-                _audit_write("WRITE %s on instance %r%s by anonymous (peer %s)",
+                audit_write_when_done("WRITE %s on instance %r%s by anonymous (peer %s)",
                              (what, instance, target, _peer(context)))
             return self.anonymous
         try:
@@ -383,7 +349,7 @@ class Authorizer:
                 f"{what} needs an authenticated writer on this server (action-cache-writers: authenticated)"
             )
         if write:
-            _audit_write("WRITE %s on instance %r%s by %s (peer %s)",
+            audit_write_when_done("WRITE %s on instance %r%s by %s (peer %s)",
                          (what, instance, target, identity.name, _peer(context)))
         return identity
 
@@ -410,15 +376,6 @@ class Authorizer:
         audit.info("WRITE %s on instance %r %s by %s (peer %s)", what, instance, detail, who, _peer(context))
 
 
-def _audit_write(fmt: str, args: tuple) -> None:
-    """Hold the audit line of an allowed write until the call's outcome is known; outside a
-    call wrapped by `casbah.server.base.rpc` (nothing will finish it) write it at once."""
-    if not _IN_CALL.get():
-        audit.info(fmt + ": %s", *args, "allowed")
-        return
-    if _PENDING.get() is not None:  # a second write in one call: the first one's line is not lost
-        finish_write_audit("OK")
-    _PENDING.set([fmt, args, None])
 
 
 def _is_hex(text: str) -> bool:

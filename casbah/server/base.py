@@ -32,7 +32,8 @@ from casbah.errors import (
     is_no_space,
     status_code,
 )
-from casbah.server.auth import Authorizer, begin_call, finish_write_audit
+from casbah.server.audit import begin_call, finish_write_audit
+from casbah.server.auth import Authorizer
 from casbah.storage.action_cache import ActionCache
 from casbah.storage.base import Storage
 

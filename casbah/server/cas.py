@@ -26,7 +26,8 @@ from casbah.errors import (
 )
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from casbah.server.auth import digest_list, note_write_outcome
+from casbah.server.audit import note_write_outcome
+from casbah.server.auth import digest_list
 from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
 from casbah.storage.base import Storage, read_many_partial
 from casbah.tree import Visit, walk_levels
