@@ -110,7 +110,7 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
 
 
 def test_status_page_and_metrics_need_the_grpc_credentials(auth_server) -> None:
-    server, port, _ = auth_server
+    _, port, _ = auth_server
     assert get(port, "/healthz")[0] == 200
     for path in ("/api/status", "/metrics", "/api/requests", "/api/lookup?instance=A&digest=" + "0" * 64 + "/1",
                  "/api/asset?instance=A&uri=https://example.com/x"):
