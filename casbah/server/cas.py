@@ -170,9 +170,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             results = await instance.cas.write_many(todo)
             full = None
             for slot, error in zip(slots, results, strict=True):
-                statuses[slot] = OK if error is None else error_status(error)
+                status = statuses[slot] = OK if error is None else error_status(error)
                 if error is not None and full is None and no_space(error):
-                    full = statuses[slot].message
+                    full = status.message
             if full is not None:  # one line per batch, however many blobs did not fit
                 log.warning("BatchUpdateBlobs: RESOURCE_EXHAUSTED: %s", full)
         note_write_outcome(_batch_outcome(statuses))

@@ -87,11 +87,11 @@ _OBS = status_page.OBSERVABILITY
 
 def create_app(obs: Observability, authorizer: Authorizer | None = None) -> web.Application:
     """With auth configured, every route but /healthz needs what gRPC would need (`http_auth`)."""
-    guarded = authorizer is not None and not authorizer.open
+    guard = authorizer if authorizer is not None and not authorizer.open else None
     names = [inst.name for inst in obs.instances]
-    app = web.Application(middlewares=[access_middleware(authorizer, lambda: names)] if guarded else [])
-    if guarded:
-        add_login_routes(app, authorizer)
+    app = web.Application(middlewares=[access_middleware(guard, lambda: names)] if guard is not None else [])
+    if guard is not None:
+        add_login_routes(app, guard)
     app[_OBS] = obs
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)

@@ -322,7 +322,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability,
             code = _failure_code(exc, context)
             raise
         finally:
-            if admitted:
+            if admitted and admission is not None:
                 admission.leave()
             finish(started, code, request, None, sent)
 
@@ -343,7 +343,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability,
             code = _failure_code(exc, context)
             raise
         finally:
-            if admitted:
+            if admitted and admission is not None:
                 admission.leave()
             finish(started, code, request, response, counting.sent if counting is not None else 0)
 

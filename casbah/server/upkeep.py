@@ -64,7 +64,8 @@ class TlsFiles:
         return (_mtime(self.cert), _mtime(self.key), _mtime(self.client_ca))
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self.current, self._fetch,
+        # types-grpcio's fetcher returns a configuration, but grpc's contract lets it return None ("unchanged").
+        return grpc.dynamic_ssl_server_credentials(self.current, self._fetch,  # type: ignore[arg-type]
                                                    require_client_authentication=bool(self.client_ca))
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:

@@ -146,7 +146,7 @@ def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
     def reload(signum: int, frame: object) -> None:
         """SIGHUP to the parent reloads every worker's certificates and tokens."""
         for p in workers.values():
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, stop)
