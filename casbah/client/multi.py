@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import DEFAULT_URI_TEMPLATE, SyncSummary, pull, push
 from casbah.errors import CasbahError, NotFound
 from casbah.reapi.channel import RemoteSpec
+
+if TYPE_CHECKING:  # sync's own import, so this module follows the local cache wherever it lives
+    from casbah.client.sync import LocalCache
 
 log = logging.getLogger(__name__)
 
