@@ -315,18 +315,17 @@ class CasClient(NameCalls):
 
     async def check_writable(self) -> None:
         """Raise PermissionDenied, before anything is uploaded, when the server will refuse
-        uploads.  ReferenceStorage's Status (`allow_updates`) answers where it is served.
-        Otherwise the empty blob is written over ByteStream: that stores nothing (every
-        server has it), but a read-only instance or a read-only credential refuses it.
-        (Capabilities' `update_enabled` is not used: it is about the ActionCache, and a
-        writable CAS without an ActionCache says false.)  Anything else inconclusive
-        (no ByteStream, the server down) is left for the upload itself to report."""
+        uploads.  ReferenceStorage's Status (`allow_updates`) answers for the instance where
+        it is served; then the empty blob is written over ByteStream, which stores nothing
+        (every server has it) but is refused for a read-only instance or a read-only
+        credential, which Status does not know about.  (Capabilities' `update_enabled` is
+        not used: it is about the ActionCache, and a writable CAS without one says false.)
+        Anything inconclusive (no ByteStream, the server down) is left for the upload."""
         where = self.describe()
         try:
             if not await self.reference_status():
                 raise PermissionDenied(f"{where} does not accept updates (ReferenceStorage Status: allow_updates "
                                        "is false, e.g. a read-only instance)")
-            return
         except Unsupported:
             pass
         empty = Digest.of(b"")

@@ -6,6 +6,7 @@ fault is the batch-less front (`NoBatches`), since casbah always serves batches.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -224,3 +225,22 @@ def test_client_config_refuses_unknown_keys(tmp_path: Path) -> None:
     config.write_text("remotes: [{url: 'grpc://127.0.0.1'}]\n")
     out = cli("cache", "ls", env={"CASBAH_CONFIG": str(config)}, expect=None)
     assert out.code != 0 and "needs a port" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_push_with_a_read_only_token_fails_before_uploading(start_server, tmp_path: Path) -> None:
+    """ReferenceStorage's Status speaks for the instance, not the caller: a read-only token
+    is found out by the empty-blob write, before any real blob is sent."""
+    token = "read-only-token-for-this-test"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"sha256:{hashlib.sha256(token.encode()).hexdigest()} read\n")
+    (tmp_path / "token").write_text(token)
+    metrics = free_port()
+    server = start_server(["--tokens", str(tokens), "--metrics-listen", f"127.0.0.1:{metrics}"])
+    commit(tmp_path / "cache", awkward_tree(tmp_path / "tree", "token"), "tok/v1")
+    out = cli("cache", "push", "--cache-dir", str(tmp_path / "cache"), "--remote", server.url, "--token-file",
+              str(tmp_path / "token"), "tok/v1", expect=1)
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "does not accept uploads" in error[0], out.stderr
+    calls = _write_calls(f"http://127.0.0.1:{metrics}/metrics")
+    assert len(calls) == 1 and 'method="Write"' in calls[0] and 'code="PERMISSION_DENIED"' in calls[0], calls
+    assert calls[0].endswith(" 1.0"), calls  # the one empty-blob probe; no blob was sent
