@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from casbah.config import ConfigError, _Model, expand_env, parse_size
 from casbah.errors import CasbahError
@@ -106,7 +107,7 @@ def load_client_config(path: str | os.PathLike | None = None) -> ClientConfig:
         raise ConfigError(f"client config {file}: {key}: {_message(err)}{more}") from None
 
 
-def _message(err: dict) -> str:
+def _message(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key"
     return str(err["msg"]).removeprefix("Value error, ")
