@@ -151,3 +151,24 @@ def from_status(code: grpc.StatusCode, message: str) -> CasbahError:
     if cls is CasbahError:
         err.code = code
     return err
+
+
+#: OS errors that mean "no room": the disk is full or the user's quota is spent.
+_NO_SPACE = frozenset({28, 122})  # ENOSPC, EDQUOT
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+
+
+def from_os_error(exc: OSError, what: str) -> CasbahError | OSError:
+    """An OS error of a store as the client should see it: no space (ENOSPC, EDQUOT)
+    is RESOURCE_EXHAUSTED naming the store (the server is fine; retry later), and is
+    logged once here, as one line without a traceback.  Anything else is returned
+    unchanged (a real fault: INTERNAL, with its traceback, where it is handled)."""
+    if not is_no_space(exc):
+        return exc
+    import logging
+
+    logging.getLogger("casbah.storage").warning("%s: no space left (%s)", what, exc.strerror or exc)
+    return ResourceExhausted(f"{what} has no space left: {exc.strerror or exc}")

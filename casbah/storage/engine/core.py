@@ -1,0 +1,407 @@
+"""The engine: a synchronous, thread-safe store over the LMDB index and the file area.
+
+`casbah/storage/disk.py` adapts it to the async `Storage` interface; benchmarks and
+admin commands may use it directly (`bulk_load`, `stats`, `scrub`, `gc`, `evict_to`).
+Every method that writes runs one LMDB write transaction (one writer at a time per
+environment, across processes, so call those in a thread); reads (`missing`,
+`lookup`, `get_inline`) never write and are cheap enough for the event loop.
+
+Last use is recorded in memory (`touched`, a set of keys) and flushed in one write
+transaction by `flush_touches` (the async layer calls it every few seconds or every
+`TOUCH_BATCH` keys), so a read never waits for a write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import lmdb
+
+from casbah.digest import Digest
+from casbah.errors import DataLoss, ResourceExhausted, from_os_error
+from casbah.storage.base import Verifier
+from casbah.storage.engine.files import FileArea, TmpFile
+from casbah.storage.engine.index import FILE, INLINE, LAYOUT, Env, Record, digest_of, key_of, lru_key, map_error
+from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
+
+log = logging.getLogger(__name__)
+
+#: Blobs up to this size live inline in LMDB; larger ones are files (measured: docs/storage-engine.md).
+INLINE_MAX = 64 * 1024
+#: Default map size: address space only (the file grows as pages are written).
+MAP_SIZE = 256 << 30
+TOUCH_BATCH = 4096
+#: Eviction frees this fraction of the quota beyond what a write needs, so a cache at
+#: its quota evicts once per many writes rather than in every transaction.
+SLACK = 0.01
+
+
+class Engine:
+    def __init__(self, root: str | os.PathLike, *, max_bytes: int = 0, durable: bool = False,
+                 inline_max: int = INLINE_MAX, map_size: int = 0, verify: bool = True,
+                 clear_tmp: bool = False, name: str = "") -> None:
+        self.root = Path(root)
+        self.name = name or str(self.root)
+        self.max_bytes = max_bytes
+        self.inline_max = inline_max
+        self.verify = verify
+        self.durable = durable
+        self.area = FileArea(self.root, durable)
+        self.env = Env.acquire(self.root / "index", map_size or MAP_SIZE, durable)
+        self._lock = threading.Lock()
+        self._pins: Counter[bytes] = Counter()
+        self.touched: set[bytes] = set()
+        self.evictions = 0
+        if clear_tmp:
+            self.area.clear_tmp()
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        with self.env.env.begin() as txn:
+            layout = self.env.counter(txn, b"layout")
+        if layout != LAYOUT:
+            from casbah.storage.engine.migrate import migrate
+
+            migrate(self)
+
+    def close(self) -> None:
+        self.flush_touches()
+        self.env.release()
+
+    # -- keys and pins ---------------------------------------------------------------
+
+    def file_path_of_key(self, key: bytes) -> str:
+        return self.area.path(digest_of(key))
+
+    def pin(self, key: bytes) -> None:
+        with self._lock:
+            self._pins[key] += 1
+
+    def unpin(self, key: bytes) -> None:
+        with self._lock:
+            self._pins[key] -= 1
+            if self._pins[key] <= 0:
+                del self._pins[key]
+
+    # -- reads ---------------------------------------------------------------------
+
+    def missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        """The absent ones, in order; the present ones are touched."""
+        out = []
+        touched = self.touched
+        meta = self.env.meta
+        with self.env.env.begin(db=meta) as txn:
+            get = txn.get
+            for digest in digests:
+                key = key_of(digest)
+                if get(key) is None:
+                    out.append(digest)
+                else:
+                    touched.add(key)
+        return out
+
+    def lookup(self, digest: Digest) -> Record | None:
+        key = key_of(digest)
+        with self.env.env.begin(db=self.env.meta) as txn:
+            value = txn.get(key)
+        if value is None:
+            return None
+        self.touched.add(key)
+        return Record.unpack(value)
+
+    def get_inline(self, digests: Sequence[Digest]) -> tuple[dict[Digest, bytes], list[Digest], list[Digest]]:
+        """Inline blobs verified (when this store verifies): (found, corrupt, stored as files)."""
+        found: dict[Digest, bytes] = {}
+        corrupt: list[Digest] = []
+        files: list[Digest] = []
+        env = self.env
+        with env.env.begin() as txn:
+            for digest in digests:
+                key = key_of(digest)
+                value = txn.get(key, db=env.meta)
+                if value is None:
+                    continue
+                self.touched.add(key)
+                if value[-1] != INLINE:
+                    files.append(digest)
+                    continue
+                data = txn.get(key, db=env.inline)
+                if data is None or (self.verify and not _matches(digest, data)):
+                    corrupt.append(digest)
+                    continue
+                found[digest] = data
+        return found, corrupt, files
+
+    def open_file(self, digest: Digest) -> int | None:
+        try:
+            return os.open(self.area.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    # -- writes --------------------------------------------------------------------
+
+    def _write(self, body: Callable[[lmdb.Transaction, list[str]], object], what: str) -> object:
+        """Run `body` in one write transaction; unlink the files it released after commit."""
+        unlinks: list[str] = []
+        try:
+            with self.env.env.begin(write=True) as txn:
+                result = body(txn, unlinks)
+        except lmdb.Error as exc:
+            raise map_error(exc, f"disk storage {self.name} ({what})") from None
+        self.area.unlink_all(unlinks)
+        return result
+
+    def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
+        """Verify and store small blobs (large ones in the list become files), all in
+        one write transaction.  A present blob is overwritten: a re-upload repairs it."""
+        results: list[Exception | None] = [None] * len(blobs)
+        entries: list[tuple[int, bytes, bytes | None, int]] = []  # (pos, key, inline data, file blocks)
+        for pos, (digest, data) in enumerate(blobs):
+            try:
+                verifier = self._verifier(digest)
+                if len(data) <= self.inline_max:
+                    verifier.update(data)
+                    verifier.finish()
+                    entries.append((pos, key_of(digest), data, 0))
+                else:
+                    tmp = self.area.new_tmp(digest, verifier)
+                    try:
+                        blocks = self.area.place(tmp, digest, [data])
+                    except BaseException:
+                        tmp.discard()
+                        raise
+                    entries.append((pos, key_of(digest), None, blocks))
+            except OSError as exc:
+                results[pos] = from_os_error(exc, f"disk storage {self.name}")
+            except Exception as exc:
+                results[pos] = exc
+        if not entries:
+            return results
+        try:
+            errors = self._write(lambda txn, unlinks: self._add(txn, unlinks, entries, [len(b[1]) for b in blobs]),
+                                 "writing a batch")
+        except Exception as exc:
+            for pos, *_ in entries:
+                results[pos] = exc
+            return results
+        for pos, error in errors.items():  # type: ignore[union-attr]
+            results[pos] = error
+        return results
+
+    def _add(self, txn: lmdb.Transaction, unlinks: list[str], entries: list[tuple[int, bytes, bytes | None, int]],
+             lengths: list[int]) -> dict[int, Exception]:
+        env = self.env
+        gen = env.counter(txn, b"gen") + 1
+        env.set_counter(txn, b"gen", gen)
+        charged = env.counter(txn, b"charged")
+        objects = env.counter(txn, b"objects")
+        batch = {key for _, key, _, _ in entries}
+        errors: dict[int, Exception] = {}
+        for pos, key, data, blocks in entries:
+            old = txn.get(key, db=env.meta)
+            if old is not None:
+                record = Record.unpack(old)
+                keep_file = record.where == FILE and data is None
+                remove_entry(env, txn, key, record, self.file_path_of_key, [] if keep_file else unlinks)
+                charged -= record.charge
+                objects -= 1
+            if data is not None:
+                charge, where, length = charge_inline(len(key), len(data)), INLINE, len(data)
+            else:
+                charge, where, length = charge_file(len(key), blocks), FILE, lengths[pos]
+            if self.max_bytes and charged + charge > self.max_bytes:
+                target = max(self.max_bytes - charge - int(self.max_bytes * SLACK), 0)
+                charged, removed = evict(env, txn, charged, target, lambda k: k in batch or k in self._pins,
+                                         self.file_path_of_key, unlinks)
+                objects -= removed
+                self.evictions += removed
+                if charged + charge > self.max_bytes:
+                    errors[pos] = ResourceExhausted(
+                        f"disk storage {self.name}: a blob of {length} bytes does not fit in the quota of "
+                        f"{self.max_bytes} bytes beside the blobs being read or written")
+                    if data is None:
+                        unlinks.append(self.file_path_of_key(key))
+                    continue
+            if data is not None:
+                txn.put(key, data, db=env.inline)
+            txn.put(key, Record(length, gen, charge, where).pack(), db=env.meta)
+            txn.put(lru_key(gen, key), b"", db=env.lru)
+            charged += charge
+            objects += 1
+        env.set_counter(txn, b"charged", charged)
+        env.set_counter(txn, b"objects", objects)
+        return errors
+
+    def put_file(self, digest: Digest, tmp: TmpFile, tail: list[bytes]) -> None:
+        """Finish a streamed write: verify, rename into place, index (in a thread)."""
+        key = key_of(digest)
+        self.pin(key)
+        try:
+            try:
+                blocks = self.area.place(tmp, digest, tail)
+            except OSError as exc:
+                raise from_os_error(exc, f"disk storage {self.name}") from None
+            errors = self._write(lambda txn, unlinks: self._add(txn, unlinks, [(0, key, None, blocks)],
+                                                               [tmp.verifier.received]), "indexing a file")
+        finally:
+            self.unpin(key)
+        if errors:
+            raise next(iter(errors.values()))  # type: ignore[call-overload]
+
+    def drop(self, digests: Iterable[Digest], committed_only: bool = False) -> int:
+        """Remove entries (and their data); returns how many were present."""
+        keys = [key_of(d) for d in digests]
+
+        def body(txn: lmdb.Transaction, unlinks: list[str]) -> int:
+            env = self.env
+            charged = env.counter(txn, b"charged")
+            objects = env.counter(txn, b"objects")
+            count = 0
+            for key in keys:
+                value = txn.get(key, db=env.meta)
+                if value is None:
+                    continue
+                record = Record.unpack(value)
+                remove_entry(env, txn, key, record, self.file_path_of_key, unlinks)
+                charged -= record.charge
+                objects -= 1
+                count += 1
+            env.set_counter(txn, b"charged", charged)
+            env.set_counter(txn, b"objects", objects)
+            return count
+
+        return self._write(body, "removing blobs")  # type: ignore[return-value]
+
+    def flush_touches(self) -> int:
+        """Move the blobs used since the last flush to a new generation (one transaction)."""
+        touched, self.touched = self.touched, set()
+        if not touched:
+            return 0
+
+        def body(txn: lmdb.Transaction, _unlinks: list[str]) -> int:
+            env = self.env
+            gen = env.counter(txn, b"gen") + 1
+            env.set_counter(txn, b"gen", gen)
+            moved = 0
+            for key in touched:
+                value = txn.get(key, db=env.meta)
+                if value is None:
+                    continue
+                record = Record.unpack(value)
+                txn.delete(lru_key(record.gen, key), db=env.lru)
+                record.gen = gen
+                txn.put(key, record.pack(), db=env.meta)
+                txn.put(lru_key(gen, key), b"", db=env.lru)
+                moved += 1
+            return moved
+
+        try:
+            return self._write(body, "recording last use")  # type: ignore[return-value]
+        except ResourceExhausted:
+            return 0  # last use is a hint: losing one flush on a full disk only ages those blobs
+
+    def evict_to(self, target: int) -> int:
+        """Evict least recently used blobs until at most `target` bytes are charged."""
+
+        def body(txn: lmdb.Transaction, unlinks: list[str]) -> int:
+            env = self.env
+            charged, removed = evict(env, txn, env.counter(txn, b"charged"), target,
+                                     lambda k: k in self._pins, self.file_path_of_key, unlinks)
+            env.set_counter(txn, b"charged", charged)
+            env.set_counter(txn, b"objects", env.counter(txn, b"objects") - removed)
+            return removed
+
+        removed = self._write(body, "evicting")
+        self.evictions += removed  # type: ignore[operator]
+        return removed  # type: ignore[return-value]
+
+    def gc(self) -> int:
+        """Evict down to the quota (after it was lowered); returns blobs removed."""
+        return self.evict_to(self.max_bytes) if self.max_bytes else 0
+
+    # -- bulk, iteration, stats -----------------------------------------------------
+
+    def bulk_load(self, blobs: Iterable[tuple[Digest, bytes]], batch: int = 10_000) -> int:
+        """Store many blobs fast (benchmarks, migration): one transaction per `batch`."""
+        count = 0
+        chunk: list[tuple[Digest, bytes]] = []
+        for item in blobs:
+            chunk.append(item)
+            if len(chunk) >= batch:
+                count += sum(e is None for e in self.put_many(chunk))
+                chunk = []
+        if chunk:
+            count += sum(e is None for e in self.put_many(chunk))
+        return count
+
+    def iterate(self, page: int = 1000) -> Iterator[tuple[Digest, Record]]:
+        """Every entry, one short read transaction per `page` entries (bounded memory)."""
+        after = b""
+        while True:
+            rows: list[tuple[bytes, bytes]] = []
+            with self.env.env.begin(db=self.env.meta) as txn:
+                cursor = txn.cursor()
+                ok = cursor.set_range(after) if after else cursor.first()
+                if ok and after and cursor.key() == after:
+                    ok = cursor.next()
+                while ok and len(rows) < page:
+                    rows.append((cursor.key(), cursor.value()))
+                    ok = cursor.next()
+            for key, value in rows:
+                yield digest_of(key), Record.unpack(value)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    def stats(self) -> dict[str, int]:
+        env = self.env
+        with env.env.begin() as txn:
+            stats = {
+                "bytes": env.counter(txn, b"charged"),
+                "objects": env.counter(txn, b"objects"),
+                "db_bytes": env.page_bytes(txn),
+            }
+        info = env.env.info()
+        stats["db_file_bytes"] = (info["last_pgno"] + 1) * 4096
+        stats["map_size"] = info["map_size"]
+        stats["quota_bytes"] = self.max_bytes
+        stats["evictions"] = self.evictions
+        stats["pending_touches"] = len(self.touched)
+        return stats
+
+    def read_whole(self, digest: Digest, record: Record) -> bytes | None:
+        """A blob's bytes unverified (scrub hashes them itself); None if its data is gone."""
+        if record.where == INLINE:
+            with self.env.env.begin(db=self.env.inline) as txn:
+                return txn.get(key_of(digest))
+        try:
+            with open(self.area.path(digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def _verifier(self, digest: Digest) -> Verifier:
+        from casbah.storage.base import _NoVerifier
+
+        return Verifier(digest) if self.verify else _NoVerifier(digest)
+
+
+def _matches(digest: Digest, data: bytes) -> bool:
+    if len(data) != digest.size:
+        return False
+    hasher = digest.function.hasher()
+    hasher.update(data)
+    return hasher.hexdigest() == digest.hash
+
+
+def corrupt_error(digest: Digest, name: str) -> DataLoss:
+    return DataLoss(f"blob {digest} as read from disk storage {name} does not match its digest: "
+                    "removed, upload it again")
+
+
+__all__ = ["INLINE_MAX", "Engine", "corrupt_error"]
