@@ -36,9 +36,6 @@ INLINE_MAX = 64 * 1024
 #: Default map size: address space only (the file grows as pages are written).
 MAP_SIZE = 256 << 30
 TOUCH_BATCH = 4096
-#: Eviction frees this fraction of the quota beyond what a write needs, so a cache at
-#: its quota evicts once per many writes rather than in every transaction.
-SLACK = 0.01
 
 
 class Engine:
@@ -196,8 +193,11 @@ class Engine:
     def _add(self, txn: lmdb.Transaction, unlinks: list[str], entries: list[tuple[int, bytes, bytes | None, int]],
              lengths: list[int]) -> dict[int, Exception]:
         env = self.env
-        gen = env.counter(txn, b"gen") + 1
+        # Blobs used since the last flush move to one generation, the blobs written here
+        # to the next: before evicting, so neither is taken for the oldest.
+        gen = env.counter(txn, b"gen") + 2
         env.set_counter(txn, b"gen", gen)
+        self._apply_touches(txn, gen - 1)
         charged = env.counter(txn, b"charged")
         objects = env.counter(txn, b"objects")
         batch = {key for _, key, _, _ in entries}
@@ -214,8 +214,15 @@ class Engine:
                 charge, where, length = charge_inline(len(key), len(data)), INLINE, len(data)
             else:
                 charge, where, length = charge_file(len(key), blocks), FILE, lengths[pos]
+            if self.max_bytes and charge > self.max_bytes:
+                errors[pos] = ResourceExhausted(
+                    f"disk storage {self.name}: a blob of {length} bytes is larger than the quota of "
+                    f"{self.max_bytes} bytes")
+                if data is None:
+                    unlinks.append(self.file_path_of_key(key))
+                continue
             if self.max_bytes and charged + charge > self.max_bytes:
-                target = max(self.max_bytes - charge - int(self.max_bytes * SLACK), 0)
+                target = max(self.max_bytes - charge, 0)
                 charged, removed = evict(env, txn, charged, target, lambda k: k in batch or k in self._pins,
                                          self.file_path_of_key, unlinks)
                 objects -= removed
@@ -278,32 +285,38 @@ class Engine:
         return self._write(body, "removing blobs")  # type: ignore[return-value]
 
     def flush_touches(self) -> int:
-        """Move the blobs used since the last flush to a new generation (one transaction)."""
-        touched, self.touched = self.touched, set()
-        if not touched:
+        """Move the blobs used since the last flush to a new generation (one transaction;
+        every write transaction does the same on its way)."""
+        if not self.touched:
             return 0
 
         def body(txn: lmdb.Transaction, _unlinks: list[str]) -> int:
-            env = self.env
-            gen = env.counter(txn, b"gen") + 1
-            env.set_counter(txn, b"gen", gen)
-            moved = 0
-            for key in touched:
-                value = txn.get(key, db=env.meta)
-                if value is None:
-                    continue
-                record = Record.unpack(value)
-                txn.delete(lru_key(record.gen, key), db=env.lru)
-                record.gen = gen
-                txn.put(key, record.pack(), db=env.meta)
-                txn.put(lru_key(gen, key), b"", db=env.lru)
-                moved += 1
-            return moved
+            gen = self.env.counter(txn, b"gen") + 1
+            self.env.set_counter(txn, b"gen", gen)
+            return self._apply_touches(txn, gen)
 
         try:
             return self._write(body, "recording last use")  # type: ignore[return-value]
         except ResourceExhausted:
             return 0  # last use is a hint: losing one flush on a full disk only ages those blobs
+
+    def _apply_touches(self, txn: lmdb.Transaction, gen: int) -> int:
+        touched, self.touched = self.touched, set()
+        env = self.env
+        moved = 0
+        for key in list(touched):  # a copy: the event loop may still add to the old set
+            value = txn.get(key, db=env.meta)
+            if value is None:
+                continue
+            record = Record.unpack(value)
+            if record.gen == gen:
+                continue
+            txn.delete(lru_key(record.gen, key), db=env.lru)
+            record.gen = gen
+            txn.put(key, record.pack(), db=env.meta)
+            txn.put(lru_key(gen, key), b"", db=env.lru)
+            moved += 1
+        return moved
 
     def evict_to(self, target: int) -> int:
         """Evict least recently used blobs until at most `target` bytes are charged."""

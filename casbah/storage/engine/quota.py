@@ -66,6 +66,7 @@ def evict(env: Env, txn: lmdb.Transaction, charged: int, target: int, protected:
     """Delete the least recently used entries until `charged <= target`, skipping those
     `protected` says are being read or written.  Returns (new charged, entries removed)."""
     removed = 0
+    original = charged
     if charged <= target:
         return charged, 0
     cursor = txn.cursor(db=env.lru)
@@ -86,6 +87,8 @@ def evict(env: Env, txn: lmdb.Transaction, charged: int, target: int, protected:
         charged -= record.charge
         removed += 1
     cursor.close()
+    if charged > target:  # even all it may evict would not make room: evict nothing
+        return original, 0
     for lkey, key in victims:
         if not key:
             txn.delete(lkey, db=env.lru)
