@@ -104,7 +104,7 @@ def test_blob_being_read_is_skipped_and_others_are_evicted(tmp_path: Path) -> No
         reader = await storage.read(p)
         first = await anext(reader)
         await storage.write(x, stream(x_data))  # P is skipped, Q goes
-        assert await storage.find_missing([p, q, x]) == [q]
+        assert {digest for digest, _ in storage.engine.iterate()} == {p, x}  # (a listing is no use)
         assert first + b"".join([chunk async for chunk in reader]) == p_data
         # Unpinned again, P is the oldest use: the next write that needs room evicts it.
         await storage.write_bytes(y, y_data)
