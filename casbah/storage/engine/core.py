@@ -37,6 +37,8 @@ INLINE_MAX = 64 * 1024
 #: Default map size: address space only (the file grows as pages are written).
 MAP_SIZE = 256 << 30
 TOUCH_BATCH = 4096
+#: The share of the map inline data may fill (the rest: room for deletes and readers' old pages).
+MAP_HEADROOM = 0.85
 
 
 class Engine:
@@ -55,6 +57,7 @@ class Engine:
         self._pins: Counter[bytes] = Counter()
         self.touched: set[bytes] = set()
         self.evictions = 0
+        self._closed = False
         if clear_tmp:
             self.area.clear_tmp()
         self._check_layout()
@@ -68,6 +71,10 @@ class Engine:
             migrate(self)
 
     def close(self) -> None:
+        """Flush last uses and let go of the environment (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         self.flush_touches()
         self.env.release()
 
@@ -203,7 +210,16 @@ class Engine:
         objects = env.counter(txn, b"objects")
         batch = {key for _, key, _, _ in entries}
         errors: dict[int, Exception] = {}
+        # LMDB needs free pages even to delete (copy-on-write): stop inline writes short of
+        # the map's end, so eviction and deletes can always run and free space again.
+        room = int(self.env.env.info()["map_size"] * MAP_HEADROOM) - env.page_bytes(txn)
         for pos, key, data, blocks in entries:
+            if data is not None:
+                room -= len(data) + len(key) * 3
+                if room < 0:
+                    errors[pos] = ResourceExhausted(f"disk storage {self.name}: the index is full "
+                                                    "(its map size is reached)")
+                    continue
             old = txn.get(key, db=env.meta)
             if old is not None:
                 record = Record.unpack(old)

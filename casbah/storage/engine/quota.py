@@ -30,7 +30,7 @@ PAGE = 4096
 #: LMDB keeps values up to about half a page... minus headers in the leaf itself.
 LEAF_MAX = 2000
 _NODE = 8 + 2  # node header + its slot in the page's index
-_FILL = 0.7
+_FILL = 0.45
 _RECORD = 25
 
 
