@@ -56,8 +56,13 @@ class DiskStorage(Storage):
         self.fsync = fsync
         self._lock_fd, alone = _open_lock(path)
         extra = {"inline_max": inline_max} if inline_max is not None else {}
-        self.engine = Engine(path, max_bytes=max_bytes, durable=fsync, map_size=map_size, verify=self.verify,
-                             clear_tmp=not maintenance and alone, name=self.name, **extra)
+        try:
+            self.engine = Engine(path, max_bytes=max_bytes, durable=fsync, map_size=map_size, verify=self.verify,
+                                 clear_tmp=not maintenance and alone, name=self.name, **extra)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        _share_lock(self._lock_fd)
         self.root = self.engine.root
         self._flusher: asyncio.Task | None = None
 
@@ -276,12 +281,18 @@ def _open_lock(path: str | os.PathLike) -> tuple[int, bool]:
     os.makedirs(path, exist_ok=True)
     fd = os.open(os.path.join(path, "open.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        alone = True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until `_share_lock`: others wait
+        return fd, True
     except BlockingIOError:
-        alone = False
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd, False
+
+
+def _share_lock(fd: int) -> None:
+    """After a lone opener cleared tmp/: let other processes open the store too."""
+    import fcntl
+
     fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd, alone
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

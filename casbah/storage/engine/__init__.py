@@ -8,3 +8,14 @@ as files, `migrate.py` the import of the old file-per-blob layout, `core.py` the
 from casbah.storage.engine.core import INLINE_MAX, Engine
 
 __all__ = ["INLINE_MAX", "Engine"]
+
+
+def stored_blobs(root: str) -> dict[str, int]:
+    """Every blob of the store at `root` by storage key (`Digest.key`) and length: for
+    tools and tests that look into a store another process serves (LMDB readers are safe
+    beside a writer in another process)."""
+    engine = Engine(root)
+    try:
+        return {digest.key: record.length for digest, record in engine.iterate()}
+    finally:
+        engine.close()
