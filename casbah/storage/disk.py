@@ -240,7 +240,7 @@ class DiskStorage(Storage):
         while True:
             rows = await asyncio.to_thread(_take, pages, 1000)
             for digest, record in rows:
-                yield BlobInfo(digest, record.length, float(record.gen))
+                yield BlobInfo(digest, record.length, float(record.seq))
             if len(rows) < 1000:
                 return
 

@@ -15,7 +15,7 @@ from casbah.digest import Digest
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.storage.engine import Engine
-from casbah.storage.engine.index import key_of
+from casbah.storage.engine.index import Record, key_of, seq_key
 
 
 def serve(launch, data_dir: Path, *args: str) -> Casbah:
@@ -36,24 +36,25 @@ def upload(server: Casbah, blobs: list[bytes], instance: str = "") -> list[re_pb
 
 
 def stored(data_dir: Path, digest: re_pb2.Digest) -> bytes | None:
-    """A small blob's stored bytes, read from the stopped server's store (None: absent)."""
+    """Whether the stopped server's store still has a blob (its record, or None)."""
     engine = Engine(data_dir / "cas")
     try:
-        with engine.env.env.begin(db=engine.env.inline) as txn:
+        with engine.env.env.begin(db=engine.env.meta) as txn:
             return txn.get(key_of(Digest(digest.hash, digest.size_bytes)))
     finally:
         engine.close()
 
 
-def flip_byte(data_dir: Path, digest: re_pb2.Digest, offset: int = 7) -> None:
-    """Bit rot in a small (inline) blob: one byte changes, the size does not."""
+def flip_byte(data_dir: Path, digest: re_pb2.Digest) -> None:
+    """Bit rot in a small (inline) blob: its last byte changes, the size does not."""
     engine = Engine(data_dir / "cas")
-    key = key_of(Digest(digest.hash, digest.size_bytes))
+    env = engine.env
     try:
-        with engine.env.env.begin(write=True, db=engine.env.inline) as txn:
-            data = bytearray(txn.get(key))
-            data[offset] ^= 0xFF
-            txn.put(key, bytes(data))
+        with env.env.begin(write=True) as txn:
+            where = seq_key(Record.unpack(txn.get(key_of(Digest(digest.hash, digest.size_bytes)), db=env.meta)).seq)
+            value = bytearray(txn.get(where, db=env.order))
+            value[-1] ^= 0xFF
+            txn.put(where, bytes(value), db=env.order)
     finally:
         engine.close()
 

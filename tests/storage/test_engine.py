@@ -21,7 +21,7 @@ from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss, ResourceExhausted
 from casbah.storage.disk import DiskStorage
 from casbah.storage.engine import Engine
-from casbah.storage.engine.index import key_of
+from casbah.storage.engine.index import Record, key_of, seq_key
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -39,11 +39,13 @@ async def stream(data: bytes, piece: int = 256 * KiB) -> AsyncIterator[bytes]:
 
 
 def flip_inline(storage: DiskStorage, digest: Digest) -> None:
+    """Bit rot in an inline blob: its last byte changes, in place in the `order` database."""
     env = storage.engine.env
-    with env.env.begin(write=True, db=env.inline) as txn:
-        data = bytearray(txn.get(key_of(digest)))
-        data[3] ^= 0xFF
-        txn.put(key_of(digest), bytes(data))
+    with env.env.begin(write=True) as txn:
+        where = seq_key(Record.unpack(txn.get(key_of(digest), db=env.meta)).seq)
+        value = bytearray(txn.get(where, db=env.order))
+        value[-1] ^= 0xFF
+        txn.put(where, bytes(value), db=env.order)
 
 
 def flip_file(storage: DiskStorage, digest: Digest, offset: int) -> None:

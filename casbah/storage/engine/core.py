@@ -27,7 +27,19 @@ from casbah.digest import Digest
 from casbah.errors import DataLoss, ResourceExhausted, from_os_error
 from casbah.storage.base import Verifier
 from casbah.storage.engine.files import FileArea, TmpFile
-from casbah.storage.engine.index import FILE, INLINE, LAYOUT, Env, Record, digest_of, key_of, lru_key, map_error
+from casbah.storage.engine.index import (
+    FILE,
+    INLINE,
+    LAYOUT,
+    Env,
+    Record,
+    digest_of,
+    key_of,
+    map_error,
+    order_value,
+    seq_key,
+    split_order_value,
+)
 from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
 
 log = logging.getLogger(__name__)
@@ -135,12 +147,19 @@ class Engine:
                 if value[-1] != INLINE:
                     files.append(digest)
                     continue
-                data = txn.get(key, db=env.inline)
+                data = self._inline_data(txn, key, Record.unpack(value))
                 if data is None or (self.verify and not _matches(digest, data)):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
         return found, corrupt, files
+
+    def _inline_data(self, txn: lmdb.Transaction, key: bytes, record: Record) -> bytes | None:
+        value = txn.get(seq_key(record.seq), db=self.env.order)
+        if value is None:
+            return None
+        stored_key, data = split_order_value(value)
+        return data if stored_key == key else None
 
     def open_file(self, digest: Digest) -> int | None:
         try:
@@ -201,11 +220,7 @@ class Engine:
     def _add(self, txn: lmdb.Transaction, unlinks: list[str], entries: list[tuple[int, bytes, bytes | None, int]],
              lengths: list[int]) -> dict[int, Exception]:
         env = self.env
-        # Blobs used since the last flush move to one generation, the blobs written here
-        # to the next: before evicting, so neither is taken for the oldest.
-        gen = env.counter(txn, b"gen") + 2
-        env.set_counter(txn, b"gen", gen)
-        self._apply_touches(txn, gen - 1)
+        self._apply_touches(txn)  # before evicting: what was used since is not the oldest
         charged = env.counter(txn, b"charged")
         objects = env.counter(txn, b"objects")
         batch = {key for _, key, _, _ in entries}
@@ -251,10 +266,8 @@ class Engine:
                     if data is None:
                         unlinks.append(self.file_path_of_key(key))
                     continue
-            if data is not None:
-                txn.put(key, data, db=env.inline)
-            txn.put(key, Record(length, gen, charge, where).pack(), db=env.meta)
-            txn.put(lru_key(gen, key), b"", db=env.lru)
+            seq = self._append(txn, key, data)
+            txn.put(key, Record(length, seq, charge, where).pack(), db=env.meta)
             charged += charge
             objects += 1
         env.set_counter(txn, b"charged", charged)
@@ -302,38 +315,55 @@ class Engine:
         return self._write(body, "removing blobs")  # type: ignore[return-value]
 
     def flush_touches(self) -> int:
-        """Move the blobs used since the last flush to a new generation (one transaction;
-        every write transaction does the same on its way)."""
+        """Refresh the blobs used since the last flush (one transaction; every write
+        transaction does the same on its way)."""
         if not self.touched:
             return 0
-
-        def body(txn: lmdb.Transaction, _unlinks: list[str]) -> int:
-            gen = self.env.counter(txn, b"gen") + 1
-            self.env.set_counter(txn, b"gen", gen)
-            return self._apply_touches(txn, gen)
-
         try:
-            return self._write(body, "recording last use")  # type: ignore[return-value]
+            return self._write(lambda txn, _unlinks: self._apply_touches(txn),  # type: ignore[return-value]
+                               "recording use")
         except ResourceExhausted:
-            return 0  # last use is a hint: losing one flush on a full disk only ages those blobs
+            return 0  # use is a hint: losing one flush on a full disk only ages those blobs
 
-    def _apply_touches(self, txn: lmdb.Transaction, gen: int) -> int:
+    def _append(self, txn: lmdb.Transaction, key: bytes, data: bytes | None) -> int:
+        seq = self.env.counter(txn, b"seq") + 1
+        self.env.set_counter(txn, b"seq", seq)
+        txn.put(seq_key(seq), order_value(key, data), db=self.env.order, append=True)
+        return seq
+
+    def _apply_touches(self, txn: lmdb.Transaction) -> int:
+        """Copy used blobs that are in the oldest quarter of `order` to its end."""
         touched, self.touched = self.touched, set()
+        if not touched:
+            return 0
         env = self.env
+        cursor = txn.cursor(db=env.order)
+        head = int.from_bytes(cursor.key(), "big") if cursor.first() else 0
+        cursor.close()
+        boundary = head + (env.counter(txn, b"seq") - head) // 4
         moved = 0
         for key in list(touched):  # a copy: the event loop may still add to the old set
             value = txn.get(key, db=env.meta)
             if value is None:
                 continue
             record = Record.unpack(value)
-            if record.gen == gen:
+            if record.seq > boundary:
                 continue
-            txn.delete(lru_key(record.gen, key), db=env.lru)
-            record.gen = gen
+            old = seq_key(record.seq)
+            entry = txn.get(old, db=env.order)
+            if entry is None:
+                continue
+            txn.delete(old, db=env.order)
+            record.seq = self._append_raw(txn, entry)
             txn.put(key, record.pack(), db=env.meta)
-            txn.put(lru_key(gen, key), b"", db=env.lru)
             moved += 1
         return moved
+
+    def _append_raw(self, txn: lmdb.Transaction, entry: bytes) -> int:
+        seq = self.env.counter(txn, b"seq") + 1
+        self.env.set_counter(txn, b"seq", seq)
+        txn.put(seq_key(seq), entry, db=self.env.order, append=True)
+        return seq
 
     def evict_to(self, target: int) -> int:
         """Evict least recently used blobs until at most `target` bytes are charged."""
@@ -440,8 +470,8 @@ class Engine:
     def _check(self, digest: Digest, record: Record) -> tuple[bool, int]:
         """(matches, bytes read); bytes -1 when the entry is gone."""
         if record.where == INLINE:
-            with self.env.env.begin(db=self.env.inline) as txn:
-                data = txn.get(key_of(digest))
+            with self.env.env.begin() as txn:
+                data = self._inline_data(txn, key_of(digest), record)
             if data is None:
                 return True, -1
             return _matches(digest, data), len(data)

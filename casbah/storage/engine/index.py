@@ -2,12 +2,16 @@
 
 Databases (all in `<path>/index/data.mdb`):
 
-- `meta`: key -> record (stored length, last-use generation, bytes charged to the
+- `meta`: key -> record (stored length, position in `order`, bytes charged to the
   quota, where the data is).  Small, so FindMissingBlobs touches only these pages.
-- `inline`: key -> the bytes of a small blob.
-- `lru`: generation (8 bytes, big-endian) + key -> empty: the eviction order.
+- `order`: position (8 bytes, big-endian, from a counter) -> key length, key, and the
+  bytes of a small blob (a large blob's entry holds only its key).  Always appended
+  at the end (LMDB's append mode: pages filled completely, written sequentially),
+  evicted from the start: the oldest entries go first, whole pages at a time.  A blob
+  used while in the oldest quarter is copied to the end (Buildbarn's "refresh"), so
+  what is used stays; the order is LRU-like without a write per use.
 - `info`: named counters updated in the same transactions as the entries
-  (`charged`, `gen`, `objects`, `file_bytes`, `layout`).
+  (`charged`, `seq`, `objects`, `layout`).
 
 Keys are `function byte (the REAPI enum value) + raw hash + size (8 bytes)`: 41 bytes
 for SHA-256.  The size is part of the key because a `verify: false` store (the
@@ -35,12 +39,12 @@ from casbah.errors import ResourceExhausted, from_os_error
 INLINE = 0
 FILE = 1
 
-_RECORD = struct.Struct("<QQQB")  # length, generation, charge, where
+_RECORD = struct.Struct("<QQQB")  # length, position in `order`, charge, where
 _U64 = struct.Struct(">Q")
 _LE64 = struct.Struct("<Q")
 
 #: Bumped when the layout changes; a store without it is migrated from the old layout.
-LAYOUT = 2
+LAYOUT = 3
 
 
 def key_of(digest: Digest) -> bytes:
@@ -55,24 +59,34 @@ def digest_of(key: bytes) -> Digest:
 @dataclass(slots=True)
 class Record:
     length: int
-    gen: int
+    seq: int
     charge: int
     where: int
 
     def pack(self) -> bytes:
-        return _RECORD.pack(self.length, self.gen, self.charge, self.where)
+        return _RECORD.pack(self.length, self.seq, self.charge, self.where)
 
     @classmethod
     def unpack(cls, value: bytes) -> Record:
         return cls(*_RECORD.unpack(value))
 
 
-def lru_key(gen: int, key: bytes) -> bytes:
-    return _U64.pack(gen) + key
+def seq_key(seq: int) -> bytes:
+    return _U64.pack(seq)
 
 
-def split_lru_key(value: bytes) -> tuple[int, bytes]:
-    return _U64.unpack(value[:8])[0], bytes(value[8:])
+def seq_of(value: bytes) -> int:
+    return _U64.unpack(value)[0]
+
+
+def order_value(key: bytes, data: bytes | None) -> bytes:
+    return bytes((len(key),)) + key + (data or b"")
+
+
+def split_order_value(value: bytes) -> tuple[bytes, bytes]:
+    """(key, inline data) of an `order` entry."""
+    n = value[0]
+    return bytes(value[1:1 + n]), bytes(value[1 + n:])
 
 
 class Env:
@@ -93,8 +107,7 @@ class Env:
         except lmdb.Error as exc:
             raise map_error(exc, f"the index in {path}") from None
         self.meta = self.env.open_db(b"meta")
-        self.inline = self.env.open_db(b"inline")
-        self.lru = self.env.open_db(b"lru")
+        self.order = self.env.open_db(b"order")
         self.info = self.env.open_db(b"info")
 
     @classmethod
@@ -124,7 +137,7 @@ class Env:
     def page_bytes(self, txn: lmdb.Transaction) -> int:
         """Bytes of pages the four databases occupy now (not the file's high-water mark)."""
         total = 0
-        for db in (self.meta, self.inline, self.lru, self.info):
+        for db in (self.meta, self.order, self.info):
             s = txn.stat(db)
             total += (s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) * s["psize"]
         return total
