@@ -1,4 +1,6 @@
-"""`disk`: the persistent local storage engine (`casbah/storage/engine/`) as a Storage.
+"""`disk`: small blobs inline in an LMDB index, large ones as files; a quota on real bytes.
+
+The persistent local storage engine (`casbah/storage/engine/`) as a Storage.
 
 Small blobs live inline in an LMDB index, large ones as files; the quota counts bytes
 really used on disk; startup is O(1); several processes (`serve --workers N`) share
@@ -311,9 +313,11 @@ async def _sliced(stream: AsyncIterator[bytes], offset: int, count: int) -> Asyn
 
 class DiskOptions(NodeOptions):
     path: str
-    max_size: int | str = Field(default=0, alias="max-size")
-    fsync: bool = False
-    map_size: int | str = Field(default=0, alias="map-size")
+    max_size: int | str = Field(default=0, alias="max-size",
+                                description="quota in bytes really used on disk (0 = none)")
+    fsync: bool = Field(default=False, description="durable mode: sync every transaction and file")
+    map_size: int | str = Field(default=0, alias="map-size",
+                                description="bound of the LMDB index file (0 = 256 GiB of address space)")
 
 
 @register("disk", DiskOptions)

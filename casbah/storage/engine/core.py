@@ -110,16 +110,16 @@ class Engine:
     def missing(self, digests: Sequence[Digest]) -> list[Digest]:
         """The absent ones, in order; the present ones are touched."""
         out = []
-        touched = self.touched
-        meta = self.env.meta
-        with self.env.env.begin(db=meta) as txn:
+        present = []
+        with self.env.env.begin(db=self.env.meta) as txn:
             get = txn.get
             for digest in digests:
                 key = key_of(digest)
                 if get(key) is None:
                     out.append(digest)
                 else:
-                    touched.add(key)
+                    present.append(key)
+        self.touched.update(present)
         return out
 
     def lookup(self, digest: Digest) -> Record | None:
