@@ -44,6 +44,10 @@ from casbah.storage.engine.quota import charge_file, charge_inline, evict, remov
 
 log = logging.getLogger(__name__)
 
+#: A blob for `_add`: (position in the request, key, inline data or None, file blocks,
+#: the sealed temporary file to publish or None).
+Entry = tuple[int, bytes, "bytes | None", int, "TmpFile | None"]
+
 #: Blobs up to this size live inline in LMDB; larger ones are files (measured: docs/storage-engine.md).
 INLINE_MAX = 64 * 1024
 #: Default map size: address space only (the file grows as pages are written).
@@ -170,36 +174,40 @@ class Engine:
     # -- writes --------------------------------------------------------------------
 
     def _write(self, body: Callable[[lmdb.Transaction, list[str]], object], what: str) -> object:
-        """Run `body` in one write transaction; unlink the files it released after commit."""
+        """Run `body` in one write transaction.  The files it released are unlinked, and
+        new files renamed in, while the transaction holds LMDB's write lock (one writer
+        across processes), so an eviction's unlink and a re-upload's rename of the same
+        blob can never interleave with the index updates.  A crash between an unlink and
+        the commit leaves an entry without its file: read as missing, and dropped."""
         unlinks: list[str] = []
         try:
             with self.env.env.begin(write=True) as txn:
                 result = body(txn, unlinks)
+                self.area.unlink_all(unlinks)
         except lmdb.Error as exc:
             raise map_error(exc, f"disk storage {self.name} ({what})") from None
-        self.area.unlink_all(unlinks)
         return result
 
     def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
         """Verify and store small blobs (large ones in the list become files), all in
         one write transaction.  A present blob is overwritten: a re-upload repairs it."""
         results: list[Exception | None] = [None] * len(blobs)
-        entries: list[tuple[int, bytes, bytes | None, int]] = []  # (pos, key, inline data, file blocks)
+        entries: list[Entry] = []
         for pos, (digest, data) in enumerate(blobs):
             try:
                 verifier = self._verifier(digest)
                 if len(data) <= self.inline_max:
                     verifier.update(data)
                     verifier.finish()
-                    entries.append((pos, key_of(digest), data, 0))
+                    entries.append((pos, key_of(digest), data, 0, None))
                 else:
                     tmp = self.area.new_tmp(digest, verifier)
                     try:
-                        blocks = self.area.place(tmp, digest, [data])
+                        tmp.seal([data])
                     except BaseException:
                         tmp.discard()
                         raise
-                    entries.append((pos, key_of(digest), None, blocks))
+                    entries.append((pos, key_of(digest), None, tmp.blocks, tmp))
             except OSError as exc:
                 results[pos] = from_os_error(exc, f"disk storage {self.name}")
             except Exception as exc:
@@ -213,22 +221,26 @@ class Engine:
             for pos, *_ in entries:
                 results[pos] = exc
             return results
+        finally:
+            for entry in entries:
+                if entry[4] is not None:
+                    entry[4].discard()  # those not published (no-op for the others)
         for pos, error in errors.items():  # type: ignore[union-attr]
             results[pos] = error
         return results
 
-    def _add(self, txn: lmdb.Transaction, unlinks: list[str], entries: list[tuple[int, bytes, bytes | None, int]],
+    def _add(self, txn: lmdb.Transaction, unlinks: list[str], entries: list[Entry],
              lengths: list[int]) -> dict[int, Exception]:
         env = self.env
         self._apply_touches(txn)  # before evicting: what was used since is not the oldest
         charged = env.counter(txn, b"charged")
         objects = env.counter(txn, b"objects")
-        batch = {key for _, key, _, _ in entries}
+        batch = {entry[1] for entry in entries}
         errors: dict[int, Exception] = {}
         # LMDB needs free pages even to delete (copy-on-write): stop inline writes short of
         # the map's end, so eviction and deletes can always run and free space again.
         room = int(self.env.env.info()["map_size"] * MAP_HEADROOM) - env.page_bytes(txn)
-        for pos, key, data, blocks in entries:
+        for pos, key, data, blocks, tmp in entries:
             if data is not None:
                 room -= len(data) + len(key) * 3
                 if room < 0:
@@ -250,8 +262,6 @@ class Engine:
                 errors[pos] = ResourceExhausted(
                     f"disk storage {self.name}: a blob of {length} bytes is larger than the quota of "
                     f"{self.max_bytes} bytes")
-                if data is None:
-                    unlinks.append(self.file_path_of_key(key))
                 continue
             if self.max_bytes and charged + charge > self.max_bytes:
                 target = max(self.max_bytes - charge, 0)
@@ -263,9 +273,9 @@ class Engine:
                     errors[pos] = ResourceExhausted(
                         f"disk storage {self.name}: a blob of {length} bytes does not fit in the quota of "
                         f"{self.max_bytes} bytes beside the blobs being read or written")
-                    if data is None:
-                        unlinks.append(self.file_path_of_key(key))
                     continue
+            if tmp is not None:
+                self.area.publish(tmp, self.file_path_of_key(key))
             seq = self._append(txn, key, data)
             txn.put(key, Record(length, seq, charge, where).pack(), db=env.meta)
             charged += charge
@@ -280,12 +290,13 @@ class Engine:
         self.pin(key)
         try:
             try:
-                blocks = self.area.place(tmp, digest, tail)
+                tmp.seal(tail)
             except OSError as exc:
                 raise from_os_error(exc, f"disk storage {self.name}") from None
-            errors = self._write(lambda txn, unlinks: self._add(txn, unlinks, [(0, key, None, blocks)],
+            errors = self._write(lambda txn, unlinks: self._add(txn, unlinks, [(0, key, None, tmp.blocks, tmp)],
                                                                [tmp.verifier.received]), "indexing a file")
         finally:
+            tmp.discard()  # unless published
             self.unpin(key)
         if errors:
             raise next(iter(errors.values()))  # type: ignore[call-overload]

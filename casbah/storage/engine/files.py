@@ -14,7 +14,6 @@ import itertools
 import os
 import shutil
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,13 @@ class FileArea:
     def new_tmp(self, digest: Digest, verifier: Verifier) -> TmpFile:
         return TmpFile(f"{self.tmp}/{digest.key}.{os.getpid()}.{next(self._counter)}", verifier, self.durable)
 
-    def place(self, tmp: TmpFile, digest: Digest, chunks: list[bytes]) -> int:
-        """Verify and rename a temporary file into place; returns the blocks it uses (bytes)."""
-        final = self.path(digest)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp.commit(chunks, final)
-        return tmp.blocks
+    def publish(self, tmp: TmpFile, final: str) -> None:
+        """Rename a sealed temporary file into place (inside the indexing transaction)."""
+        try:
+            tmp.publish(final)
+        except FileNotFoundError:  # the first blob of this prefix
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp.publish(final)
 
     def unlink_all(self, paths: list[str]) -> None:
         for path in paths:
@@ -136,25 +136,27 @@ class TmpFile:
         with self.lock:
             self._write(chunks)
 
-    def commit(self, chunks: list[bytes], final: str) -> int:
-        """Write the tail, verify, and make the blob visible by an atomic rename."""
+    def seal(self, chunks: list[bytes]) -> int:
+        """Write the tail, verify, close (outside the index's write lock: the slow part)."""
         with self.lock:
             self._write(chunks)
             self.verifier.finish()
-            # File times come from a coarse clock (blobs written within a few ms tie);
-            # a precise mtime keeps the LRU order exact across a restart.
-            now = time.time_ns()
-            os.utime(self.fd, ns=(now, now))
             if self.fsync:
                 os.fsync(self.fd)
             self.blocks = os.fstat(self.fd).st_blocks * 512
             os.close(self.fd)
             self.fd = -1
+            return self.verifier.received
+
+    def publish(self, final: str) -> None:
+        """Make the sealed blob visible by an atomic rename: called inside the write
+        transaction that indexes it, so no eviction's unlink (which runs inside its own
+        transaction) can fall between the rename and the index entry."""
+        with self.lock:
             os.replace(self.path, final)
             self.committed = self.done = True
             if self.fsync:
                 _fsync_dir(os.path.dirname(final))
-            return self.verifier.received
 
     def discard(self) -> None:
         with self.lock:

@@ -26,7 +26,7 @@ from casbah.storage.engine.index import LAYOUT, key_of
 from casbah.storage.keys import parse_key
 
 if TYPE_CHECKING:
-    from casbah.storage.engine.core import Engine
+    from casbah.storage.engine.core import Engine, Entry
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def migrate(engine: Engine) -> int:
     imported = 0
     dropped = 0
     if old.is_dir():
-        batch: list[tuple[int, bytes, bytes | None, int]] = []
+        batch: list[Entry] = []
         lengths: list[int] = []
         for prefix in sorted(os.scandir(old), key=lambda e: e.name):
             if not prefix.is_dir(follow_symlinks=False):
@@ -69,8 +69,7 @@ def migrate(engine: Engine) -> int:
     return imported
 
 
-def _import_one(engine: Engine, entry: os.DirEntry, pos: int) -> tuple[tuple[int, bytes, bytes | None, int],
-                                                                        int] | None:
+def _import_one(engine: Engine, entry: os.DirEntry, pos: int) -> tuple[Entry, int] | None:
     digest = parse_key(entry.name)
     try:
         st = entry.stat(follow_symlinks=False)
@@ -82,15 +81,15 @@ def _import_one(engine: Engine, entry: os.DirEntry, pos: int) -> tuple[tuple[int
             with open(entry.path, "rb") as f:
                 data = f.read()
             os.unlink(entry.path)
-            return (pos, key_of(digest), data, 0), len(data)
+            return (pos, key_of(digest), data, 0, None), len(data)
         final = engine.area.path(digest)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(entry.path, final)
-        return (pos, key_of(digest), None, st.st_blocks * 512), st.st_size
+        return (pos, key_of(digest), None, st.st_blocks * 512, None), st.st_size
     except FileNotFoundError:  # another process imported it first
         return None
 
 
-def _commit(engine: Engine, batch: list[tuple[int, bytes, bytes | None, int]], lengths: list[int]) -> int:
+def _commit(engine: Engine, batch: list[Entry], lengths: list[int]) -> int:
     errors = engine._write(lambda txn, unlinks: engine._add(txn, unlinks, batch, lengths), "importing")
     return len(batch) - len(errors)  # type: ignore[arg-type]
