@@ -161,8 +161,8 @@ def test_a_full_map_is_resource_exhausted_and_reads_keep_working(tmp_path: Path)
         assert await storage.write_many(kept) == [None] * 20
         refused = None
         written: list[Digest] = []
-        for _ in range(200):
-            digest, data = blob(30 * KiB)
+        for _ in range(400):
+            digest, data = blob(10 * KiB)
             result = (await storage.write_many([(digest, data)]))[0]
             if result is not None:
                 refused = result
@@ -172,7 +172,7 @@ def test_a_full_map_is_resource_exhausted_and_reads_keep_working(tmp_path: Path)
         assert "full" in str(refused)
         assert await storage.read_many([d for d, _ in kept]) == dict(kept)
         assert await storage.delete(written) == len(written)  # space returns ...
-        digest, data = blob(30 * KiB)
+        digest, data = blob(10 * KiB)
         await storage.write_bytes(digest, data)  # ... and writes work again
         assert await storage.read_bytes(digest) == data
         await storage.close()
@@ -215,7 +215,7 @@ def test_a_full_filesystem_is_resource_exhausted_on_every_write_path(small_tmpfs
             await storage.write(big, stream(big_data))
         inline_errors = []
         for _ in range(50):  # LMDB may still have free pages for a few
-            result = (await storage.write_many([blob(20 * KiB)]))[0]
+            result = (await storage.write_many([blob(10 * KiB)]))[0]
             if result is not None:
                 inline_errors.append(result)
                 break

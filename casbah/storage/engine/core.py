@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 from collections import Counter
@@ -49,10 +50,12 @@ log = logging.getLogger(__name__)
 Entry = tuple[int, bytes, "bytes | None", int, "TmpFile | None"]
 
 #: Blobs up to this size live inline in LMDB; larger ones are files (measured: docs/storage-engine.md).
-INLINE_MAX = 64 * 1024
+INLINE_MAX = 16 * 1024
 #: Default map size: address space only (the file grows as pages are written).
 MAP_SIZE = 256 << 30
 TOUCH_BATCH = 4096
+#: Fast mode: seconds of commits a power failure may lose (an explicit sync after a commit that follows a quiet spell).
+SYNC_INTERVAL = 1.0
 #: The share of the map inline data may fill (the rest: room for deletes and readers' old pages).
 MAP_HEADROOM = 0.85
 
@@ -74,6 +77,7 @@ class Engine:
         self.touched: set[bytes] = set()
         self.evictions = 0
         self._closed = False
+        self._synced = time.monotonic()
         if clear_tmp:
             self.area.clear_tmp()
         self._check_layout()
@@ -92,6 +96,8 @@ class Engine:
             return
         self._closed = True
         self.flush_touches()
+        if not self.durable:
+            self.env.env.sync(True)
         self.env.release()
 
     # -- keys and pins ---------------------------------------------------------------
@@ -116,15 +122,26 @@ class Engine:
         out = []
         present = []
         with self.env.env.begin(db=self.env.meta) as txn:
+            boundary = self._boundary(txn)
             get = txn.get
             for digest in digests:
                 key = key_of(digest)
-                if get(key) is None:
+                value = get(key)
+                if value is None:
                     out.append(digest)
-                else:
+                elif _seq_in(value, 8)[0] <= boundary:  # only blobs about to be evicted need a refresh
                     present.append(key)
-        self.touched.update(present)
+        if present:
+            self.touched.update(present)
         return out
+
+    def _boundary(self, txn: lmdb.Transaction) -> int:
+        """The last position of the oldest quarter of `order`: blobs used from there are
+        copied to its end (refreshed); the others need no write at all."""
+        cursor = txn.cursor(db=self.env.order)
+        head = int.from_bytes(cursor.key(), "big") if cursor.first() else 0
+        cursor.close()
+        return head + (self.env.counter(txn, b"seq") - head) // 4
 
     def lookup(self, digest: Digest) -> Record | None:
         key = key_of(digest)
@@ -184,6 +201,9 @@ class Engine:
             with self.env.env.begin(write=True) as txn:
                 result = body(txn, unlinks)
                 self.area.unlink_all(unlinks)
+            if not self.durable and time.monotonic() - self._synced > SYNC_INTERVAL:
+                self._synced = time.monotonic()
+                self.env.env.sync(True)
         except lmdb.Error as exc:
             raise map_error(exc, f"disk storage {self.name} ({what})") from None
         return result
@@ -348,10 +368,7 @@ class Engine:
         if not touched:
             return 0
         env = self.env
-        cursor = txn.cursor(db=env.order)
-        head = int.from_bytes(cursor.key(), "big") if cursor.first() else 0
-        cursor.close()
-        boundary = head + (env.counter(txn, b"seq") - head) // 4
+        boundary = self._boundary(txn)
         moved = 0
         for key in list(touched):  # a copy: the event loop may still add to the old set
             value = txn.get(key, db=env.meta)
@@ -502,6 +519,9 @@ class Engine:
         from casbah.storage.base import _NoVerifier
 
         return Verifier(digest) if self.verify else _NoVerifier(digest)
+
+
+_seq_in = struct.Struct("<Q").unpack_from  # a record's position, without unpacking it whole
 
 
 def _matches(digest: Digest, data: bytes) -> bool:

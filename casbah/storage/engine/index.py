@@ -108,10 +108,10 @@ class Env:
         try:
             self.env = lmdb.open(
                 str(path), map_size=map_size, max_dbs=8, max_readers=1024, subdir=True,
-                # Both modes sync the data pages at each commit, so a power failure can never
-                # leave a damaged index (LMDB's NOSYNC could); the fast default skips the
-                # meta page's own sync: it may lose the last transaction (ACI, not D).
-                sync=True, metasync=durable, readahead=False, lock=True,
+                # Durable: every commit synced (data, then meta).  Fast (default): commits
+                # are not synced; the engine syncs at most SYNC_INTERVAL after a commit
+                # (docs/storage-engine.md says what a power failure can cost).
+                sync=durable, metasync=durable, readahead=False, lock=True,
             )
         except lmdb.Error as exc:
             raise map_error(exc, f"the index in {path}") from None
