@@ -35,6 +35,7 @@ from bench.common import (
     rpc_error,
     slice_indices,
 )
+from bench.http_cache import http_cache
 from bench.jobs import (
     BatchReadJob,
     BatchUpdateJob,
@@ -492,6 +493,7 @@ SCENARIOS: dict[str, ScenarioFn] = {
     "concurrent": concurrent,
     "proxy": proxy,
     "client_tree": client_tree,  # casbah's client vs BuildGrid's, same server (bench/client_tree.py)
+    "http": http_cache,  # casbah's HTTP front vs its gRPC, same server (bench/http_cache.py)
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from casbah.digest import DEFAULT_FUNCTIONS, DigestFunction
 from casbah.errors import InvalidArgument
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -103,6 +104,25 @@ class InstanceConfig(_Model):
     #: for everyone else), `status`, or `rpc-error`.
     asset_miss: str = Field(default="auto", alias="asset-miss", pattern="^(auto|status|rpc-error)$")
     origin_fetch: OriginFetchConfig | None = Field(default=None, alias="origin-fetch")
+    #: Where the HTTP front keeps opaque entries (ccache, sccache, non-ActionResult `/ac/`):
+    #: a storage node with `verify: false`; default the `opaque` node (disk under data-dir).
+    opaque_store: str | dict[str, Any] | None = Field(default=None, alias="opaque-store")
+    #: The digest functions this instance serves and advertises, by REAPI lowercase name.
+    #: Default: all but sha1 and md5, which legacy clients may have enabled per instance.
+    digest_functions: list[str] = Field(
+        default_factory=lambda: [f.value for f in DEFAULT_FUNCTIONS], alias="digest-functions", min_length=1
+    )
+
+    @field_validator("digest_functions")
+    @classmethod
+    def _known_functions(cls, value: list[str]) -> list[str]:
+        known = [f.value for f in DigestFunction]
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise ValueError(f"unknown digest function(s) {unknown}; casbah computes: {', '.join(known)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"digest function listed twice in {value}")
+        return value
 
     @field_validator("services")
     @classmethod
@@ -164,6 +184,8 @@ class ServerConfig(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     metrics_listen: str | None = Field(default=None, alias="metrics-listen")
+    #: `HOST:PORT` of the HTTP cache front (Bazel HTTP, ccache, sccache WebDAV); off when unset.
+    http_listen: str | None = Field(default=None, alias="http-listen")
     log_format: str = Field(default="text", alias="log-format", pattern="^(text|json)$")
     data_dir: str = Field(default=DEFAULT_DATA_DIR, alias="data-dir")
     quota: int | str = DEFAULT_QUOTA
@@ -189,6 +211,11 @@ class ServerConfig(_Model):
         storages.setdefault("default", {"kind": "disk", "path": str(data / "cas"), "max-size": self.quota})
         storages.setdefault(
             "action-cache", {"kind": "disk", "path": str(data / "ac"), "max-size": "1G", "verify": False}
+        )
+        # Opaque HTTP entries (ccache, sccache): their own node, so no REAPI call reaches them.
+        storages.setdefault(
+            "opaque", {"kind": "disk", "path": str(data / "opaque"), "max-size": max(self.quota // 4, 1 << 20),
+                       "verify": False}
         )
         instances = dict(self.instances) or {"": InstanceConfig()}
         for inst in instances.values():

@@ -15,52 +15,122 @@ from typing import NamedTuple, Protocol
 import blake3 as _blake3
 
 from casbah.errors import InvalidArgument
+from casbah.sha256tree import Sha256TreeHasher
 
 
 class DigestFunction(StrEnum):
-    """The digest functions casbah serves; values are REAPI's lowercase names."""
+    """The digest functions casbah can serve; values are REAPI's lowercase names.
+
+    Which of them an instance serves is its `digest-functions` config (see
+    `DEFAULT_FUNCTIONS`); this enum is what the code knows how to compute.
+    """
 
     SHA256 = "sha256"
+    SHA1 = "sha1"
+    MD5 = "md5"
+    SHA384 = "sha384"
+    SHA512 = "sha512"
+    SHA256TREE = "sha256tree"
     BLAKE3 = "blake3"
+    GITSHA1 = "gitsha1"
 
     @property
     def proto_value(self) -> int:
         return _PROTO_VALUES[self]
 
+    @property
+    def hex_length(self) -> int:
+        """Characters of a hash in lowercase hex."""
+        return _HEX_LENGTHS[self]
+
+    @property
+    def resource_segment(self) -> str:
+        """The `{digest_function}/` part of a ByteStream resource name: REAPI names only
+        the functions a hash length cannot identify (BLAKE3, SHA256TREE, GITSHA1)."""
+        return "" if self in _INFERABLE else f"{self.value}/"
+
     @classmethod
     def from_proto(cls, value: int, hash_hex: str | None = None) -> DigestFunction:
-        """Map a request's `digest_function` (0 = unset) to a function.
-
-        When unset, REAPI says to infer the function from the hash length; both
-        SHA-256 and BLAKE3 are 64 hex characters, so an unset field means SHA-256,
-        the function every client assumes by default.
-        """
+        """The function a request's `digest_function` names; when unset (0), the one
+        `hash_hex`'s length implies (`infer`)."""
         if value == 0:
-            if hash_hex is not None and len(hash_hex) != 64:
-                raise InvalidArgument(f"hash {hash_hex!r} has {len(hash_hex)} characters: not a SHA-256 hash")
-            return cls.SHA256
+            return cls.infer(hash_hex)
         try:
             return _FROM_PROTO[value]
         except KeyError:
+            raise InvalidArgument(f"digest_function {_proto_name(value)} is not supported by casbah "
+                                  f"(supported: {', '.join(f.value for f in cls)})") from None
+
+    @classmethod
+    def infer(cls, hash_hex: str | None) -> DigestFunction:
+        """The function an old client means when it leaves `digest_function` unset.
+
+        REAPI lets a client omit it only for functions its hash length identifies
+        (SHA256, SHA1, MD5, SHA384, SHA512, and VSO and MURMUR3 which casbah does
+        not compute); a 64-hex hash is therefore SHA-256, never BLAKE3 or
+        SHA256TREE, and a 40-hex one SHA-1, never GITSHA1.  No hash at all (a
+        request without digests) means SHA-256, every client's default.
+        """
+        if hash_hex is None:
+            return cls.SHA256
+        try:
+            return _BY_LENGTH[len(hash_hex)]
+        except KeyError:
             raise InvalidArgument(
-                f"digest_function {value} is not served (served: sha256, blake3)"
+                f"hash {hash_hex[:140]!r} has {len(hash_hex)} characters, which is no digest function's length "
+                "(set digest_function for functions that must be named)"
             ) from None
 
-    def hasher(self) -> Hasher:
+    def hasher(self, size: int | None = None) -> Hasher:
+        """A fresh incremental hasher.  GITSHA1 hashes a header holding the blob's
+        size before its content, so it needs `size` up front."""
         if self is DigestFunction.SHA256:
             return hashlib.sha256()
-        return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        if self is DigestFunction.BLAKE3:
+            return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+        if self is DigestFunction.SHA256TREE:
+            return Sha256TreeHasher()
+        if self is DigestFunction.GITSHA1:
+            if size is None:
+                raise ValueError("a gitsha1 hasher needs the blob size up front")
+            h = hashlib.sha1(usedforsecurity=False)
+            h.update(b"blob %d\0" % size)
+            return h
+        return hashlib.new(self.value, usedforsecurity=self not in _LEGACY)
 
 
 # Values of build.bazel.remote.execution.v2.DigestFunction.Value.
-_PROTO_VALUES = {DigestFunction.SHA256: 1, DigestFunction.BLAKE3: 9}
+_PROTO_VALUES = {
+    DigestFunction.SHA256: 1, DigestFunction.SHA1: 2, DigestFunction.MD5: 3, DigestFunction.SHA384: 5,
+    DigestFunction.SHA512: 6, DigestFunction.SHA256TREE: 8, DigestFunction.BLAKE3: 9, DigestFunction.GITSHA1: 10,
+}
 _FROM_PROTO = {v: k for k, v in _PROTO_VALUES.items()}
+_PROTO_NAMES = {0: "UNKNOWN", 4: "VSO", 7: "MURMUR3"}
+_HEX_LENGTHS = {
+    DigestFunction.SHA256: 64, DigestFunction.SHA1: 40, DigestFunction.MD5: 32, DigestFunction.SHA384: 96,
+    DigestFunction.SHA512: 128, DigestFunction.SHA256TREE: 64, DigestFunction.BLAKE3: 64, DigestFunction.GITSHA1: 40,
+}
+#: Functions a client may leave unnamed (request field unset, no resource-name segment).
+_INFERABLE = frozenset({DigestFunction.SHA256, DigestFunction.SHA1, DigestFunction.MD5, DigestFunction.SHA384,
+                        DigestFunction.SHA512})
+_BY_LENGTH = {f.hex_length: f for f in _INFERABLE}
+#: Hash lengths an unset `digest_function` can be inferred from.
+INFERABLE_LENGTHS = frozenset(_BY_LENGTH)
+#: Broken as cryptographic hashes: served only to legacy clients, off unless an instance enables them.
+_LEGACY = frozenset({DigestFunction.SHA1, DigestFunction.MD5})
+#: What an instance serves when its config does not say.
+DEFAULT_FUNCTIONS: tuple[DigestFunction, ...] = tuple(f for f in DigestFunction if f not in _LEGACY)
 _HEX = frozenset("0123456789abcdef")
+
+
+def _proto_name(value: int) -> str:
+    return f"{value} ({_PROTO_NAMES[value]})" if value in _PROTO_NAMES else str(value)
 
 
 class Hasher(Protocol):
     def update(self, data: bytes | memoryview, /) -> object: ...
     def hexdigest(self) -> str: ...
+    def digest(self) -> bytes: ...
 
 
 class Digest(NamedTuple):
@@ -91,7 +161,7 @@ class Digest(NamedTuple):
 
     @classmethod
     def of(cls, data: bytes, function: DigestFunction = DigestFunction.SHA256) -> Digest:
-        h = function.hasher()
+        h = function.hasher(len(data))
         h.update(data)
         return cls(h.hexdigest(), len(data), function)
 
@@ -119,8 +189,9 @@ def make_digest(hash_hex: str, size: int, function: DigestFunction = DigestFunct
     Validation happens here, once, at the edge: storage trusts a `Digest` to have
     a well-formed lowercase hash and a non-negative size (it becomes a file name).
     """
-    if len(hash_hex) != 64 or not _HEX.issuperset(hash_hex):
-        raise InvalidArgument(f"invalid {function.value} hash {hash_hex!r}: want 64 lowercase hex characters")
+    if len(hash_hex) != function.hex_length or not _HEX.issuperset(hash_hex):
+        raise InvalidArgument(f"invalid {function.value} hash {hash_hex[:140]!r}: "
+                              f"want {function.hex_length} lowercase hex characters")
     if size < 0:
         raise InvalidArgument(f"invalid size {size} for digest {hash_hex}")
     return Digest(hash_hex, size, function)

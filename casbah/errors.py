@@ -25,6 +25,16 @@ class DigestMismatch(InvalidArgument):
     Clients must not retry this: the data is wrong, not the server."""
 
 
+class InvalidTree(InvalidArgument):
+    """A tree breaks the REAPI's rules for Directory messages (a bad or misplaced name,
+    or a blob that is not a Directory).
+
+    INVALID_ARGUMENT where a client hands the tree in (push, update); a service that
+    *serves* a stored tree answers FAILED_PRECONDITION instead (`tree_rules.served`),
+    because there the request is fine and the stored content is what is wrong.
+    """
+
+
 class NotFound(CasbahError):
     code = grpc.StatusCode.NOT_FOUND
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch
-from casbah.storage.base import Storage, Verifier
+from casbah.storage.base import Storage
+from casbah.streams import Verifier
 
 log = logging.getLogger(__name__)
 

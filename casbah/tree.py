@@ -10,23 +10,24 @@ from __future__ import annotations
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import InvalidArgument
+from casbah.errors import InvalidArgument, InvalidTree
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.tree_rules import check_directory, directory_problem, echo, join
 
 _READ = 1024 * 1024
 
 
 def hash_file(path: str | os.PathLike, function: DigestFunction) -> Digest:
-    h = function.hasher()
     size = 0
     with open(path, "rb", buffering=0) as f:
+        h = function.hasher(os.fstat(f.fileno()).st_size)  # gitsha1 hashes the size first
         while chunk := f.read(_READ):
             h.update(chunk)
             size += len(chunk)
@@ -105,12 +106,100 @@ def child_digests(directory: re_pb2.Directory, function: DigestFunction) -> tupl
     return dirs, files
 
 
+@dataclass(frozen=True, slots=True)
+class Visit:
+    """One distinct Directory of a walked tree."""
+
+    digest: Digest
+    path: str  # where the walk first met it ("" is a root)
+    directory: re_pb2.Directory | None  # None: absent from CAS
+    size: int  # serialized bytes
+
+
+async def walk_levels(read_many: Callable[[list[Digest]], Awaitable[dict[Digest, bytes]]],
+                      roots: Iterable[tuple[Digest, str]]) -> AsyncIterator[list[Visit]]:
+    """The Directory messages under `roots`, breadth-first, one level per item.
+
+    One `read_many` per level keeps storage round trips at the tree's depth; each
+    directory is visited once (at the first path that reaches it).  Every
+    Directory read is checked against the REAPI's name and order rules *before*
+    its level is yielded, so no caller ever sees, stores or serves a level with
+    a bad entry: InvalidTree names the entry's path and the directory's digest.
+    The empty Directory is never read (it exists without upload).  `read_many`
+    is a storage's (or one that turns lost blobs into absent ones); taking the
+    function keeps this module free of the storage package, which clients import.
+    """
+    level: list[tuple[Digest, str]] = []
+    seen: set[Digest] = set()
+    for digest, path in roots:
+        if digest not in seen:
+            seen.add(digest)
+            level.append((digest, path))
+    while level:
+        found = await read_many([d for d, _ in level if not is_empty_blob(d)])
+        visits: list[Visit] = []
+        next_level: list[tuple[Digest, str]] = []
+        for digest, path in level:
+            if is_empty_blob(digest):
+                visits.append(Visit(digest, path, re_pb2.Directory(), 0))
+                continue
+            data = found.get(digest)
+            if data is None:
+                visits.append(Visit(digest, path, None, 0))
+                continue
+            try:
+                directory = re_pb2.Directory.FromString(data)
+            except DecodeError:
+                where = f"at {echo(path)}" if path else "at the root"
+                raise InvalidTree(f"blob {digest} {where} is not a Directory message") from None
+            check_directory(directory, path, str(digest))
+            visits.append(Visit(digest, path, directory, len(data)))
+            for node in directory.directories:
+                child = make_digest(node.digest.hash, node.digest.size_bytes, digest.function)
+                if child not in seen:
+                    seen.add(child)
+                    next_level.append((child, join(path, node.name)))
+        yield visits
+        level = next_level
+
+
+def check_tree_message(tree: re_pb2.Tree, tree_digest: Digest) -> None:
+    """Check every Directory of a REAPI `Tree` (an output directory), naming a bad entry by path.
+
+    GetActionResult runs this on every hit, so the common case is one pass of the
+    pure rules; only when a child fails are children hashed to find its path
+    (by the digest of its canonical serialization, what clients upload).  A child
+    no DirectoryNode reaches is named by its position in `children`.
+    """
+    check_directory(tree.root, "", f"root of Tree {tree_digest}")
+    bad = next((i for i, child in enumerate(tree.children) if directory_problem(child) is not None), None)
+    if bad is None:
+        return
+    function = tree_digest.function
+    by_digest = {Digest.of(c.SerializeToString(deterministic=True), function): i for i, c in enumerate(tree.children)}
+    reached: dict[int, str] = {}
+    level = [(tree.root, "")]
+    while level and bad not in reached:
+        next_level = []
+        for directory, path in level:
+            for node in directory.directories:
+                index = by_digest.get(make_digest(node.digest.hash, node.digest.size_bytes, function))
+                if index is not None and index not in reached:
+                    reached[index] = join(path, node.name)
+                    next_level.append((tree.children[index], reached[index]))
+        level = next_level
+    child = Digest.of(tree.children[bad].SerializeToString(deterministic=True), function)
+    where = f"{child} (children[{bad}] of Tree {tree_digest})"
+    check_directory(tree.children[bad], reached.get(bad, f"<children[{bad}]>"), where)
+
+
 async def missing_in_tree(cas, root: Digest) -> list[Digest]:
     """Digests of the tree under `root` absent from `cas` (empty = complete).
 
     Reads one level of Directory messages per round trip, then asks for all
-    files at once.  A stored blob that is not a valid Directory (or names
-    malformed digests) raises InvalidArgument: the tree is unusable, not missing.
+    files at once.  A stored blob that is not a valid Directory, names malformed
+    digests or breaks the REAPI's name rules raises InvalidArgument (InvalidTree):
+    the tree is unusable, not missing.
     """
     missing, _ = await _scan_tree(cas, root)
     return missing
@@ -122,34 +211,19 @@ async def _scan_tree(cas, root: Digest) -> tuple[list[Digest], list[Digest]]:
         return [], []
     missing: list[Digest] = []
     files: set[Digest] = set()
-    seen = {root}
-    level = [root]
-    while level:
-        found = await cas.read_many([d for d in level if not is_empty_blob(d)])
-        next_level: list[Digest] = []
-        for digest in level:
-            if is_empty_blob(digest):
+    directories: list[Digest] = []
+    async for visits in walk_levels(cas.read_many, [(root, "")]):
+        for visit in visits:
+            if visit.directory is None:
+                missing.append(visit.digest)
                 continue
-            data = found.get(digest)
-            if data is None:
-                missing.append(digest)
-                continue
-            try:
-                directory = re_pb2.Directory.FromString(data)
-            except DecodeError:
-                raise InvalidArgument(f"blob {digest} in the tree of {root} is not a Directory message") from None
-            dirs, file_digests = child_digests(directory, root.function)
+            if not is_empty_blob(visit.digest):
+                directories.append(visit.digest)
+            _, file_digests = child_digests(visit.directory, root.function)
             files.update(d for d in file_digests if not is_empty_blob(d))
-            for d in dirs:
-                if d not in seen:
-                    seen.add(d)
-                    next_level.append(d)
-        level = next_level
     if files:
         missing.extend(await cas.find_missing(list(files)))
-    everything = [d for d in seen if not is_empty_blob(d)]
-    everything.extend(files)
-    return missing, everything
+    return missing, directories + [d for d in files]
 
 
 class CompleteTrees:

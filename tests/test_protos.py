@@ -104,7 +104,29 @@ def test_reapi_field_numbers() -> None:
         "symlink_absolute_path_strategy": 5,
         "supported_compressors": 6,
         "supported_batch_update_compressors": 7,
+        "max_cas_blob_size_bytes": 8,
+        "split_blob_support": 9,
+        "splice_blob_support": 10,
+        "fast_cdc_2020_params": 11,
+        "rep_max_cdc_params": 12,
     }
+    assert _numbers(re.FastCdc2020Params) == {"avg_chunk_size_bytes": 1, "seed": 2}
+    assert _numbers(re.RepMaxCdcParams) == {"min_chunk_size_bytes": 1, "horizon_size_bytes": 2}
+    assert _numbers(re.SplitBlobRequest) == {
+        "instance_name": 1,
+        "blob_digest": 2,
+        "digest_function": 3,
+        "chunking_function": 4,
+    }
+    assert _numbers(re.SplitBlobResponse) == {"chunk_digests": 1, "chunking_function": 2}
+    assert _numbers(re.SpliceBlobRequest) == {
+        "instance_name": 1,
+        "blob_digest": 2,
+        "chunk_digests": 3,
+        "digest_function": 4,
+        "chunking_function": 5,
+    }
+    assert _numbers(re.SpliceBlobResponse) == {"blob_digest": 1}
     actionresult = _numbers(re.ActionResult)
     assert actionresult["output_files"] == 2
     assert actionresult["output_directories"] == 3
@@ -135,7 +157,9 @@ def test_reapi_enums() -> None:
         "MURMUR3": 7,
         "SHA256TREE": 8,
         "BLAKE3": 9,
+        "GITSHA1": 10,
     }
+    assert dict(re.ChunkingFunction.Value.items()) == {"UNKNOWN": 0, "FAST_CDC_2020": 1, "REP_MAX_CDC": 2}
     assert dict(re.Compressor.Value.items()) == {"IDENTITY": 0, "ZSTD": 1, "DEFLATE": 2, "BROTLI": 3}
     assert dict(re.ExecutionStage.Value.items()) == {
         "UNKNOWN": 0,
@@ -187,6 +211,8 @@ def test_service_method_paths() -> None:
         "BatchUpdateBlobs",
         "BatchReadBlobs",
         "GetTree",
+        "SplitBlob",
+        "SpliceBlob",
     ]
     assert set(re.DESCRIPTOR.services_by_name) == {
         "Execution",

@@ -28,6 +28,7 @@ from pathlib import Path
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from casbah.storage.base import CHUNK_SIZE
+from casbah.tree import hash_file
 
 #: Redirect hops followed per download; each must pass the allow-list.
 MAX_REDIRECTS = 5
@@ -83,7 +84,10 @@ def download(opener: urllib.request.OpenerDirector, uri: str, path: Path, functi
     Raises ResourceExhausted past `max_size` bytes (the partial file is the caller's
     to remove), DeadlineExceeded past `deadline`, RedirectRefused, NotFound on 404.
     """
-    hasher = function.hasher()
+    # The length is not known before the body ends; gitsha1 hashes it first, so it
+    # re-reads the spooled file instead (`hash_file`).
+    needs_size = function is DigestFunction.GITSHA1
+    hasher = None if needs_size else function.hasher()
     size = 0
     remaining = max(0.1, deadline - time.monotonic())
     try:
@@ -100,7 +104,8 @@ def download(opener: urllib.request.OpenerDirector, uri: str, path: Path, functi
                 if size > max_size:
                     raise ResourceExhausted(f"{uri}: the origin sent more than the origin-fetch size cap of "
                                             f"{max_size} bytes")
-                hasher.update(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 if sri_hasher is not None:
                     sri_hasher.update(chunk)
                 out.write(chunk)
@@ -121,4 +126,6 @@ def download(opener: urllib.request.OpenerDirector, uri: str, path: Path, functi
         raise Unavailable(f"{uri}: {exc}") from None
     except http.client.HTTPException as exc:  # e.g. IncompleteRead: the origin hung up mid-body
         raise Unavailable(f"{uri}: {type(exc).__name__}: {exc}") from None
+    if hasher is None:
+        return hash_file(path, function)
     return Digest(hasher.hexdigest(), size, function)

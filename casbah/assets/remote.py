@@ -2,55 +2,45 @@
 
 A proxy instance answers Fetch and Push like its upstream: a lookup is one
 FetchBlob/FetchDirectory upstream (the upstream applies its own matching and
-completeness rules) and a push is one PushBlob/PushDirectory.  An upstream
-without Remote Asset (UNIMPLEMENTED) is a plain miss, and pushes fail clearly.
+completeness rules) and a push is one PushBlob/PushDirectory, both through the
+one REAPI client (`casbah.reapi.cas`).  An upstream without Remote Asset
+(UNIMPLEMENTED) is a plain miss, and pushes fail clearly.
 """
 
 from __future__ import annotations
 
 import logging
 
-from google.rpc import code_pb2
-
 from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import NotFound, Unsupported
-from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
-from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.reapi.cas import CasClient
+from casbah.reapi.connection import AsyncRemote
 from casbah.storage.remote import RemoteConnectionOptions, remote_from_options
 
 log = logging.getLogger(__name__)
 
 
 class RemoteAssetIndex(AssetIndex):
-    def __init__(self, remote) -> None:
+    def __init__(self, remote: AsyncRemote) -> None:
         self.remote = remote
+        self.client = CasClient(remote)
 
     async def candidates(self, kind: AssetKind, uris: list[str], qualifiers: dict[str, str],
                          function: str, limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
         if offset:
             return []  # the upstream answers with its one best match
-        stubs = self.remote.stubs()
         fn = DigestFunction(function)
-        common = {
-            "instance_name": self.remote.instance, "uris": uris, "digest_function": fn.proto_value,
-            "qualifiers": [ra_pb2.Qualifier(name=n, value=v) for n, v in qualifiers.items()],
-        }
         try:
             if kind is AssetKind.BLOB:
-                response = await self.remote.unary(stubs.fetch.FetchBlob, ra_pb2.FetchBlobRequest(**common),
-                                                   "FetchBlob")
+                response = await self.client.fetch_blob(uris, qualifiers, fn, failed_is_miss=True)
                 digest = response.blob_digest
             else:
-                response = await self.remote.unary(
-                    stubs.fetch.FetchDirectory, ra_pb2.FetchDirectoryRequest(**common), "FetchDirectory"
-                )
+                response = await self.client.fetch_directory(uris, qualifiers, fn, failed_is_miss=True)
                 digest = response.root_directory_digest
         except (Unsupported, NotFound):
-            # No Remote Asset upstream, or one that answers a miss as an RPC error
-            # (`asset-miss: rpc-error`): a miss here too, so an origin fetch may still run.
-            return []
-        if response.status.code != code_pb2.OK:
+            # No Remote Asset upstream, or a miss (any failed status in the response, or an
+            # RPC error with `asset-miss: rpc-error`): a miss here too, so an origin fetch may still run.
             return []
         expire = response.expires_at.ToNanoseconds() / 1e9 if response.HasField("expires_at") else None
         known = tuple(sorted((q.name, q.value) for q in response.qualifiers))
@@ -60,30 +50,12 @@ class RemoteAssetIndex(AssetIndex):
         )]
 
     async def put(self, record: AssetRecord) -> None:
-        stubs = self.remote.stubs()
-
-        def proto(d: Digest) -> re_pb2.Digest:
-            return re_pb2.Digest(hash=d.hash, size_bytes=d.size)
-
-        common = {
-            "instance_name": self.remote.instance, "uris": list(record.uris),
-            "qualifiers": [ra_pb2.Qualifier(name=n, value=v) for n, v in record.qualifiers],
-            "references_blobs": [proto(d) for d in record.references_blobs],
-            "references_directories": [proto(d) for d in record.references_directories],
-            "digest_function": record.digest.function.proto_value,
-        }
-        if record.kind is AssetKind.BLOB:
-            request = ra_pb2.PushBlobRequest(blob_digest=proto(record.digest), **common)
-            method = stubs.push.PushBlob
-        else:
-            request = ra_pb2.PushDirectoryRequest(root_directory_digest=proto(record.digest), **common)
-            method = stubs.push.PushDirectory
-        if record.expire_at is not None:
-            request.expire_at.FromNanoseconds(int(record.expire_at * 1e9))
-        await self.remote.unary(method, request, f"Push{record.kind.value.capitalize()}")
+        push = self.client.push_blob if record.kind is AssetKind.BLOB else self.client.push_directory
+        await push(list(record.uris), record.digest, record.qualifiers, record.expire_at,
+                   record.references_blobs, record.references_directories)
 
     async def close(self) -> None:
-        await self.remote.close()
+        await self.client.close()
 
 
 @ASSET_INDEX.register("remote", RemoteConnectionOptions)

@@ -41,13 +41,16 @@ def main() -> None:
 @click.option("--tokens", type=click.Path(exists=True, dir_okay=False),
               help="Bearer tokens file: 'sha256:<hex> read|write [INSTANCE...]' per line.")
 @click.option("--metrics-listen", metavar="HOST:PORT", help="Serve /metrics and the status page here.")
+@click.option("--http-listen", metavar="HOST:PORT",
+              help="Also serve the HTTP cache protocol (Bazel HTTP, ccache, sccache WebDAV) here.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log line format.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes sharing the port (SO_REUSEPORT); needs shareable storage.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, instances: tuple[str, ...],
           services: str | None, config_file: str | None, tls_cert: str | None, tls_key: str | None,
-          tls_client_ca: str | None, tokens: str | None, metrics_listen: str | None, log_format: str | None,
+          tls_client_ca: str | None, tokens: str | None, metrics_listen: str | None, http_listen: str | None,
+          log_format: str | None,
           workers: int, log_level: str) -> None:
     """Run the REAPI server.  Flags override the config file."""
     _setup_logging(log_level, log_format or "text")
@@ -56,7 +59,7 @@ def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, inst
 
     overrides = {"listen": list(listen) or None, "data-dir": data_dir, "quota": quota, "tls-cert": tls_cert,
                  "tls-key": tls_key, "tls-client-ca": tls_client_ca, "metrics-listen": metrics_listen,
-                 "log-format": log_format}
+                 "http-listen": http_listen, "log-format": log_format}
     try:
         config = load_config(config_file, overrides)
         config = _apply_instance_flags(config, instances, services)

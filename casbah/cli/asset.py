@@ -1,4 +1,5 @@
-"""`casbah asset push|fetch`: Remote Asset calls against any server."""
+"""`casbah asset push|fetch`: Remote Asset calls against any server, through the one
+REAPI client (so with its retries)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import sys
 from datetime import UTC, datetime
 
 import click
-import grpc
 
-from casbah.client.channel import RemoteSpec, open_channel
+from casbah.client.remote import RemoteClient
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import CasbahError
-from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
-from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
+from casbah.errors import CasbahError, NotFound
+from casbah.reapi.channel import RemoteSpec
+from casbah.reapi.retry import RetryPolicy
 
 
 def remote_options(fn=None, *, required: bool = True):
@@ -41,13 +41,13 @@ def spec_from(kwargs: dict) -> RemoteSpec:
     )
 
 
-def _qualifiers(values: tuple[str, ...]) -> list[ra_pb2.Qualifier]:
+def _qualifiers(values: tuple[str, ...]) -> list[tuple[str, str]]:
     out = []
     for value in values:
         name, sep, val = value.partition("=")
         if not sep or not name:
             raise click.BadParameter(f"{value!r}: want NAME=VALUE", param_hint="--qualifier")
-        out.append(ra_pb2.Qualifier(name=name, value=val))
+        out.append((name, val))
     return out
 
 
@@ -68,28 +68,22 @@ def fetch(uris: tuple[str, ...], qualifiers: tuple[str, ...], directory: bool, b
     """Print HASH/SIZE of the asset's blob (or root directory); exit 1 on a miss."""
     spec = spec_from(kwargs)
     function = DigestFunction.BLAKE3 if blake3 else DigestFunction.SHA256
-    common = {"instance_name": spec.instance, "uris": list(uris), "qualifiers": _qualifiers(qualifiers),
-              "digest_function": function.proto_value}
-    with open_channel(spec) as channel:
-        stub = ra_grpc.FetchStub(channel)
+    named = _qualifiers(qualifiers)
+    # The server may spend `timeout` fetching from the origin: wait for it, and then some.
+    policy = RetryPolicy(request_timeout=max(60.0, (timeout or 0) + 30))
+    with RemoteClient(spec, policy) as client:
         try:
             if directory:
-                request = ra_pb2.FetchDirectoryRequest(**common)
-                if timeout:
-                    request.timeout.FromNanoseconds(int(timeout * 1e9))
-                response = stub.FetchDirectory(request, metadata=spec.metadata())
+                response = client.run(client.client.fetch_directory(list(uris), named, function, timeout))
                 digest = response.root_directory_digest
             else:
-                request = ra_pb2.FetchBlobRequest(**common)
-                if timeout:
-                    request.timeout.FromNanoseconds(int(timeout * 1e9))
-                response = stub.FetchBlob(request, metadata=spec.metadata())
+                response = client.run(client.client.fetch_blob(list(uris), named, function, timeout))
                 digest = response.blob_digest
-        except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
-    if response.status.code != 0:
-        click.echo(f"miss: {response.status.message}", err=True)
-        sys.exit(1)
+        except NotFound as exc:
+            click.echo(f"miss: {exc}", err=True)
+            sys.exit(1)
+        except CasbahError as exc:
+            raise click.ClickException(f"{exc.code.name}: {exc}") from None
     click.echo(f"{digest.hash}/{digest.size_bytes}")
     if response.uri:
         click.echo(f"uri: {response.uri}", err=True)
@@ -111,21 +105,14 @@ def push(uris: tuple[str, ...], qualifiers: tuple[str, ...], digest_text: str, d
     spec = spec_from(kwargs)
     function = DigestFunction.BLAKE3 if blake3 else DigestFunction.SHA256
     try:
-        digest = Digest.parse(digest_text, function).to_proto()
+        digest = Digest.parse(digest_text, function)
     except CasbahError as exc:
         raise click.BadParameter(str(exc), param_hint="--digest") from None
-    common = {"instance_name": spec.instance, "uris": list(uris), "qualifiers": _qualifiers(qualifiers),
-              "digest_function": function.proto_value}
-    with open_channel(spec) as channel:
-        stub = ra_grpc.PushStub(channel)
+    expire = expire_at.replace(tzinfo=UTC).timestamp() if expire_at is not None else None
+    with RemoteClient(spec) as client:
+        push_call = client.client.push_directory if directory else client.client.push_blob
         try:
-            if directory:
-                request = ra_pb2.PushDirectoryRequest(root_directory_digest=digest, **common)
-            else:
-                request = ra_pb2.PushBlobRequest(blob_digest=digest, **common)
-            if expire_at is not None:
-                request.expire_at.FromDatetime(expire_at.replace(tzinfo=UTC))
-            (stub.PushDirectory if directory else stub.PushBlob)(request, metadata=spec.metadata())
-        except grpc.RpcError as exc:
-            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+            client.run(push_call(list(uris), digest, _qualifiers(qualifiers), expire))
+        except CasbahError as exc:
+            raise click.ClickException(f"{exc.code.name}: {exc}") from None
     click.echo(f"pushed {digest_text} as {', '.join(uris)}")

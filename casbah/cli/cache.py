@@ -30,6 +30,10 @@ publish_option = click.option(
     "--publish", type=click.Choice(PUBLISH_MODES), default="asset", show_default=True,
     help="How ref names are published on the server: Remote Asset, BuildStream ReferenceStorage, or not at all.",
 )
+external_links_option = click.option(
+    "--allow-external-symlinks", is_flag=True,
+    help="Write symlinks of the tree that are absolute or point outside it (refused by default).",
+)
 uri_option = click.option("--uri-template", default=DEFAULT_URI_TEMPLATE, show_default=True,
                           help="Remote Asset URI of a ref ({ref} is replaced).")
 
@@ -75,10 +79,11 @@ def commit(cache_dir: str, directory: str, ref: str | None, link: bool) -> None:
 @click.argument("ref")
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--copy", is_flag=True, help="Copy files instead of hard-linking them.")
-def checkout(cache_dir: str, ref: str, dest: str, copy: bool) -> None:
+@external_links_option
+def checkout(cache_dir: str, ref: str, dest: str, copy: bool, allow_external_symlinks: bool) -> None:
     """Materialize REF (a ref name or HASH/SIZE) into DEST."""
     local = _cache(cache_dir)
-    files = local.checkout(local.resolve(ref), dest, copy=copy)
+    files = local.checkout(local.resolve(ref), dest, copy=copy, allow_external_symlinks=allow_external_symlinks)
     click.echo(f"checked out {files} files into {dest}", err=True)
 
 
@@ -170,7 +175,9 @@ def push_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, **kwargs
 @click.argument("ref")
 @click.option("--checkout", "dest", type=click.Path(file_okay=False), metavar="DIR",
               help="Then check the tree out into DIR (as `casbah cache checkout`).")
-def pull_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, dest: str | None, **kwargs) -> None:
+@external_links_option
+def pull_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, dest: str | None,
+             allow_external_symlinks: bool, **kwargs) -> None:
     """Download REF (a ref name or HASH/SIZE): only what the local cache lacks."""
     local = _cache(cache_dir)
     if dest is not None and os.path.isdir(dest) and os.listdir(dest):
@@ -179,6 +186,6 @@ def pull_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, dest: st
         summary = pull(local, client, ref, publish, uri_template, show_progress=sys.stderr.isatty())
     click.echo(summary.line("pulled"), err=True)
     if dest is not None:
-        files = local.checkout(summary.root, dest)
+        files = local.checkout(summary.root, dest, allow_external_symlinks=allow_external_symlinks)
         click.echo(f"checked out {files} files into {dest}", err=True)
     click.echo(str(summary.root))

@@ -11,7 +11,7 @@ import click
 from google.protobuf.message import DecodeError
 
 from casbah.cli.asset import remote_options, spec_from
-from casbah.cli.cache import CasbahCommand
+from casbah.cli.cache import CasbahCommand, external_links_option
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import download_tree
 from casbah.digest import Digest, DigestFunction
@@ -66,7 +66,8 @@ def _is_directory(client: RemoteClient, digest: Digest) -> bool:
 @click.argument("digest")
 @click.option("-o", "--output", required=True, type=click.Path(), help="File (blob) or directory (tree) to write.")
 @click.option("--tree/--blob", "as_tree", default=None, help="Force how DIGEST is treated (default: detect).")
-def download(digest: str, output: str, as_tree: bool | None, **kwargs) -> None:
+@external_links_option
+def download(digest: str, output: str, as_tree: bool | None, allow_external_symlinks: bool, **kwargs) -> None:
     """Download a blob to a file, or a Directory digest as a whole tree."""
     d = Digest.parse(digest)
     with RemoteClient(spec_from(kwargs)) as client:
@@ -84,7 +85,8 @@ def download(digest: str, output: str, as_tree: bool | None, **kwargs) -> None:
             os.replace(tmp, output)
             click.echo(f"{d} -> {output}", err=True)
             return
-        summary = download_tree(client, d, output, show_progress=sys.stderr.isatty())
+        summary = download_tree(client, d, output, show_progress=sys.stderr.isatty(),
+                                allow_external_symlinks=allow_external_symlinks)
     click.echo(summary.line("downloaded"), err=True)
 
 

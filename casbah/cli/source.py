@@ -18,14 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from casbah.cli.asset import remote_options, spec_from
-from casbah.cli.cache import DEFAULT_CACHE_DIR, CasbahCommand
+from casbah.cli.cache import DEFAULT_CACHE_DIR, CasbahCommand, external_links_option
 from casbah.client.cache import LocalCache
-from casbah.client.channel import RemoteSpec
 from casbah.client.remote import RemoteClient
 from casbah.client.source_cache import FETCH_POLICIES, PUSH_POLICIES, FetchSummary, RemotePolicy, SourceCache
 from casbah.client.sources import KINDS, Source, expand_aliases
 from casbah.config import ConfigError, expand_env, format_validation_error
 from casbah.errors import CasbahError, InvalidArgument
+from casbah.reapi.channel import RemoteSpec
 
 
 def _source_options(fn):
@@ -62,10 +62,11 @@ def source() -> None:
               help="off: always native; fallback: the asset cache, else native; only: the asset cache or fail.")
 @click.option("--asset-push", type=click.Choice(PUSH_POLICIES), default="off", show_default=True,
               help="on: push what a native fetch got (content, then the asset name).")
+@external_links_option
 @click.argument("dest", type=click.Path(file_okay=False))
 def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None, sha256: str | None,
           with_git_dir: bool, filename: str | None, cache_dir: str, asset_fetch: str, asset_push: str, dest: str,
-          **kwargs) -> None:
+          allow_external_symlinks: bool, **kwargs) -> None:
     """Stage a source into DEST: from the asset cache or natively, as the policies say."""
     _logging()
     src = _source(kind, uris, ref, branch, sha256, with_git_dir, filename)
@@ -73,11 +74,12 @@ def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None,
     if not kwargs.get("remote"):
         if asset_fetch != "off" or asset_push == "on":
             raise click.UsageError("--remote (or CASBAH_REMOTE) is needed unless --asset-fetch off --asset-push off")
-        cache = SourceCache(local, [])
+        cache = SourceCache(local, [], allow_external_symlinks=allow_external_symlinks)
         root = cache.fetch(src, dest)
     else:
         with RemoteClient(spec_from(kwargs)) as client:
-            cache = SourceCache(local, [RemotePolicy(client, asset_fetch, asset_push)])
+            cache = SourceCache(local, [RemotePolicy(client, asset_fetch, asset_push)],
+                                allow_external_symlinks=allow_external_symlinks)
             root = cache.fetch(src, dest)
     click.echo(f"{root} {dest}")
     click.echo(f"summary: {cache.summary.line()}", err=True)
@@ -92,7 +94,9 @@ def push_cmd(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | No
     _logging()
     src = _source(kind, uris, ref, branch, sha256, with_git_dir, filename)
     with RemoteClient(spec_from(kwargs)) as client, tempfile.TemporaryDirectory() as tmp:
-        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, "off", "on")])
+        # The stage is scratch, deleted unread: a link out of the tree there is harmless.
+        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, "off", "on")],
+                            allow_external_symlinks=True)
         root = cache.fetch(src, Path(tmp) / "stage")
     click.echo(str(root))
     click.echo(f"summary: {cache.summary.line()}", err=True)
@@ -184,7 +188,7 @@ class FetchAllResult:
 
 def fetch_manifest(spec: Manifest, dest: str | Path, cache_dir: str | Path, jobs: int = 8,
                    asset_fetch: str | None = None, asset_push: str | None = None,
-                   progress: Progress | None = None) -> FetchAllResult:
+                   progress: Progress | None = None, allow_external_symlinks: bool = False) -> FetchAllResult:
     """Fetch every source of a manifest concurrently (what `fetch-all` runs; the benchmark too)."""
     started = time.monotonic()
     sources = manifest_sources(spec, dest)
@@ -196,10 +200,11 @@ def fetch_manifest(spec: Manifest, dest: str | Path, cache_dir: str | Path, jobs
                 url=r.url, instance=r.instance, server_cert=r.server_cert, client_key=r.client_key,
                 client_cert=r.client_cert, token_file=r.token_file)))
             remotes.append(RemotePolicy(client, asset_fetch or r.asset_fetch, asset_push or r.asset_push))
-        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), remotes, result.summary)
+        cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), remotes, result.summary,
+                            allow_external_symlinks)
         task = progress.add_task("sources", total=len(sources)) if progress is not None else None
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = {pool.submit(cache.fetch, src, target): (src, target) for src, target in sources}
+            futures = {pool.submit(cache.fetch, src, target, dest): (src, target) for src, target in sources}
             for future in as_completed(futures):
                 src, target = futures[future]
                 try:
@@ -220,15 +225,17 @@ def fetch_manifest(spec: Manifest, dest: str | Path, cache_dir: str | Path, jobs
               help="Sources fetched at once.")
 @click.option("--asset-fetch", type=click.Choice(FETCH_POLICIES), help="Override every remote's asset-fetch.")
 @click.option("--asset-push", type=click.Choice(PUSH_POLICIES), help="Override every remote's asset-push.")
+@external_links_option
 def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: str | None,
-              asset_push: str | None) -> None:
+              asset_push: str | None, allow_external_symlinks: bool) -> None:
     """Fetch every source of MANIFEST into DEST/<directory>, concurrently."""
     _logging(quiet=True)
     spec = load_manifest(manifest)
     progress = Progress(TextColumn("fetching sources"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         disable=not sys.stderr.isatty())
     with progress:
-        result = fetch_manifest(spec, dest, cache_dir, jobs, asset_fetch, asset_push, progress)
+        result = fetch_manifest(spec, dest, cache_dir, jobs, asset_fetch, asset_push, progress,
+                                allow_external_symlinks)
     for target, root in sorted(result.roots.items()):
         click.echo(f"{root} {target}")
     click.echo(f"summary: {len(spec.sources)} sources in {result.seconds:.2f}s; {result.summary.line()}", err=True)

@@ -23,7 +23,6 @@ the `.x` twin, because a mode is per inode.  Where a hard link is impossible
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import itertools
@@ -35,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from casbah.client.materialise import LINK_FALLBACK, Materialiser, plan_tree
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DigestMismatch, InvalidArgument, NotFound
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -45,7 +45,7 @@ _FN = DigestFunction.SHA256
 #: Files up to this size are read whole (one read, hashed, written only if new); larger
 #: ones are hashed first and copied only if new.  Either way an unchanged file is never written.
 _SMALL = 1024 * 1024
-_LINK_FALLBACK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES)
+_LINK_FALLBACK = LINK_FALLBACK
 
 
 @dataclass
@@ -368,64 +368,43 @@ class LocalCache:
 
     # -- checkout ------------------------------------------------------------------
 
-    def checkout(self, root: Digest, dest: str | os.PathLike, copy: bool = False) -> int:
+    def checkout(self, root: Digest, dest: str | os.PathLike, copy: bool = False,
+                 allow_external_symlinks: bool = False, within: str | os.PathLike | None = None) -> int:
         """Materialize a tree into `dest` (created; must be empty if it exists).
 
-        Everything the tree needs is checked first, so a tree with a missing object
-        fails before anything is written.
+        The whole tree is checked first (names, symlinks: `casbah.client.materialise`),
+        and every object it needs must be present, so a bad or incomplete tree fails
+        before anything is written; the tree is then written beneath `dest` without
+        following any link there (nor in `dest`'s components below `within`, if given).
         """
         dest = Path(dest)
         if dest.exists() and not dest.is_dir():
             raise InvalidArgument(f"checkout target {dest} exists and is not a directory")
-        dest.mkdir(parents=True, exist_ok=True)
-        if any(dest.iterdir()):
+        if dest.is_dir() and any(dest.iterdir()):
             raise InvalidArgument(f"checkout target {dest} is not empty")
         with self.adding():
-            base = str(dest)
-            dirs: list[str] = []
-            files: list[tuple[str, str, int, bool]] = []  # (hash, target, size, executable)
-            links: list[tuple[str, str]] = []
-            for prefix, directory in self.walk(root):
-                here = f"{base}/{prefix}"
-                dirs.extend(f"{here}{n.name}" for n in directory.directories)
-                files.extend((n.digest.hash, f"{here}{n.name}", n.digest.size_bytes, n.is_executable)
-                             for n in directory.files)
-                links.extend((n.target, f"{here}{n.name}") for n in directory.symlinks)
-            absent = {Digest(h, size) for h, _, size, _ in files if size and not os.path.exists(self._object(h))}
+            plan = plan_tree(root, self.directory, allow_external_symlinks)
+            absent = {d for _, _, d, _ in plan.files if d.size and not os.path.exists(self._object(d.hash))}
             if absent:
                 example = min(absent)
                 raise BlobNotFound(example, f"not in local cache {self.root} ({len(absent)} objects of the tree "
                                             "are missing; pull it again)")
-            for d in dirs:
-                os.mkdir(d)
             if not copy:
-                for hash_hex, size in {(h, size) for h, _, size, x in files if x and size}:
-                    self._executable_twin(Digest(hash_hex, size))
-            self._place_all(files, copy)
-            for target, path in links:
-                os.symlink(target, path)
-        return len(files)
+                for digest in {d for _, _, d, x in plan.files if x and d.size}:
+                    self._executable_twin(digest)
+            with Materialiser(plan, dest, within=within) as out:
+                self._place_all(out, copy)
+        return len(plan.files)
 
-    def _place_all(self, files: list[tuple[str, str, int, bool]], copy: bool) -> None:
-        for hash_hex, target, size, executable in files:
-            if size == 0:  # no object to link: a new file, read-only like the linked ones unless copying
-                mode = (0o755 if executable else 0o644) & (0o777 if copy else 0o555)
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-                os.fchmod(fd, mode)
-                os.close(fd)
+    def _place_all(self, out: Materialiser, copy: bool) -> None:
+        for index, name, digest, executable in out.plan.files:
+            if digest.size == 0:  # no object to link: a new file, read-only like the linked ones unless copying
+                os.close(out.new_file(index, name, (0o755 if executable else 0o644) & (0o777 if copy else 0o555)))
                 continue
-            source = self._object(hash_hex)
-            if not copy:
-                if executable:
-                    source += ".x"
-                try:
-                    os.link(source, target)
-                    continue
-                except OSError as exc:
-                    if exc.errno not in _LINK_FALLBACK:
-                        raise
-            shutil.copyfile(source, target)
-            os.chmod(target, 0o755 if executable else 0o644)
+            source = self._object(digest.hash)
+            if not copy and out.link(source + ".x" if executable else source, index, name):
+                continue
+            out.copy(source, index, name, 0o755 if executable else 0o644)
 
     def _executable_twin(self, digest: Digest) -> str:
         """`<hash>.x`, a mode-0555 copy of the object (made on first use)."""

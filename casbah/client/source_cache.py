@@ -21,7 +21,9 @@ A hit pulls only what the local cache lacks, then stages the tree into the
 target.  What a hit can be checked against is checked (a `file` blob against its
 sha256; a plain git tree must not hold `.git`); an archive's tree cannot be
 re-derived without the archive, so it is trusted to the server that matched its
-`checksum.sri`.  Nothing is pushed that was not verified: a push follows only a
+`checksum.sri`.  Every hit's tree must also be safe to write (names, symlinks:
+`casbah.client.materialise`); one that is not counts as an error of that remote.
+Nothing is pushed that was not verified: a push follows only a
 native fetch that passed its checksum or commit check.
 
 Every step is logged with its URI and outcome and counted in a summary
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from casbah.client.cache import LocalCache
+from casbah.client.materialise import plan_tree
 from casbah.client.remote import RemoteClient
 from casbah.client.sources import Source, SourceError, fetch_native
 from casbah.client.sync import pull, push
@@ -89,13 +92,17 @@ class FetchSummary:
 class SourceCache:
     """Fetches sources by policy, through a local cache, from any number of remotes."""
 
-    def __init__(self, cache: LocalCache, remotes: list[RemotePolicy], summary: FetchSummary | None = None) -> None:
+    def __init__(self, cache: LocalCache, remotes: list[RemotePolicy], summary: FetchSummary | None = None,
+                 allow_external_symlinks: bool = False) -> None:
         self.cache = cache
         self.remotes = remotes
         self.summary = summary or FetchSummary()
+        #: Stage symlinks that point outside the staged tree (refused by default).
+        self.allow_external_symlinks = allow_external_symlinks
 
-    def fetch(self, source: Source, dest: str | Path) -> Digest:
-        """Stage `source` into `dest` (created, must be empty); returns its tree digest."""
+    def fetch(self, source: Source, dest: str | Path, within: str | Path | None = None) -> Digest:
+        """Stage `source` into `dest` (created, must be empty); returns its tree digest.
+        `within`: a directory of the user's that `dest` lies in; links below it are not followed."""
         dest = Path(dest)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             # Checked first: a fetch that cannot be staged should not cost a download.
@@ -103,7 +110,8 @@ class SourceCache:
         root = self._from_assets(source) if source.cacheable else None
         if root is None:
             root = self._native(source)
-        self.cache.checkout(root, dest, copy=True)
+        self.cache.checkout(root, dest, copy=True, allow_external_symlinks=self.allow_external_symlinks,
+                            within=within)
         return root
 
     def _from_assets(self, source: Source) -> Digest | None:
@@ -127,6 +135,9 @@ class SourceCache:
                     if not self._complete_locally(root):
                         pull(self.cache, remote.client, str(root))
                     self._check_tree(source, root)
+                    # A poisoned entry (bad names, links out of the tree) is an error of this
+                    # remote: the next remote or a native fetch may still serve the source.
+                    plan_tree(root, self.cache.directory, self.allow_external_symlinks)
             except AssetNotFound:
                 log.info("source %s: miss on %s", source.uris[0], url)
                 problems.append(f"{url}: miss")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from casbah.client.cache import LocalCache
+from casbah.client.materialise import Materialiser, copy_fd, plan_tree
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
@@ -209,64 +209,56 @@ def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
 
 
 def download_tree(client: RemoteClient, root: Digest, dest: str | os.PathLike,
-                  show_progress: bool = False) -> SyncSummary:
+                  show_progress: bool = False, allow_external_symlinks: bool = False) -> SyncSummary:
     """Write the tree at `root` into `dest` (created; must be empty) straight from the
     server: each distinct blob is downloaded once, written to its first path, and copied
-    to the others.  Files get 0644/0755 modes."""
+    to the others.  Files get 0644/0755 modes.  The tree is checked whole before anything
+    is written, and a failed download leaves nothing behind (`casbah.client.materialise`)."""
     started = time.monotonic()
     out = Path(dest)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"download target {out} exists and is not an empty directory")
     directories = fetch_directories(client, root)
+    plan = plan_tree(root, lambda d: re_pb2.Directory.FromString(directories[d]), allow_external_symlinks)
     summary = SyncSummary(root)
-    out.mkdir(parents=True, exist_ok=True)
-    where: dict[Digest, list[tuple[str, bool]]] = {}
-    links: list[tuple[str, str]] = []
-    empty: list[tuple[str, bool]] = []
-    stack = [(str(out), root)]
-    while stack:
-        path, digest = stack.pop()
-        directory = re_pb2.Directory.FromString(directories[digest]) if digest.size else re_pb2.Directory()
-        for node in directory.directories:
-            os.mkdir(f"{path}/{node.name}")
-            stack.append((f"{path}/{node.name}", Digest(node.digest.hash, node.digest.size_bytes)))
-        for node in directory.files:
-            target = (f"{path}/{node.name}", node.is_executable)
-            summary.files += 1
-            summary.total_bytes += node.digest.size_bytes
-            if node.digest.size_bytes:
-                where.setdefault(Digest(node.digest.hash, node.digest.size_bytes), []).append(target)
-            else:
-                empty.append(target)
-        links.extend((node.target, f"{path}/{node.name}") for node in directory.symlinks)
+    where: dict[Digest, list[tuple[int, str, int]]] = {}
+    empty: list[tuple[int, str, int]] = []
+    for index, name, digest, executable in plan.files:
+        target = (index, name, 0o755 if executable else 0o644)
+        summary.files += 1
+        summary.total_bytes += digest.size
+        if digest.size:
+            where.setdefault(digest, []).append(target)
+        else:
+            empty.append(target)
 
-    def sink(digest: Digest, chunks: Iterator[bytes]) -> None:
-        first, *others = where[digest]
-        _write_file(first[0], first[1], chunks)
-        for path, executable in others:
-            shutil.copyfile(first[0], path)
-            os.chmod(path, 0o755 if executable else 0o644)
+    with Materialiser(plan, out) as tree:
+        def sink(digest: Digest, chunks: Iterator[bytes]) -> None:
+            (index, name, mode), *others = where[digest]
+            fd = tree.new_file(index, name, mode)
+            try:
+                for chunk in chunks:
+                    _write_all(fd, chunk)
+                for index, name, mode in others:
+                    copy = tree.new_file(index, name, mode)
+                    try:
+                        copy_fd(fd, copy)
+                    finally:
+                        os.close(copy)
+            finally:
+                os.close(fd)
 
-    with _Bar(f"download {root}", sum(d.size for d in where), show_progress) as bar:
-        client.download(list(where), sink, bar.advance)
-    for path, executable in empty:
-        _write_file(path, executable, iter(()))
-    for target, path in links:
-        os.symlink(target, path)
+        with _Bar(f"download {root}", sum(d.size for d in where), show_progress) as bar:
+            client.download(list(where), sink, bar.advance)
+        for index, name, mode in empty:
+            os.close(tree.new_file(index, name, mode))
     summary.blobs_sent = len(where) + sum(1 for d in directories if d.size)
     summary.bytes_sent = sum(d.size for d in where)
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _write_file(path: str, executable: bool, chunks: Iterator[bytes]) -> None:
-    mode = 0o755 if executable else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the mode the tree says, whatever the umask
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-    except BaseException:
-        os.unlink(path)  # a blob that failed verification must not be left half-written
-        raise
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

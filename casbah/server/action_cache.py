@@ -13,11 +13,13 @@ import logging
 from google.protobuf.message import DecodeError
 
 from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import BlobNotFound, DataLoss, InvalidArgument, NotFound
+from casbah.errors import BlobNotFound, DataLoss, InvalidArgument, InvalidTree, NotFound
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.base import Instance, Instances, rpc
 from casbah.storage.base import Storage, read_many_partial
+from casbah.tree import check_tree_message, walk_levels
+from casbah.tree_rules import echo, output_path_problem
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +37,14 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
     @rpc
     async def GetActionResult(self, request, context):
         instance = self._instance(request.instance_name, context, "GetActionResult")
-        function = DigestFunction.from_proto(request.digest_function)
-        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        action = instance.digest(request.action_digest, request.digest_function)
+        function = action.function
         data = await instance.action_cache.get(action)  # a miss raises ActionResultNotFound: NOT_FOUND
-        result = re_pb2.ActionResult()
+        result = await checked_action_result(instance, data, action, function)
         try:
-            result.ParseFromString(data)
-        except DecodeError:
-            log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
-            raise NotFound(f"ActionResult for action {action} is corrupt") from None
-        try:
-            if instance.extras.get("check_action_results", True):
-                missing = await missing_outputs(instance.cas, result, function)
-                if missing:
-                    raise NotFound(
-                        f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
-                        f"e.g. {missing[0]}"
-                    )
             await _inline(instance.cas, result, request, function)
         except InvalidArgument as exc:
-            # The stored entry is bad (a malformed digest, a Tree blob that is not a
-            # Tree), not the request: a miss lets the client rebuild and overwrite it.
+            # The stored entry names a blob it cannot inline (a malformed digest): a miss.
             log.warning("ActionCache entry for %s is unusable (%s); reporting a miss", action, exc)
             raise NotFound(f"ActionResult for action {action} is unusable: {exc}") from None
         return result
@@ -66,11 +55,50 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         instance = self._instance(request.instance_name, context, "UpdateActionResult", write=True,
                                   detail=f"action {d.hash}/{d.size_bytes}")
         instance.check_writable("UpdateActionResult")
-        function = DigestFunction.from_proto(request.digest_function)
-        action = make_digest(request.action_digest.hash, request.action_digest.size_bytes, function)
+        action = instance.digest(request.action_digest, request.digest_function)
+        function = action.function
         _referenced(request.action_result, function)  # refuse malformed digests now, not at every Get
+        await check_output_trees(instance.cas, request.action_result, function)
         await instance.action_cache.put(action, request.action_result.SerializeToString(deterministic=True))
         return request.action_result
+
+
+async def checked_action_result(instance: Instance, data: bytes, action: Digest,
+                                function: DigestFunction) -> re_pb2.ActionResult:
+    """A stored entry as an ActionResult fit to serve, else `NotFound` (a miss).
+
+    Every front serves ActionCache entries through this (gRPC GetActionResult, the HTTP
+    `/ac/`): a corrupt entry, or one naming blobs no longer in CAS (with
+    `check-action-results`, the default), is reported as a miss so the client rebuilds.
+    """
+    result = re_pb2.ActionResult()
+    try:
+        result.ParseFromString(data)
+    except DecodeError:
+        log.warning("ActionCache entry for %s is corrupt; reporting a miss", action)
+        raise NotFound(f"ActionResult for action {action} is corrupt") from None
+    try:
+        if instance.extras.get("check_action_results", True):
+            missing = await missing_outputs(instance.cas, result, function)
+            if missing:
+                raise NotFound(
+                    f"ActionResult for action {action} refers to {len(missing)} blob(s) no longer in CAS, "
+                    f"e.g. {missing[0]}"
+                )
+    except InvalidArgument as exc:
+        # The stored entry is bad (a malformed digest, a Tree blob that is not a
+        # Tree, a tree breaking the REAPI's name rules), not the request: a miss
+        # lets the client rebuild and overwrite it.
+        log.warning("ActionCache entry for %s is unusable (%s); reporting a miss", action, exc)
+        raise NotFound(f"ActionResult for action {action} is unusable: {exc}") from None
+    return result
+
+
+def referenced_digests(result, function: DigestFunction) -> list[Digest]:
+    """Every digest an ActionResult names directly (files, stdout/stderr, trees, roots);
+    raises `InvalidArgument` for a malformed one."""
+    blobs, trees, roots = _referenced(result, function)
+    return [*blobs, *trees, *roots]
 
 
 def _d(message, function: DigestFunction) -> Digest | None:
@@ -99,61 +127,80 @@ def _referenced(result, function: DigestFunction) -> tuple[set[Digest], list[Dig
 
 
 async def missing_outputs(cas: Storage, result, function: DigestFunction) -> list[Digest]:
-    """Every blob an ActionResult needs that CAS lacks (empty if complete)."""
+    """Every blob an ActionResult needs that CAS lacks (empty if complete).
+
+    Output trees are read anyway, so they are checked against the REAPI's name
+    rules on the way (InvalidTree): an entry with a bad tree is unusable.
+    """
     blobs, trees, roots = _referenced(result, function)
     wanted = {d for d in (*blobs, *trees) if not is_empty_blob(d)}
     missing = await cas.find_missing(list(wanted)) if wanted else []
     if missing:
         return missing
     files: set[Digest] = set()
+    absent = await _read_output_trees(cas, trees, roots, function, files)
+    if absent:
+        return absent
+    return await cas.find_missing(list(files)) if files else []
+
+
+async def check_output_trees(cas: Storage, result, function: DigestFunction) -> None:
+    """Refuse an ActionResult whose outputs break the REAPI's path and name rules.
+
+    Output paths must stay inside the working directory; every output tree that is
+    already in CAS (a `Tree`, or a 2.3 root Directory and its DAG) must keep the
+    Directory rules.  A tree not uploaded yet is accepted: the entry is a miss until
+    it arrives, and GetActionResult checks it then (`missing_outputs`).
+    """
+    for kind, entries, allow_empty in (("output file", result.output_files, False),
+                                       ("output symlink", result.output_symlinks, False),
+                                       ("output file symlink", result.output_file_symlinks, False),
+                                       ("output directory symlink", result.output_directory_symlinks, False),
+                                       ("output directory", result.output_directories, True)):
+        for entry in entries:
+            if (problem := output_path_problem(entry.path, allow_empty)) is not None:
+                raise InvalidTree(f"{kind} {echo(entry.path)}: {problem}")
+    _, trees, _ = _referenced(result, function)
+    # Every root Directory, also those next to a Tree: a client may materialise either.
+    roots = [d for od in result.output_directories if (d := _d(od.root_directory_digest, function)) is not None]
+    await _read_output_trees(cas, trees, roots, function, set())
+
+
+async def _read_output_trees(cas: Storage, trees: list[Digest], roots: list[Digest], function: DigestFunction,
+                             files: set[Digest]) -> list[Digest]:
+    """Read and check output Trees and root Directory DAGs, collecting their files; return what is absent."""
+    absent: list[Digest] = []
     for tree_digest in trees:
         if is_empty_blob(tree_digest):
             continue
         try:
             tree = re_pb2.Tree.FromString(await cas.read_bytes(tree_digest))
         except BlobNotFound:
-            return [tree_digest]
+            absent.append(tree_digest)
+            continue
         except DecodeError:
-            raise InvalidArgument(f"output tree {tree_digest} is not a Tree message") from None
+            raise InvalidTree(f"output tree {tree_digest} is not a Tree message") from None
+        check_tree_message(tree, tree_digest)
         for directory in (tree.root, *tree.children):
             _collect_files(directory, function, files)
     if roots:
-        absent = await _walk_directories(cas, roots, function, files)
-        if absent:
-            return absent
-    return await cas.find_missing(list(files)) if files else []
+        async def read_many(digests: list[Digest]) -> dict[Digest, bytes]:
+            # A lost (corrupt) directory counts as absent: the entry is a miss, the client re-uploads.
+            return (await read_many_partial(cas, digests))[0]
+
+        async for visits in walk_levels(read_many, [(d, "") for d in roots]):
+            for visit in visits:
+                if visit.directory is None:
+                    absent.append(visit.digest)
+                else:
+                    _collect_files(visit.directory, function, files)
+    return absent
 
 
 def _collect_files(directory, function: DigestFunction, files: set[Digest]) -> None:
     for node in directory.files:
         if (d := _d(node.digest, function)) is not None and not is_empty_blob(d):
             files.add(d)
-
-
-async def _walk_directories(cas: Storage, roots: list[Digest], function: DigestFunction,
-                            files: set[Digest]) -> list[Digest]:
-    """Collect the files of Directory DAGs into `files`; return the directories that are absent."""
-    level = [d for d in dict.fromkeys(roots) if not is_empty_blob(d)]
-    seen = set(level)
-    while level:
-        found, _ = await read_many_partial(cas, level)  # a lost (corrupt) directory counts as absent
-        absent = [d for d in level if d not in found]
-        if absent:
-            return absent
-        next_level: list[Digest] = []
-        for digest in level:
-            try:
-                directory = re_pb2.Directory.FromString(found[digest])
-            except DecodeError:
-                raise InvalidArgument(f"output directory {digest} is not a Directory message") from None
-            _collect_files(directory, function, files)
-            for node in directory.directories:
-                child = make_digest(node.digest.hash, node.digest.size_bytes, function)
-                if child not in seen and not is_empty_blob(child):
-                    seen.add(child)
-                    next_level.append(child)
-        level = next_level
-    return []
 
 
 async def _inline(cas: Storage, result, request, function: DigestFunction) -> None:

@@ -15,6 +15,8 @@ import grpc
 from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
+from casbah.digest import DigestFunction
+from casbah.http.server import HttpFront
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -52,10 +54,13 @@ class Server:
     observability: Observability | None = None
     #: gRPC health/reflection and the HTTP side (/metrics, /healthz, status page).
     endpoints: Endpoints | None = None
+    http: HttpFront | None = None  # the HTTP cache front (`http-listen`), on this event loop
 
     async def stop(self, grace: float | None = None) -> None:
         if self.endpoints is not None:
             await self.endpoints.enter_shutdown()  # health NOT_SERVING while draining
+        if self.http is not None:
+            await self.http.stop()  # finishes requests in flight, then closes
         await self.grpc_server.stop(self.config.grace_seconds if grace is None else grace)
         for close in self.closers:
             await close()
@@ -77,6 +82,7 @@ def build_instances(
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
+            digest_functions=tuple(DigestFunction(f) for f in inst.digest_functions),
             extras={"check_action_results": inst.check_action_results,
                     "asset": _asset_settings(config, name, inst, where, cas)},
         )
@@ -168,6 +174,8 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     for listener in config.listeners():
         result.ports.append(_listen(server, listener))
     observability.listen = list(result.ports)
+    if config.http_listen:
+        result.http = HttpFront(config, instances, loader)  # builds the opaque stores: before closers
     result.closers.insert(0, endpoints.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)
     for storage in loader.all():
@@ -238,6 +246,13 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
         except (OSError, ValueError) as exc:
             await server.stop(0)
             raise StartupError(str(exc)) from None
+    http_url = None
+    if config.http_listen and server.http is not None:
+        try:
+            http_url = await server.http.start(config.http_listen, reuse_port)
+        except (OSError, ValueError) as exc:
+            await server.stop(0)
+            raise StartupError(f"cannot serve HTTP on {config.http_listen}: {exc}") from None
     await server.grpc_server.start()
     for instance in server.instances:
         log.info(
@@ -245,11 +260,15 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
             ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
         )
     if not worker:  # once, not once per worker
-        warn_if_exposed(config.listeners(), server.instances)
+        http = [ListenerConfig(address=config.http_listen, tls_client_ca=config.tls_client_ca)] \
+            if config.http_listen else []  # the HTTP front takes the same callers
+        warn_if_exposed(config.listeners() + http, server.instances)
     who = "casbah" if worker is None else f"casbah worker {worker}"
     for address in server.ports:
         print(f"{who}: serving REAPI on {address} (instances: "
               f"{', '.join(repr(n) for n in server.instances.names())})", flush=True)
+    if http_url:
+        print(f"{who}: serving the HTTP cache protocol on {http_url}", flush=True)
     if metrics_url:
         print(f"{who}: metrics on {metrics_url}/metrics, status page on {metrics_url}/", flush=True)
     stop = asyncio.Event()

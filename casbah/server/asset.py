@@ -8,6 +8,8 @@ RequestMetadata names the tool `bazel` a miss is an RPC NOT_FOUND instead
 
 An answer is never an asset whose content has left CAS: a blob must exist, a
 directory's whole tree must (checked, with a cache of recently complete trees).
+Nor is it a tree that breaks the REAPI's name rules: Push refuses one
+(INVALID_ARGUMENT), Fetch of one planted another way answers FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
 from casbah.assets.origin import OriginFetcher, git_scheme
-from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import CasbahError, FailedPrecondition, InvalidArgument, NotFound, code_to_int, status_code
+from casbah.digest import Digest, is_empty_blob, make_digest
+from casbah.errors import (
+    CasbahError,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidTree,
+    NotFound,
+    code_to_int,
+    status_code,
+)
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.server.base import Instance, Instances, rpc
 from casbah.tree import CompleteTrees
+from casbah.tree_rules import served
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +134,13 @@ class FetchService(ra_grpc.FetchServicer):
         self.trees = CompleteTrees()
 
     async def _complete(self, instance: Instance, record: AssetRecord) -> bool:
+        """Whether the record's content is all in CAS; raises InvalidTree if its trees break the rules."""
         try:
             missing = await missing_content(instance, self.trees, record.kind, record.digest,
                                             record.references_blobs, record.references_directories)
-        except InvalidArgument as exc:  # a stored "Directory" that does not parse: unusable
+        except InvalidTree:
+            raise
+        except InvalidArgument as exc:  # a malformed digest in the record: unusable
             log.warning("asset %s: content %s is corrupt: %s", record.uris[0], record.digest, exc)
             return False
         if missing:
@@ -134,23 +148,36 @@ class FetchService(ra_grpc.FetchServicer):
                      record.uris[0], len(missing), record.digest, missing[0])
         return not missing
 
-    async def _lookup(self, instance: Instance, kind: AssetKind, request) -> tuple[AssetRecord | None, str]:
+    async def _lookup(self, instance: Instance, kind: AssetKind, request
+                      ) -> tuple[AssetRecord | None, str, CasbahError | None]:
+        """(the newest usable record, the URI it answers, why a record was refused if none is usable).
+
+        A record whose tree breaks the REAPI's name rules is never served: the next
+        candidate is tried, and if none is usable the answer names the bad entry.
+        """
         uris, qualifiers = validate(request.uris, request.qualifiers)
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function)  # no digest to infer from: unset is sha256
         oldest = _timestamp_seconds(request.oldest_content_accepted)
         index = _settings(instance).index
         now = time.time()
         offset = 0
+        refused: CasbahError | None = None
         while True:
             page = await index.candidates(kind, uris, qualifiers, function, limit=CANDIDATE_PAGE, offset=offset)
             for record in page:
                 if record.expired(now) or (oldest is not None and record.pushed_at < oldest):
                     continue
-                if await self._complete(instance, record):
+                try:
+                    complete = await self._complete(instance, record)
+                except InvalidTree as exc:
+                    log.warning("asset %s: refusing to serve %s: %s", record.uris[0], record.digest, exc)
+                    refused = refused or served(exc)
+                    continue
+                if complete:
                     uri = next(u for u in uris if u in record.uris)
-                    return record, uri
+                    return record, uri, None
             if len(page) < CANDIDATE_PAGE:
-                return None, uris[0]
+                return None, uris[0], refused
             offset += CANDIDATE_PAGE
 
     async def _origin(self, instance: Instance, kind: AssetKind, request,
@@ -170,7 +197,7 @@ class FetchService(ra_grpc.FetchServicer):
         unknown = sorted(set(qualifiers) - ORIGIN_QUALIFIERS)
         if unknown:
             raise InvalidArgument(f"qualifier {unknown[0]!r} cannot be honoured by an origin fetch")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function)
         timeout = request.timeout.seconds + request.timeout.nanos / 1e9 or None
         last_error: CasbahError | None = None
         for uri in allowed:
@@ -211,16 +238,16 @@ class FetchService(ra_grpc.FetchServicer):
                            detail=request.uris[0])
         # An index (or CAS) that cannot answer is the server's problem, not the asset's:
         # it stays an RPC error (UNAVAILABLE), which clients retry, never a "miss".
-        record, uri = await self._lookup(instance, kind, request)
+        record, uri, refused = await self._lookup(instance, kind, request)
         if record is None:
             try:
                 record, uri = await self._origin(instance, kind, request, context)
             except InvalidArgument:
                 raise
             except CasbahError as exc:  # the origin failed: a problem with this asset
-                return self._miss(instance, context, kind, exc, request.uris[0])
+                return self._miss(instance, context, kind, refused or exc, request.uris[0])
         if record is None:
-            miss = NotFound(f"no {kind.value} asset for {list(request.uris)} with the requested qualifiers")
+            miss = refused or NotFound(f"no {kind.value} asset for {list(request.uris)} with the requested qualifiers")
             return self._miss(instance, context, kind, miss, request.uris[0])
         response = _response(kind)(
             status=status_pb2.Status(code=code_pb2.OK), uri=uri, digest_function=request.digest_function,
@@ -263,7 +290,7 @@ class PushService(ra_grpc.PushServicer):
                            what=f"Push{kind.value.capitalize()}",
                            detail=f"{uris[0]} -> {root_message.hash}/{root_message.size_bytes}")
         instance.check_writable(f"Push{kind.value.capitalize()}")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function, root_message.hash)
 
         def digest(message) -> Digest:
             return make_digest(message.hash, message.size_bytes, function)

@@ -18,7 +18,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from casbah.config import AuthConfig, LimitsConfig
-from casbah.digest import DigestFunction
+from casbah.digest import DEFAULT_FUNCTIONS, Digest, DigestFunction, make_digest
 from casbah.errors import (
     CasbahError,
     DeadlineExceeded,
@@ -45,10 +45,29 @@ class Instance:
     services: frozenset[str]
     read_only: bool = False
     extras: dict[str, object] = field(default_factory=dict)
+    #: What this instance serves and advertises, in its config's order.
+    digest_functions: tuple[DigestFunction, ...] = DEFAULT_FUNCTIONS
 
     def check_writable(self, what: str) -> None:
         if self.read_only:
             raise PermissionDenied(f"instance {self.name!r} is read-only: {what} refused")
+
+    def digest_function(self, value: int, hash_hex: str | None = None) -> DigestFunction:
+        """The function a request means: its `digest_function`, or when unset the one
+        the (first) hash's length implies, as REAPI tells servers to infer for old
+        clients; refused unless this instance enables it."""
+        return self.check_function(DigestFunction.from_proto(value, hash_hex))
+
+    def check_function(self, function: DigestFunction) -> DigestFunction:
+        if function not in self.digest_functions:
+            enabled = ", ".join(f.value for f in self.digest_functions)
+            raise InvalidArgument(f"digest function {function.value} is not enabled on instance {self.name!r} "
+                                  f"(enabled: {enabled})")
+        return function
+
+    def digest(self, message, value: int) -> Digest:
+        """One validated digest of a request whose `digest_function` is `value`."""
+        return make_digest(message.hash, message.size_bytes, self.digest_function(value, message.hash))
 
 
 class Instances:
@@ -120,10 +139,6 @@ async def next_message(requests, idle_seconds: float, what: str):
         return await asyncio.wait_for(anext(aiter(requests), None), idle_seconds)
     except TimeoutError:
         raise DeadlineExceeded(f"{what}: no message for {idle_seconds:.0f}s; closing the idle stream") from None
-
-
-def digest_function(value: int) -> DigestFunction:
-    return DigestFunction.from_proto(value)
 
 
 class _Malformed:

@@ -151,8 +151,10 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     @rpc_stream
     async def Read(self, request, context) -> AsyncIterator:
         resource = parse_read(request.resource_name)
-        cas = self.instances.get(resource.instance, "bytestream", context, what="ByteStream.Read",
-                                 detail=str(resource.digest)).cas
+        reader = self.instances.get(resource.instance, "bytestream", context, what="ByteStream.Read",
+                                    detail=str(resource.digest))
+        reader.check_function(resource.digest.function)
+        cas = reader.cas
         digest = resource.digest
         if request.read_limit < 0:
             raise InvalidArgument(f"read_limit {request.read_limit} is negative")
@@ -185,6 +187,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         resource = parse_write(name)
         instance = self.instances.get(resource.instance, "bytestream", context, write=True, what="ByteStream.Write",
                                       detail=str(resource.digest))
+        instance.check_function(resource.digest.function)
         instance.check_writable("ByteStream.Write")
         digest = resource.digest
         key = (resource.instance, resource.upload_id, digest, resource.compressor)
@@ -320,6 +323,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     async def QueryWriteStatus(self, request, context):
         resource = parse_write(request.resource_name)
         instance = self.instances.get(resource.instance, "bytestream", context, what="QueryWriteStatus")
+        instance.check_function(resource.digest.function)
         key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
         gathered = self.gathering.get(key)
         if gathered is not None and not gathered.taken:

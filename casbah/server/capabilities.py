@@ -19,7 +19,7 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
     @rpc
     async def GetCapabilities(self, request, context):
         instance = self.instances.get(request.instance_name, None, context, what="GetCapabilities")
-        functions = [f.proto_value for f in DigestFunction]
+        functions = [f.proto_value for f in instance.digest_functions]  # exactly what requests may use
         cache = re_pb2.CacheCapabilities(
             digest_functions=functions,
             action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(
@@ -29,9 +29,13 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
             symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
             supported_compressors=[re_pb2.Compressor.ZSTD],
             supported_batch_update_compressors=[re_pb2.Compressor.ZSTD],
+            # Content-defined chunking is not served yet: SplitBlob/SpliceBlob answer UNIMPLEMENTED.
+            split_blob_support=False,
+            splice_blob_support=False,
         )
         execution = re_pb2.ExecutionCapabilities(
-            digest_function=DigestFunction.SHA256.proto_value, exec_enabled=False, digest_functions=functions
+            digest_function=_preferred(instance.digest_functions).proto_value, exec_enabled=False,
+            digest_functions=functions
         )
         return re_pb2.ServerCapabilities(
             cache_capabilities=cache,
@@ -40,3 +44,8 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
             low_api_version=LOW_API,
             high_api_version=HIGH_API,
         )
+
+
+def _preferred(functions: tuple[DigestFunction, ...]) -> DigestFunction:
+    """The legacy single `digest_function`: SHA-256 where enabled, else the first listed."""
+    return DigestFunction.SHA256 if DigestFunction.SHA256 in functions else functions[0]

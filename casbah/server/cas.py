@@ -1,4 +1,5 @@
-"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree."""
+"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree (SplitBlob and
+SpliceBlob answer UNIMPLEMENTED until content-defined chunking lands)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ import base64
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
 
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
-from casbah.digest import Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import InvalidArgument, NotFound, code_to_int, status_code
+from casbah.digest import INFERABLE_LENGTHS, Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.errors import InvalidArgument, InvalidTree, NotFound, Unsupported, code_to_int, status_code
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, rpc, rpc_stream
 from casbah.storage.base import Storage, read_many_partial
+from casbah.tree import Visit, walk_levels
+from casbah.tree_rules import served
 
 _ZSTD = re_pb2.Compressor.ZSTD
 _IDENTITY = re_pb2.Compressor.IDENTITY
@@ -35,10 +37,11 @@ def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
     hashes = list(map(_HASH, messages))
     sizes = list(map(_SIZE, messages))
     n = len(hashes)
+    width = function.hex_length
     joined = "".join(hashes)
     try:
-        ok = (len(joined) == 64 * n and len(bytes.fromhex(joined)) == 32 * n and joined == joined.lower()
-              and (not n or (min(map(len, hashes)) == 64 and min(sizes) >= 0)))
+        ok = (len(joined) == width * n and len(bytes.fromhex(joined)) * 2 == width * n and joined == joined.lower()
+              and (not n or (min(map(len, hashes)) == width and min(sizes) >= 0)))
     except ValueError:
         ok = False
     if not ok:
@@ -50,6 +53,13 @@ def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
 
 _HASH = attrgetter("hash")
 _SIZE = attrgetter("size_bytes")
+
+
+def _first_hash(messages: Sequence) -> str | None:
+    """What an unset `digest_function` is inferred from: all digests of a request
+    share one function, so the first hash of a usable length decides (the rest must
+    match it; a malformed one fails alone where the call reports per blob)."""
+    return next((m.hash for m in messages if len(m.hash) in INFERABLE_LENGTHS), None)
 
 
 def error_status(exc: BaseException) -> status_pb2.Status:
@@ -65,8 +75,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc
     async def FindMissingBlobs(self, request, context):
-        cas = self._instance(request.instance_name, context, "FindMissingBlobs").cas
-        function = DigestFunction.from_proto(request.digest_function)
+        instance = self._instance(request.instance_name, context, "FindMissingBlobs")
+        cas = instance.cas
+        function = instance.digest_function(request.digest_function, _first_hash(request.blob_digests))
         digests = digests_from(request.blob_digests, function)
         wanted = [d for d in digests if d.size or not is_empty_blob(d)]
         missing = await cas.find_missing(wanted) if wanted else []
@@ -88,7 +99,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         detail = digest_list([r.digest for r in request.requests])
         instance = self._instance(request.instance_name, context, "BatchUpdateBlobs", write=True, detail=detail)
         instance.check_writable("BatchUpdateBlobs")
-        function = DigestFunction.from_proto(request.digest_function)
+        function = instance.digest_function(request.digest_function,
+                                            _first_hash([r.digest for r in request.requests]))
         self._check_batch_size(sum(len(r.data) for r in request.requests), "BatchUpdateBlobs request")
         # Compressed blobs are expanded in memory, up to the size their digests claim:
         # bound the total a client can make the server allocate for one request.
@@ -140,8 +152,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc
     async def BatchReadBlobs(self, request, context):
-        cas = self._instance(request.instance_name, context, "BatchReadBlobs").cas
-        function = DigestFunction.from_proto(request.digest_function)
+        instance = self._instance(request.instance_name, context, "BatchReadBlobs")
+        cas = instance.cas
+        function = instance.digest_function(request.digest_function, _first_hash(request.digests))
         digests = digests_from(request.digests, function)
         self._check_batch_size(sum(d.size for d in digests), "BatchReadBlobs request")
         zstd = _ZSTD in request.acceptable_compressors
@@ -173,9 +186,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     @rpc_stream
     async def GetTree(self, request, context) -> AsyncIterator:
-        cas = self._instance(request.instance_name, context, "GetTree").cas
-        function = DigestFunction.from_proto(request.digest_function)
-        root = make_digest(request.root_digest.hash, request.root_digest.size_bytes, function)
+        instance = self._instance(request.instance_name, context, "GetTree")
+        cas = instance.cas
+        root = instance.digest(request.root_digest, request.digest_function)
         if request.page_size < 0:
             raise InvalidArgument(f"page_size {request.page_size} is negative")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -184,55 +197,50 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         position = 0
         page: list = []
         page_bytes = 0
-        async for directory, size in walk_tree(cas, root):
+        async for visit in _present(cas, root):
             position += 1
             if position <= skip:
                 continue
-            if page and (len(page) >= page_size or page_bytes + size > budget):
+            if page and (len(page) >= page_size or page_bytes + visit.size > budget):
                 yield re_pb2.GetTreeResponse(
                     directories=page, next_page_token=_page_token(root, position - 1)
                 )
                 page, page_bytes = [], 0
-            page.append(directory)
-            page_bytes += size + 8
+            page.append(visit.directory)
+            page_bytes += visit.size + 8
         yield re_pb2.GetTreeResponse(directories=page, next_page_token="")
 
+    # Capabilities advertise split_blob_support and splice_blob_support false, so a
+    # client that checks them never calls these; one that does not gets UNIMPLEMENTED,
+    # after the same access check a working call would make.
+    @rpc
+    async def SplitBlob(self, request, context):
+        self._instance(request.instance_name, context, "SplitBlob")
+        raise Unsupported("SplitBlob is not implemented by this server (split_blob_support is false)")
 
-async def walk_tree(cas: Storage, root: Digest) -> AsyncIterator[tuple[object, int]]:
-    """Breadth-first Directory messages of a tree, each once; missing subtrees are skipped.
+    @rpc
+    async def SpliceBlob(self, request, context):
+        self._instance(request.instance_name, context, "SpliceBlob", write=True)
+        raise Unsupported("SpliceBlob is not implemented by this server (splice_blob_support is false)")
 
-    One `read_many` per level keeps the number of storage round trips at the
-    tree's depth, not its size.
+
+async def _present(cas: Storage, root: Digest) -> AsyncIterator[Visit]:
+    """The tree's Directory messages for GetTree: missing subtrees are skipped (REAPI),
+    only a missing root is NOT_FOUND.
+
+    The walk checks each level before it is handed over, so a stored tree with a bad
+    name is never served: the stream ends with FAILED_PRECONDITION naming the entry
+    (see docs/architecture.md), before any Directory of that level is sent.
     """
-    function = root.function
-    if is_empty_blob(root):
-        yield re_pb2.Directory(), 0
-        return
-    level = [root]
-    seen = {root}
-    first = True
-    while level:
-        found = await cas.read_many([d for d in level if not is_empty_blob(d)])
-        if first and root not in found:
-            raise NotFound(f"root directory {root} not found")
-        first = False
-        next_level: list[Digest] = []
-        for digest in level:
-            data = b"" if is_empty_blob(digest) else found.get(digest)
-            if data is None:
-                continue
-            directory = re_pb2.Directory()
-            try:
-                directory.ParseFromString(data)
-            except DecodeError:
-                raise InvalidArgument(f"blob {digest} is not a Directory message") from None
-            yield directory, len(data)
-            for node in directory.directories:
-                child = make_digest(node.digest.hash, node.digest.size_bytes, function)
-                if child not in seen:
-                    seen.add(child)
-                    next_level.append(child)
-        level = next_level
+    try:
+        async for visits in walk_levels(cas.read_many, [(root, "")]):
+            if visits[0].digest == root and visits[0].directory is None:
+                raise NotFound(f"root directory {root} not found")
+            for visit in visits:
+                if visit.directory is not None:
+                    yield visit
+    except InvalidTree as exc:
+        raise served(exc) from None
 
 
 def _page_token(root: Digest, position: int) -> str:

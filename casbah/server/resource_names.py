@@ -4,6 +4,9 @@ Read:  `{instance}/blobs/{fn/}{hash}/{size}` or `{instance}/compressed-blobs/{co
 Write: `{instance}/uploads/{uuid}/blobs/...` or `.../uploads/{uuid}/compressed-blobs/...`, then optional
 `/{metadata}`.  The instance may have several segments, so names are parsed by
 finding the keyword segment, never by position from the start.
+
+The digest function comes from the `fn/` segment or, without one, from the hash
+length; whether the instance enables it is the caller's check (`Instance.check_function`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ RESERVED = frozenset(
 )
 COMPRESSORS = frozenset({"zstd", "deflate", "brotli"})
 SERVED_COMPRESSORS = frozenset({"zstd"})
-# Functions whose name appears in the path (the others are implied by hash length).
-_NAMED_FUNCTIONS = {"blake3": DigestFunction.BLAKE3, "sha256": DigestFunction.SHA256}
+# A function segment: REAPI writes one only for functions a hash length cannot identify
+# (blake3, sha256tree, gitsha1), but naming an inferable one (sha256/...) is unambiguous too.
+_NAMED_FUNCTIONS = {f.value: f for f in DigestFunction}
 _MAX_SIZE = (1 << 63) - 1  # Digest.size_bytes is an int64
-_UNSERVED_FUNCTIONS = {"sha256tree", "gitsha1", "sha1", "md5", "sha384", "sha512", "vso", "murmur3"}
+_UNSUPPORTED_FUNCTIONS = {"vso", "murmur3"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +79,17 @@ def _parse_blob(name: str, instance_parts: list[str], rest: list[str], upload_id
         raise InvalidArgument(f"malformed resource name {name!r}: expected 'blobs' or 'compressed-blobs'")
     else:
         rest = rest[1:]
-    function = DigestFunction.SHA256
+    function: DigestFunction | None = None
     if rest and rest[0] in _NAMED_FUNCTIONS:
         function = _NAMED_FUNCTIONS[rest[0]]
         rest = rest[1:]
-    elif rest and rest[0] in _UNSERVED_FUNCTIONS:
-        raise InvalidArgument(f"digest function {rest[0]!r} is not served (served: sha256, blake3)")
+    elif rest and rest[0] in _UNSUPPORTED_FUNCTIONS:
+        raise InvalidArgument(f"digest function {rest[0]!r} is not supported by casbah")
     if len(rest) < 2 or (len(rest) > 2 and not allow_metadata):
         raise InvalidArgument(f"malformed resource name {name!r}: expected HASH/SIZE")
     hash_hex, size = rest[0], rest[1]
+    if function is None:  # no segment: the hash length says which (64 hex: sha256, 40: sha1, ...)
+        function = DigestFunction.infer(hash_hex)
     # ASCII digits only: str.isdigit() accepts '²' (int() then fails) and other scripts' digits.
     if not (size.isascii() and size.isdigit()) or int(size) > _MAX_SIZE:
         raise InvalidArgument(f"malformed resource name {name!r}: size {size!r} is not a valid blob size")

@@ -197,7 +197,7 @@ def _function(request: web.Request) -> DigestFunction:
     try:
         return DigestFunction(value)
     except ValueError:
-        raise _bad_request(f"unknown digest function {value!r} (sha256, blake3)") from None
+        raise _bad_request(f"unknown digest function {value!r} ({', '.join(DigestFunction)})") from None
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -22,15 +22,22 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
 
-from casbah.digest import Digest, Hasher, is_empty_blob
-from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch, InvalidArgument, OutOfRange
+from casbah.digest import Digest, is_empty_blob
+from casbah.errors import BlobNotFound, CasbahError, DataLoss, InvalidArgument, OutOfRange
+from casbah.streams import (  # re-exported: the backends' names for them
+    CHUNK_SIZE,
+    NoVerifier,
+    ReadVerifier,
+    Verifier,
+    empty_stream,
+    one_chunk,
+    verified_range,
+)
 
-#: Chunk size for streams produced by storage: big enough that per-chunk overhead
-#: (a thread hop, a gRPC message) is small against the copy, small enough to keep
-#: memory bounded with many concurrent streams.
-CHUNK_SIZE = 1024 * 1024
+__all__ = ["CHUNK_SIZE", "BlobInfo", "BlobsLost", "ReadVerifier", "Storage", "Verifier", "check_range",
+           "empty_stream", "found_or_lost", "one_chunk", "read_many_partial", "verified_range"]
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +94,7 @@ class Storage(abc.ABC):
         return b"".join([chunk async for chunk in stream])
 
     async def write_bytes(self, digest: Digest, data: bytes) -> None:
-        await self.write(digest, _one(data))
+        await self.write(digest, one_chunk(data))
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         """Small blobs by digest; absent ones are left out of the result.  Blobs that
@@ -138,12 +145,12 @@ class Storage(abc.ABC):
     # -- helpers for implementations -----------------------------------------------
 
     def verifier(self, digest: Digest) -> Verifier:
-        return Verifier(digest) if self.verify else _NoVerifier(digest)
+        return Verifier(digest) if self.verify else NoVerifier(digest)
 
     def read_verifier(self, digest: Digest) -> Verifier:
         """For bytes this store reads from somewhere it does not control (an upstream,
         S3, Redis): a mismatch is DataLoss naming the store, not the client's fault."""
-        return ReadVerifier(digest, self.describe()) if self.verify else _NoVerifier(digest)
+        return ReadVerifier(digest, self.describe()) if self.verify else NoVerifier(digest)
 
     def check_read(self, digest: Digest, data: bytes | memoryview) -> None:
         """Verify a whole blob read into memory (batch reads, Redis values)."""
@@ -151,15 +158,6 @@ class Storage(abc.ABC):
             verifier = ReadVerifier(digest, self.describe())
             verifier.update(data)
             verifier.finish()
-
-
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def empty_stream() -> AsyncIterator[bytes]:
-    return
-    yield  # pragma: no cover - makes this an async generator
 
 
 def check_range(digest: Digest, size: int, offset: int, limit: int) -> int:
@@ -170,57 +168,6 @@ def check_range(digest: Digest, size: int, offset: int, limit: int) -> int:
         raise InvalidArgument(f"read limit {limit} is negative")  # ByteStream: INVALID_ARGUMENT
     remaining = size - offset
     return remaining if limit == 0 else min(limit, remaining)
-
-
-class Verifier:
-    """Hashes a stream as it passes and checks it against the digest at the end."""
-
-    __slots__ = ("_hasher", "digest", "received")
-
-    def __init__(self, digest: Digest) -> None:
-        self.digest = digest
-        self._hasher: Hasher = digest.function.hasher()
-        self.received = 0
-
-    def update(self, chunk: bytes | memoryview) -> None:
-        self.received += len(chunk)
-        if self.received > self.digest.size:
-            self._fail(f"has more than the {self.digest.size} bytes its digest names")
-        self._hasher.update(chunk)
-
-    def finish(self) -> None:
-        if self.received != self.digest.size:
-            self._fail(f"has {self.received} bytes, its digest names {self.digest.size}")
-        actual = self._hasher.hexdigest()
-        if actual != self.digest.hash:
-            self._fail(f"hashes to {actual} with {self.digest.function.value}")
-
-    def _fail(self, problem: str) -> NoReturn:
-        raise DigestMismatch(f"upload for {self.digest} {problem}")
-
-
-class ReadVerifier(Verifier):
-    """A Verifier for reads: the bytes came from `source`, so a mismatch is DataLoss
-    (the stored copy is corrupt or the source lies), naming both digest and source."""
-
-    __slots__ = ("source",)
-
-    def __init__(self, digest: Digest, source: str) -> None:
-        super().__init__(digest)
-        self.source = source
-
-    def _fail(self, problem: str) -> NoReturn:
-        raise DataLoss(f"blob {self.digest} as read from {self.source} {problem}: not served")
-
-
-class _NoVerifier(Verifier):
-    __slots__ = ()
-
-    def update(self, chunk: bytes | memoryview) -> None:
-        self.received += len(chunk)
-
-    def finish(self) -> None:
-        return None
 
 
 class BlobsLost(DataLoss):
@@ -252,49 +199,6 @@ async def read_many_partial(store: Storage, digests: Sequence[Digest]) -> tuple[
         return await store.read_many(digests), {}
     except BlobsLost as exc:
         return exc.found, exc.lost
-
-
-async def verified_range(chunks: AsyncIterable[bytes], verifier: Verifier, offset: int, count: int,
-                         hashed: bool = False) -> AsyncIterator[bytes]:
-    """Pass on bytes `offset .. offset+count` of a blob read whole from its start,
-    hashing every byte, and never the last piece before the whole blob verified: a
-    consumer cannot receive a complete wrong blob (or range) with success.
-
-    A whole-blob read (the hot path: Bazel and BuildStream read whole blobs) yields
-    each chunk as it came, without a copy, once it is hashed; the last chunk after
-    `finish()`.  A ranged read costs the rest of the blob: a slice cannot be verified
-    by itself.  `hashed`: the source already fed `verifier` (in its own thread hop).
-    """
-    size = verifier.digest.size
-    end = offset + count
-    whole = offset == 0 and count == size
-    position = 0
-    finished = False
-    held: bytes | None = None
-    async for chunk in chunks:
-        if not hashed:
-            verifier.update(chunk)
-        start, position = position, position + len(chunk)
-        if position >= size:
-            verifier.finish()
-            finished = True
-        if whole:
-            yield chunk
-            continue
-        lo, hi = max(start, offset), min(position, end)
-        if hi > lo:
-            piece = chunk[lo - start : hi - start]
-            if hi == end and not finished:
-                held = piece  # the range's last piece waits for the rest of the blob
-            else:
-                yield piece
-        if finished and held is not None:
-            yield held
-            held = None
-    if not finished:
-        verifier.finish()  # a source that ended short: a mismatch, whatever the source said
-        if held is not None:
-            yield held  # only without verification (a _NoVerifier finishes quietly)
 
 
 def without_empty(digests: Sequence[Digest]) -> list[Digest]:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from casbah.config import parse_size
-from casbah.digest import Digest
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch, from_os_error
 from casbah.storage.base import (
     CHUNK_SIZE,
@@ -79,6 +79,12 @@ class DiskStorage(Storage):
 
     async def has(self, digest: Digest) -> bool:
         return not self.engine.missing([digest])
+
+    async def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
+        """The stored blob with this hash, whatever its size, or None: for protocols that
+        name blobs by hash alone (the HTTP cache protocol).  One index lookup: keys start
+        with the function and the hash, so the blob is the first key at or after them."""
+        return self.engine.find_by_hash(hash_hex, function)
 
     # -- reads ---------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ def parse_key(name: str) -> Digest | None:
             return None
     except (ValueError, KeyError):
         return None
-    if (not digest.hash or len(digest.hash) % 2 or not _HEX.issuperset(digest.hash) or digest.size < 0
+    if (len(digest.hash) != digest.function.hex_length or not _HEX.issuperset(digest.hash) or digest.size < 0
             or digest.key != name):
         return None
     return digest

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pydantic import Field
 
 from casbah.config import parse_size
-from casbah.digest import Digest
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, ResourceExhausted
 from casbah.storage.base import CHUNK_SIZE, BlobInfo, Storage, check_range
 from casbah.storage.loader import NodeOptions, register
@@ -50,6 +50,11 @@ class MemoryStorage(Storage):
             raise BlobNotFound(digest) from None
         self._blobs.move_to_end(digest)
         return data
+
+    async def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
+        """The stored blob with this hash, whatever its size (a scan: a fallback for
+        protocols that name blobs by hash alone)."""
+        return next((d for d in self._blobs if d.hash == hash_hex and d.function is function), None)
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
         data = self._get(digest)

@@ -23,9 +23,9 @@ from client_helpers import (
     server_blob_files,
 )
 
-from casbah.client.channel import RemoteSpec
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
+from casbah.reapi.channel import RemoteSpec
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from client_helpers import add_awkward_entries, assert_same_tree, cli, small_tree, start_module_server
 
-from casbah.client.channel import RemoteSpec
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
+from casbah.reapi.channel import RemoteSpec
 from casbah.tree import build_tree
 
 
@@ -118,8 +118,8 @@ def test_missing_prints_absent_digests(tmp_path: Path, server) -> None:
 def test_batch_update_wire_encoding_is_canonical() -> None:
     """The client writes BatchUpdateBlobsRequest bytes itself (one copy of the data instead of
     three); they must be exactly what protobuf's deterministic serialization produces."""
-    from casbah.client.remote import encode_batch_update
     from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+    from casbah.reapi.wire import encode_batch_update
 
     for instance, function in (("", 1), ("a/b", 9), ("x" * 300, 0)):
         blobs = [(Digest.of(d), d) for d in (b"", b"x", os.urandom(200), os.urandom(70_000), os.urandom(3 << 20))]

@@ -151,6 +151,16 @@ def _push_directory(ch, inst, md):
         metadata=md, timeout=10)
 
 
+def _split_blob(ch, inst, md):
+    return re_grpc.ContentAddressableStorageStub(ch).SplitBlob(
+        re_pb2.SplitBlobRequest(instance_name=inst, blob_digest=EMPTY), metadata=md, timeout=10)
+
+
+def _splice_blob(ch, inst, md):
+    return re_grpc.ContentAddressableStorageStub(ch).SpliceBlob(
+        re_pb2.SpliceBlobRequest(instance_name=inst, blob_digest=EMPTY), metadata=md, timeout=10)
+
+
 def _get_reference(ch, inst, md):
     return bst_grpc.ReferenceStorageStub(ch).GetReference(
         bst_pb2.GetReferenceRequest(instance_name=inst, key=str(uuid.uuid4())), metadata=md, timeout=10)
@@ -182,6 +192,9 @@ RPCS = [
     Rpc("CAS.BatchUpdateBlobs", _batch_update, True),
     Rpc("CAS.BatchReadBlobs", _batch_read, False),
     Rpc("CAS.GetTree", _get_tree, False),
+    # Not implemented yet: an authorized caller gets UNIMPLEMENTED, anyone else the access status.
+    Rpc("CAS.SplitBlob", _split_blob, False, grpc.StatusCode.UNIMPLEMENTED),
+    Rpc("CAS.SpliceBlob", _splice_blob, True, grpc.StatusCode.UNIMPLEMENTED),
     Rpc("ByteStream.Read", _bytestream_read, False),
     Rpc("ByteStream.Write", _bytestream_write, True),
     Rpc("ByteStream.QueryWriteStatus", _query_write_status, False, NOT_FOUND),

@@ -76,8 +76,8 @@ def make_tree(root_file: bytes, child_file: bytes) -> re_pb2.Tree:
     child = re_pb2.Directory(files=[re_pb2.FileNode(name="deep.o", digest=sha(child_file))])
     root = re_pb2.Directory(
         files=[re_pb2.FileNode(name="top.o", digest=sha(root_file))],
-        directories=[re_pb2.DirectoryNode(name="sub", digest=sha(child.SerializeToString())),
-                     re_pb2.DirectoryNode(name="empty", digest=sha(b""))],
+        directories=[re_pb2.DirectoryNode(name="empty", digest=sha(b"")),
+                     re_pb2.DirectoryNode(name="sub", digest=sha(child.SerializeToString()))],
     )
     return re_pb2.Tree(root=root, children=[child, re_pb2.Directory()])
 
@@ -158,13 +158,15 @@ def test_output_root_directory_completeness(mchannel) -> None:
 
 
 def test_output_tree_blob_that_is_not_a_tree_is_a_miss(mchannel) -> None:
-    """A Tree digest naming garbage is the entry's fault, not the request's: NOT_FOUND, not INVALID_ARGUMENT."""
-    garbage = b"\xff\xff\xff\xff not a protobuf"
-    upload(mchannel, [garbage])
+    """A stored entry whose Tree digest names garbage is the entry's fault, not the Get request's:
+    NOT_FOUND, not INVALID_ARGUMENT.  (Garbage already in CAS at update time is refused then.)"""
+    garbage = b"\xff\xff\xff\xff not a protobuf " + rand(8)
+    result = re_pb2.ActionResult(output_directories=[re_pb2.OutputDirectory(path="d", tree_digest=sha(garbage))])
     a = action()
-    put(mchannel, a, re_pb2.ActionResult(output_directories=[
-        re_pb2.OutputDirectory(path="d", tree_digest=sha(garbage))]))
+    put(mchannel, a, result)  # the Tree is not uploaded yet: accepted, a miss until it is
+    upload(mchannel, [garbage])
     assert code(lambda: get(mchannel, a)) == grpc.StatusCode.NOT_FOUND
+    assert code(lambda: put(mchannel, action(), result)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_empty_outputs_need_no_upload(mchannel) -> None:

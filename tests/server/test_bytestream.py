@@ -346,7 +346,7 @@ BAD_READ_NAMES = [
     "", "blobs", f"blobs/{H}", f"blobs/{H}/abc", f"blobs/{H}/-1", f"blobs/{H.upper()}/5", f"blobs/{H[:-1]}/5",
     f"blobs/{H}/5/extra", f"uploads/{uuid.uuid4()}/blobs/{H}/5", f"a//b/blobs/{H}/5", f"/blobs/{H}/5",
     f"compressed-blobs/{H}/5", f"compressed-blobs/zstd/{H}", f"blobs/sha1/{'a' * 40}/5", f"blobs/md5/{'a' * 32}/5",
-    f"blobs/sha256tree/{H}/5", f"actionResults/{H}/5", f"nope/blobs/{H}/5", f"blobs/blake3/{H}",
+    f"blobs/vso/{H}/5", f"blobs/gitsha1/{H}/5", f"actionResults/{H}/5", f"nope/blobs/{H}/5", f"blobs/blake3/{H}",
     f"blobs/{H}/\u00b2", f"blobs/{H}/\u0661\u0662", f"blobs/{H}/{'9' * 30}", f"blobs/{H}/+5", f"blobs/{H}/ 5",
 ]
 

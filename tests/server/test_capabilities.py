@@ -33,9 +33,12 @@ def get(channel: grpc.Channel, instance: str = "") -> re_pb2.ServerCapabilities:
 
 
 def test_digest_functions_and_compressors(mchannel) -> None:
-    """SHA256 and BLAKE3 are both served; zstd for ByteStream and for batch uploads."""
+    """By default every function casbah computes but the legacy SHA1 and MD5; zstd for
+    ByteStream and for batch uploads; no content-defined chunking yet."""
     cache = get(mchannel).cache_capabilities
-    assert set(cache.digest_functions) == {SHA256, BLAKE3}
+    f = re_pb2.DigestFunction
+    assert list(cache.digest_functions) == [SHA256, f.SHA384, f.SHA512, f.SHA256TREE, BLAKE3, f.GITSHA1]
+    assert not cache.split_blob_support and not cache.splice_blob_support
     assert list(cache.supported_compressors) == [ZSTD]
     assert list(cache.supported_batch_update_compressors) == [ZSTD]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from casbah.digest import DigestFunction
 from casbah.errors import Unsupported
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
@@ -71,7 +72,11 @@ def stop_casbah(proc: subprocess.Popen) -> None:
 
 
 async def remote(tmp_path: Path) -> AsyncIterator[Storage]:
-    proc, address = start_casbah(tmp_path / "upstream")
+    # Every digest function, the legacy ones included, so the contract runs them all through the upstream.
+    config = tmp_path / "upstream.yaml"
+    functions = ", ".join(f.value for f in DigestFunction)
+    config.write_text(f'instances:\n  "":\n    digest-functions: [{functions}]\n')
+    proc, address = start_casbah(tmp_path / "upstream", "--config", str(config))
     storage = _load({"kind": "remote", "url": f"grpc://{address}", "retries": 1, "request-timeout": 30})
     try:
         yield storage

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from contract import check_disk_consistent
 
-from casbah.digest import Digest
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DataLoss, ResourceExhausted
 from casbah.storage.disk import DiskStorage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
@@ -276,6 +276,32 @@ def test_restart_keeps_complete_blobs_and_drops_partial_ones(tmp_path: Path) -> 
         await storage.close()
         await check_disk_consistent(storage)
 
+    run(second_run)
+
+
+def test_restart_finds_every_digest_function_under_its_own_name(tmp_path: Path) -> None:
+    """Each digest comes back from the index with its function: a gitsha1 or sha384 blob
+    must come back as itself, and sha256 and sha256tree of the same hex stay apart."""
+    data = os.urandom(700)  # under 1 KiB: sha256tree and sha256 share the hex
+    digests = [Digest.of(data, function) for function in DigestFunction]
+
+    async def first_run() -> None:
+        storage = DiskStorage(path=tmp_path)
+        for digest in digests:
+            await storage.write_bytes(digest, data)
+        await storage.close()
+
+    async def second_run() -> None:
+        storage = DiskStorage(path=tmp_path)
+        assert await storage.find_missing(digests) == []
+        assert sorted([info.digest async for info in storage.iterate()]) == sorted(digests)
+        for digest in digests:
+            assert await storage.read_bytes(digest) == data
+            assert await storage.find_by_hash(digest.hash, digest.function) == digest
+        assert (await storage.stats())["objects"] == len(digests)
+        await storage.close()
+
+    run(first_run)
     run(second_run)
 
 

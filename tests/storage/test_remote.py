@@ -226,7 +226,7 @@ def test_read_survives_a_real_upstream_restart(start_server, caplog: pytest.LogC
     and started again on the same port and data; the read resumes and completes."""
     upstream = start_server()
     digest, data = blob(48 * MiB)
-    caplog.set_level("INFO", logger="casbah.storage.remote")
+    caplog.set_level("INFO", logger="casbah.reapi.bytestream")
 
     async def body() -> None:
         storage = remote(upstream.url, compression="identity", retries=60, **{"max-backoff": 0.5})

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import lmdb
 
-from casbah.digest import Digest
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss, ResourceExhausted, from_os_error
-from casbah.storage.base import Verifier
 from casbah.storage.engine.files import FileArea, TmpFile
 from casbah.storage.engine.index import (
     FILE,
@@ -42,6 +41,7 @@ from casbah.storage.engine.index import (
     split_order_value,
 )
 from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
+from casbah.streams import NoVerifier, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,14 @@ class Engine:
         head = int.from_bytes(cursor.key(), "big") if cursor.first() else 0
         cursor.close()
         return head + (self.env.counter(txn, b"seq") - head) // 4
+
+    def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
+        prefix = key_of(Digest(hash_hex, 0, function))[:-8]
+        with self.env.env.begin(db=self.env.meta) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(prefix) or not cursor.key().startswith(prefix):
+                return None
+            return digest_of(cursor.key())
 
     def lookup(self, digest: Digest) -> Record | None:
         key = key_of(digest)
@@ -516,9 +524,7 @@ class Engine:
         return size == digest.size and hasher.hexdigest() == digest.hash, size
 
     def _verifier(self, digest: Digest) -> Verifier:
-        from casbah.storage.base import _NoVerifier
-
-        return Verifier(digest) if self.verify else _NoVerifier(digest)
+        return Verifier(digest) if self.verify else NoVerifier(digest)
 
 
 _seq_in = struct.Struct("<Q").unpack_from  # a record's position, without unpacking it whole

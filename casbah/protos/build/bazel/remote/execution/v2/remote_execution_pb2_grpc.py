@@ -297,6 +297,16 @@ class ContentAddressableStorageStub:
                 request_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
                 response_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeResponse.FromString,
                 _registered_method=True)
+        self.SplitBlob = channel.unary_unary(
+                '/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob',
+                request_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobRequest.SerializeToString,
+                response_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobResponse.FromString,
+                _registered_method=True)
+        self.SpliceBlob = channel.unary_unary(
+                '/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob',
+                request_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobRequest.SerializeToString,
+                response_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobResponse.FromString,
+                _registered_method=True)
 
 
 class ContentAddressableStorageServicer:
@@ -326,6 +336,22 @@ class ContentAddressableStorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitBlob(self, request, context):
+        """Content-defined chunking: the server answers a stored blob as the ordered
+        list of chunks it is made of (every chunk then present in CAS) ...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpliceBlob(self, request, context):
+        """... and makes a blob present from chunks already in CAS, after checking
+        that their concatenation has the digest the client named.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContentAddressableStorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -348,6 +374,16 @@ def add_ContentAddressableStorageServicer_to_server(servicer, server):
                     servicer.GetTree,
                     request_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeRequest.FromString,
                     response_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeResponse.SerializeToString,
+            ),
+            'SplitBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitBlob,
+                    request_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobRequest.FromString,
+                    response_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobResponse.SerializeToString,
+            ),
+            'SpliceBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpliceBlob,
+                    request_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobRequest.FromString,
+                    response_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -458,6 +494,60 @@ class ContentAddressableStorage:
             '/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree',
             build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
             build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.GetTreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob',
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobRequest.SerializeToString,
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SplitBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpliceBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob',
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobRequest.SerializeToString,
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.SpliceBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from casbah.client.retry import RetryPolicy, transport_code
+from casbah.reapi.retry import RetryPolicy, transport_code
 
 
 def test_broken_connections_are_unavailable_whatever_code_grpc_gave() -> None:

@@ -1,8 +1,9 @@
 """An asyncio connection to a REAPI server: channel, stubs, retries, capabilities.
 
-Shared by the server-side pieces that forward to an upstream (the `remote`
-storage backend, the remote ActionCache, the remote asset index), so one
-upstream is one channel with one retry policy and one set of credentials.
+Shared by everything that talks to a server (the CAS client and through it the
+`remote` storage backend, the remote ActionCache, the remote asset index, the
+CLI's sync facade), so one upstream is one channel with one retry policy and one
+set of credentials.
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from casbah.client.channel import RemoteSpec, open_aio_channel
-from casbah.client.retry import RetryPolicy
-from casbah.digest import Digest, DigestFunction
+from casbah.digest import Digest
 from casbah.errors import CasbahError, Unsupported
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from casbah.reapi import plan
+from casbah.reapi.channel import MAX_MESSAGE, RemoteSpec, open_aio_channel
+from casbah.reapi.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-#: Used when the remote does not say (no GetCapabilities, or 0): what every server takes.
-SAFE_BATCH_SIZE = 2 * 1024 * 1024
+SAFE_BATCH_SIZE = plan.SAFE_BATCH_SIZE
 #: Seconds before a failed capabilities probe is tried again.
 CAPABILITIES_RETRY = 30.0
 
@@ -41,10 +43,10 @@ class RemoteCapabilities:
 class AsyncRemote:
     """One upstream.  Channels are created lazily, inside the running event loop."""
 
-    def __init__(self, spec: RemoteSpec, policy: RetryPolicy, channel_options: list | None = None,
-                 max_message: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, spec: RemoteSpec, policy: RetryPolicy | None = None, channel_options: list | None = None,
+                 max_message: int = MAX_MESSAGE) -> None:
         self.spec = spec
-        self.policy = policy
+        self.policy = policy or RetryPolicy()
         self.channel_options = channel_options or []
         self.max_message = max_message
         self._metadata = spec.metadata()
@@ -77,6 +79,7 @@ class AsyncRemote:
             self.capabilities_stub = re_grpc.CapabilitiesStub(self._channel)
             self.fetch = ra_grpc.FetchStub(self._channel)
             self.push = ra_grpc.PushStub(self._channel)
+            self.references = bst_grpc.ReferenceStorageStub(self._channel)
         return self._channel
 
     def reconnect_options(self) -> list[tuple[str, int]]:
@@ -143,24 +146,17 @@ class AsyncRemote:
                         SAFE_BATCH_SIZE)
             return caps, False
         cache = response.cache_capabilities
-        limit = cache.max_batch_total_size_bytes or SAFE_BATCH_SIZE
-        caps.max_batch_size = min(limit, self.max_message - 64 * 1024)
+        caps.max_batch_size = plan.batch_limit(cache.max_batch_total_size_bytes, self.max_message)
         caps.zstd = re_pb2.Compressor.ZSTD in cache.supported_compressors
         caps.digest_functions = frozenset(cache.digest_functions)
         log.info("%s: batch limit %d bytes, zstd %s", self.describe(), caps.max_batch_size, caps.zstd)
         return caps, True
 
     def blob_path(self, digest: Digest, compressed: bool = False) -> str:
-        prefix = f"{self.instance}/" if self.instance else ""
-        kind = "compressed-blobs/zstd" if compressed else "blobs"
-        fn = "blake3/" if digest.function is DigestFunction.BLAKE3 else ""
-        return f"{prefix}{kind}/{fn}{digest.hash}/{digest.size}"
+        return plan.blob_resource(self.instance, digest, compressed)
 
     def upload_path(self, upload_id: str, digest: Digest, compressed: bool = False) -> str:
-        prefix = f"{self.instance}/" if self.instance else ""
-        kind = "compressed-blobs/zstd" if compressed else "blobs"
-        fn = "blake3/" if digest.function is DigestFunction.BLAKE3 else ""
-        return f"{prefix}uploads/{upload_id}/{kind}/{fn}{digest.hash}/{digest.size}"
+        return plan.upload_resource(self.instance, upload_id, digest, compressed)
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -1,0 +1,1 @@
+"""The HTTP cache front: Bazel's HTTP protocol, ccache and sccache (WebDAV) on casbah's storage."""
