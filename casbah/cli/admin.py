@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import click
@@ -41,10 +42,8 @@ def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...],
     from casbah.server.app import build_instances
 
     setup_logging("info")  # storage startup (e.g. truncated files dropped) and each corrupt blob, on stderr
-    try:
-        config = load_config(config_file, {"data-dir": data_dir})
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = load_config(config_file, {"data-dir": data_dir})
+    _check_stores_exist(config, data_dir)
     unknown = sorted(set(names) - set(config.instances))
     if unknown:
         served = ", ".join(repr(n) for n in sorted(config.instances))
@@ -73,10 +72,19 @@ def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...],
                 await storage.close()
         return problems
 
-    try:
-        sys.exit(1 if asyncio.run(main()) else 0)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    sys.exit(1 if asyncio.run(main()) else 0)
+
+
+def _check_stores_exist(config, data_dir: str | None) -> None:
+    """Scrubbing checks what exists: a mistyped `--data-dir` must be an error, not an
+    empty store created and reported clean."""
+    from casbah.server.workers import disk_paths
+
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise ConfigError(f"--data-dir {data_dir}: no such directory")
+    for path in disk_paths(config):
+        if not os.path.isdir(path):
+            raise ConfigError(f"disk storage {path}: no such directory (is the data directory right?)")
 
 
 @admin.command()
@@ -93,10 +101,8 @@ def migrate(config_file: str | None, data_dir: str | None) -> None:
     from casbah.server.app import build_instances
 
     setup_logging("info")
-    try:
-        config = load_config(config_file, {"data-dir": data_dir})
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = load_config(config_file, {"data-dir": data_dir})
+    _check_stores_exist(config, data_dir)
 
     async def main() -> None:
         _instances, loader = build_instances(config, maintenance=True)
