@@ -102,7 +102,8 @@ def migrate(config_file: str | None, data_dir: str | None) -> None:
 
     setup_logging("info")
     config = load_config(config_file, {"data-dir": data_dir})
-    _check_stores_exist(config, data_dir)
+    if data_dir is not None and not os.path.isdir(data_dir):  # stores missing in it are created empty
+        raise ConfigError(f"--data-dir {data_dir}: no such directory")
 
     async def main() -> None:
         _instances, loader = build_instances(config, maintenance=True)
