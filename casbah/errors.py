@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+from typing import TypeVar
 
 import grpc
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class CasbahError(Exception):
@@ -205,7 +208,7 @@ def is_no_space(exc: BaseException) -> bool:
     return False
 
 
-def from_os_error(exc: BaseException, what: str) -> BaseException:
+def from_os_error(exc: _E, what: str) -> _E | ResourceExhausted:
     """The error a store reports for `exc`, raised while doing `what` (naming the store).
 
     No space (ENOSPC, EDQUOT, SQLite FULL) is RESOURCE_EXHAUSTED: the server is healthy,

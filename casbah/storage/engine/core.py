@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
@@ -44,6 +45,7 @@ from casbah.storage.engine.quota import charge_file, charge_inline, evict, remov
 from casbah.storage.engine.upkeep import Upkeep, matches
 from casbah.streams import NoVerifier, Verifier
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 #: A blob for `_add`: (position in the request, key, inline data or None, file blocks,
@@ -191,7 +193,7 @@ class Engine(Upkeep):
 
     # -- writes --------------------------------------------------------------------
 
-    def _write(self, body: Callable[[lmdb.Transaction, list[str]], object], what: str) -> object:
+    def _write(self, body: Callable[[lmdb.Transaction, list[str]], _T], what: str) -> _T:
         """Run `body` in one write transaction.  The files it released are unlinked, and
         new files renamed in, while the transaction holds LMDB's write lock (one writer
         across processes), so an eviction's unlink and a re-upload's rename of the same
@@ -246,7 +248,7 @@ class Engine(Upkeep):
             for entry in entries:
                 if entry[4] is not None:
                     entry[4].discard()  # those not published (no-op for the others)
-        for pos, error in errors.items():  # type: ignore[union-attr]
+        for pos, error in errors.items():
             results[pos] = error
         return results
 
@@ -320,7 +322,7 @@ class Engine(Upkeep):
             tmp.discard()  # unless published
             self.unpin(key)
         if errors:
-            raise next(iter(errors.values()))  # type: ignore[call-overload]
+            raise next(iter(errors.values()))
 
     def drop(self, digests: Iterable[Digest], committed_only: bool = False) -> int:
         """Remove entries (and their data); returns how many were present."""
@@ -344,7 +346,7 @@ class Engine(Upkeep):
             env.set_counter(txn, b"objects", objects)
             return count
 
-        return self._write(body, "removing blobs")  # type: ignore[return-value]
+        return self._write(body, "removing blobs")
 
     def _append(self, txn: lmdb.Transaction, key: bytes, data: bytes | None) -> int:
         seq = self.env.counter(txn, b"seq") + 1

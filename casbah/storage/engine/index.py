@@ -73,7 +73,7 @@ class Record:
         return _RECORD.pack(self.length, self.seq, self.charge, self.where)
 
     @classmethod
-    def unpack(cls, value: bytes) -> Record:
+    def unpack(cls, value: bytes | memoryview) -> Record:
         return cls(*_RECORD.unpack(value))
 
 
@@ -81,7 +81,7 @@ def seq_key(seq: int) -> bytes:
     return _U64.pack(seq)
 
 
-def seq_of(value: bytes) -> int:
+def seq_of(value: bytes | memoryview) -> int:
     return _U64.unpack(value)[0]
 
 
@@ -89,7 +89,7 @@ def order_value(key: bytes, data: bytes | None) -> bytes:
     return bytes((len(key),)) + key + (data or b"")
 
 
-def split_order_value(value: bytes) -> tuple[bytes, bytes]:
+def split_order_value(value: bytes | memoryview) -> tuple[bytes, bytes]:
     """(key, inline data) of an `order` entry."""
     n = value[0]
     return bytes(value[1:1 + n]), bytes(value[1 + n:])

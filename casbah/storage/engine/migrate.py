@@ -92,4 +92,4 @@ def _import_one(engine: Engine, entry: os.DirEntry, pos: int) -> tuple[Entry, in
 
 def _commit(engine: Engine, batch: list[Entry], lengths: list[int]) -> int:
     errors = engine._write(lambda txn, unlinks: engine._add(txn, unlinks, batch, lengths), "importing")
-    return len(batch) - len(errors)  # type: ignore[arg-type]
+    return len(batch) - len(errors)

@@ -75,7 +75,7 @@ def evict(env: Env, txn: lmdb.Transaction, charged: int, target: int, protected:
     victims: list[tuple[bytes, bytes, Record | None]] = []
     ok = cursor.first()
     while ok and charged > target:
-        skey = cursor.key()
+        skey = bytes(cursor.key())  # the object itself: the env is opened without `buffers`
         key, _data = split_order_value(cursor.value()[:256])
         ok = cursor.next()
         if protected(key):

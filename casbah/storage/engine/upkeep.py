@@ -39,14 +39,15 @@ class Upkeep:
         if not self.touched:
             return 0
         try:
-            return self._write(lambda txn, _unlinks: self._apply_touches(txn),  # type: ignore[return-value]
+            return self._write(lambda txn, _unlinks: self._apply_touches(txn),
                                "recording use")
         except ResourceExhausted:
             return 0  # use is a hint: losing one flush on a full disk only ages those blobs
 
     def _apply_touches(self: Engine, txn: lmdb.Transaction) -> int:
         """Copy used blobs that are in the oldest quarter of `order` to its end."""
-        touched, self.touched = self.touched, set()
+        touched = self.touched
+        self.touched = set[bytes]()
         if not touched:
             return 0
         env = self.env
@@ -69,7 +70,7 @@ class Upkeep:
             moved += 1
         return moved
 
-    def _append_raw(self: Engine, txn: lmdb.Transaction, entry: bytes) -> int:
+    def _append_raw(self: Engine, txn: lmdb.Transaction, entry: bytes | memoryview) -> int:
         seq = self.env.counter(txn, b"seq") + 1
         self.env.set_counter(txn, b"seq", seq)
         txn.put(seq_key(seq), entry, db=self.env.order, append=True)
@@ -87,8 +88,8 @@ class Upkeep:
             return removed
 
         removed = self._write(body, "evicting")
-        self.evictions += removed  # type: ignore[operator]
-        return removed  # type: ignore[return-value]
+        self.evictions += removed
+        return removed
 
     def gc(self: Engine) -> int:
         """Evict down to the quota (after it was lowered); returns blobs removed."""
