@@ -23,7 +23,7 @@ import abc
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
-from casbah.digest import Digest, is_empty_blob
+from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, InvalidArgument, OutOfRange
 from casbah.streams import (  # re-exported: the backends' names for them
     CHUNK_SIZE,
@@ -199,8 +199,3 @@ async def read_many_partial(store: Storage, digests: Sequence[Digest]) -> tuple[
         return await store.read_many(digests), {}
     except BlobsLost as exc:
         return exc.found, exc.lost
-
-
-def without_empty(digests: Sequence[Digest]) -> list[Digest]:
-    """The empty blob always exists, so backends never need to look it up."""
-    return [d for d in digests if not is_empty_blob(d)]
