@@ -36,7 +36,7 @@ from casbah.streams import (  # re-exported: the backends' names for them
 )
 
 __all__ = ["CHUNK_SIZE", "BlobInfo", "BlobsLost", "ReadVerifier", "Storage", "Verifier", "check_range",
-           "empty_stream", "found_or_lost", "one_chunk", "read_many_partial", "verified_range"]
+           "empty_stream", "found_or_lost", "one_chunk", "read_many_partial", "read_one", "verified_range"]
 
 
 
@@ -199,3 +199,12 @@ async def read_many_partial(store: Storage, digests: Sequence[Digest]) -> tuple[
         return await store.read_many(digests), {}
     except BlobsLost as exc:
         return exc.found, exc.lost
+
+
+async def read_one(store: Storage, digest: Digest) -> bytes:
+    """`read_bytes` through the store's own `read_many`: for decorators whose read_many
+    carries the logic (filling a cache, repairing a replica), so one blob gets it too."""
+    found = await store.read_many([digest])
+    if digest not in found:
+        raise BlobNotFound(digest)
+    return found[digest]
