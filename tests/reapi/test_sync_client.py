@@ -62,7 +62,7 @@ def test_tree_fetch_names_the_missing_directory_and_keeps_the_function(server, f
     the directory the server lacks."""
     from casbah.client.sync import fetch_directories
 
-    leaf, leaf_data = _directory_blob(function)  # the empty Directory
+    leaf, _ = _directory_blob(function)  # the empty Directory
     middle, middle_data = _directory_blob(function, leaf=Digest.of(b"not a directory", function))
     whole, whole_data = _directory_blob(function, a=_directory_blob(function, b=leaf)[0])
     inner, inner_data = _directory_blob(function, b=leaf)
