@@ -25,6 +25,7 @@ from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.tree import first_missing_directory
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +170,11 @@ def fetch_directories(client: RemoteClient, root: Digest) -> dict[Digest, bytes]
     if not root.size:
         return {root: b""}
     directories = client.get_tree(root)
-    if root not in directories:
+    missing = first_missing_directory(root, directories)
+    if missing == root:
         raise BlobNotFound(root, f"tree root not on {client.spec.url}")
-    for data in directories.values():
-        for node in re_pb2.Directory.FromString(data).directories:
-            child = Digest(node.digest.hash, node.digest.size_bytes)
-            if child.size and child not in directories:
-                raise BlobNotFound(child, f"directory of the tree {root} is missing on {client.spec.url}")
+    if missing is not None:
+        raise BlobNotFound(missing, f"directory of the tree {root} is missing on {client.spec.url}")
     return directories
 
 
