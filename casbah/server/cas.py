@@ -1,5 +1,5 @@
-"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree (SplitBlob and
-SpliceBlob answer UNIMPLEMENTED until content-defined chunking lands)."""
+"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree, and SplitBlob /
+SpliceBlob (content-defined chunking: storage/spliced.py and storage/splitting.py, docs/chunking.md)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, rpc, rpc_stream
 from casbah.storage.base import Storage, read_many_partial
+from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC, SplicedStorage
+from casbah.storage.splitting import splice, split
 from casbah.tree import Visit, walk_levels
 from casbah.tree_rules import served
 
@@ -210,18 +212,33 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             page_bytes += visit.size + 8
         yield re_pb2.GetTreeResponse(directories=page, next_page_token="")
 
-    # Capabilities advertise split_blob_support and splice_blob_support false, so a
-    # client that checks them never calls these; one that does not gets UNIMPLEMENTED,
-    # after the same access check a working call would make.
     @rpc
     async def SplitBlob(self, request, context):
-        self._instance(request.instance_name, context, "SplitBlob")
-        raise Unsupported("SplitBlob is not implemented by this server (split_blob_support is false)")
+        instance = self._instance(request.instance_name, context, "SplitBlob")
+        blob = instance.digest(request.blob_digest, request.digest_function)
+        chunks, chunking = await split(_spliced(instance), blob, instance.chunking, instance.spool_dir)
+        return re_pb2.SplitBlobResponse(
+            chunk_digests=[re_pb2.Digest(hash=c.hash, size_bytes=c.size) for c in chunks], chunking_function=chunking
+        )
 
     @rpc
     async def SpliceBlob(self, request, context):
-        self._instance(request.instance_name, context, "SpliceBlob", write=True)
-        raise Unsupported("SpliceBlob is not implemented by this server (splice_blob_support is false)")
+        detail = digest_list([request.blob_digest])
+        instance = self._instance(request.instance_name, context, "SpliceBlob", write=True, detail=detail)
+        instance.check_writable("SpliceBlob")
+        blob = instance.digest(request.blob_digest, request.digest_function)
+        chunks = digests_from(request.chunk_digests, blob.function)
+        if request.chunking_function not in (CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC):
+            raise InvalidArgument(f"chunking_function {request.chunking_function} is not a ChunkingFunction value")
+        await splice(_spliced(instance), blob, chunks, request.chunking_function)
+        return re_pb2.SpliceBlobResponse(blob_digest=request.blob_digest)
+
+
+def _spliced(instance) -> SplicedStorage:
+    """Every instance's CAS is a SplicedStorage (server/app.py builds it so)."""
+    if not isinstance(instance.cas, SplicedStorage):
+        raise Unsupported(f"instance {instance.name!r} keeps no split records")
+    return instance.cas
 
 
 async def _present(cas: Storage, root: Digest) -> AsyncIterator[Visit]:
