@@ -107,6 +107,8 @@ class OriginFetchConfig(_Model):
 class ChunkingConfig(_Model):
     """FastCDC 2020 parameters an instance splits blobs with and advertises (docs/chunking.md)."""
 
+    #: Off: SplitBlob/SpliceBlob answer UNIMPLEMENTED and are not advertised.
+    enabled: bool = True
     #: Average chunk size, a power of 2 from 1 KiB to 1 MiB; min is a quarter, max four times it.
     avg_chunk_size: int | str = Field(default="512K", alias="avg-chunk-size")
     seed: int = Field(default=0, ge=0, lt=1 << 32)  # uint32 on the wire

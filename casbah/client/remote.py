@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, CasbahError
-from casbah.reapi import plan
+from casbah.reapi import chunked, plan
 from casbah.reapi.cas import CasClient
 from casbah.reapi.channel import RemoteSpec, open_channel
 from casbah.reapi.connection import AsyncRemote
@@ -128,8 +128,13 @@ class RemoteClient:
         self._done(self.uploaded, progress, len(batch), sum(d.size for d, _ in batch))
 
     def _stream_upload(self, digest: Digest, source: Source, progress: Progress | None) -> None:
-        self.run(self.client.write_reopenable(digest, lambda offset: _chunks(source, offset)))
-        self._done(self.uploaded, progress, 1, digest.size)
+        sent = self.run(chunked.upload_chunked(self.client, digest, source))
+        if sent is None:  # no SpliceBlob on the server: the whole blob
+            self.run(self.client.write_reopenable(digest, lambda offset: _chunks(source, offset)))
+            sent = digest.size
+        self.uploaded.add(1, sent)
+        if progress:
+            progress(1, digest.size)
 
     @staticmethod
     def _done(counter: Transfer, progress: Progress | None, blobs: int, nbytes: int) -> None:
@@ -140,17 +145,19 @@ class RemoteClient:
     # -- downloads -----------------------------------------------------------------
 
     def download(self, digests: Iterable[Digest], sink: Callable[[Digest, Iterator[bytes]], None],
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, chunks: chunked.ChunkStore | None = None) -> None:
         """Fetch blobs; `sink(digest, chunks)` stores each (from worker threads).
 
         Content is verified before it reaches the sink's last chunk: a corrupt
-        download raises DataLoss.  A missing blob raises BlobNotFound.
+        download raises DataLoss.  A missing blob raises BlobNotFound.  With a
+        `chunks` store (the local cache), a large blob the server can split is
+        fetched as the chunks the store lacks and assembled from it.
         """
         limit = self.batch_limit
         small, large = plan.split_by_size(dict.fromkeys(digests), limit, _itself)
         jobs = [self._pool.submit(self._batch_download, batch, sink, progress)
                 for batch in plan.pack_batches(small, limit, _itself)]
-        jobs += [self._pool.submit(self._stream_download, d, sink, progress) for d in large]
+        jobs += [self._pool.submit(self._stream_download, d, sink, progress, chunks) for d in large]
         for job in jobs:
             job.result()
 
@@ -165,9 +172,18 @@ class RemoteClient:
             sink(digest, iter((found[digest],)))
         self._done(self.downloaded, progress, len(digests), sum(d.size for d in digests))
 
-    def _stream_download(self, digest: Digest, sink: Callable, progress: Progress | None) -> None:
-        sink(digest, self.read_stream(digest))
-        self._done(self.downloaded, progress, 1, digest.size)
+    def _stream_download(self, digest: Digest, sink: Callable, progress: Progress | None,
+                         store: chunked.ChunkStore | None = None) -> None:
+        parts = self.run(chunked.split(self.client, digest)) if store is not None else None
+        if parts is None or store is None:
+            sink(digest, self.read_stream(digest))
+            received = digest.size
+        else:
+            received = self.run(chunked.fetch_chunks(self.client, parts, store))
+            sink(digest, chunked.assemble(digest, parts, store, self.spec.url))
+        self.downloaded.add(1, received)
+        if progress:
+            progress(1, digest.size)
 
     def read_stream(self, digest: Digest) -> Iterator[bytes]:
         """ByteStream.Read, verified, resuming at the delivered offset after a transient failure."""

@@ -85,7 +85,8 @@ def build_instances(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
             digest_functions=tuple(DigestFunction(f) for f in inst.digest_functions),
-            chunking=FastCdcParams(int(inst.chunking.avg_chunk_size), inst.chunking.seed),
+            chunking=FastCdcParams(int(inst.chunking.avg_chunk_size), inst.chunking.seed)
+            if inst.chunking.enabled else None,
             spool_dir=Path(config.data_dir) / "split-tmp",
             extras={"check_action_results": inst.check_action_results,
                     "asset": _asset_settings(config, name, inst, where, cas)},

@@ -49,8 +49,9 @@ class Instance:
     extras: dict[str, object] = field(default_factory=dict)
     #: What this instance serves and advertises, in its config's order.
     digest_functions: tuple[DigestFunction, ...] = DEFAULT_FUNCTIONS
-    #: FastCDC 2020 parameters SplitBlob cuts with and Capabilities advertises.
-    chunking: FastCdcParams = field(default_factory=FastCdcParams)
+    #: FastCDC 2020 parameters SplitBlob cuts with and Capabilities advertises (None:
+    #: chunking is off for this instance).
+    chunking: FastCdcParams | None = field(default_factory=FastCdcParams)
     #: Where SplitBlob spools a blob it chunks (None: the system's temporary directory).
     spool_dir: Path | None = None
 

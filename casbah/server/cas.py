@@ -10,6 +10,7 @@ from operator import attrgetter
 from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
+from casbah.cdc import FastCdcParams
 from casbah.digest import INFERABLE_LENGTHS, Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import InvalidArgument, InvalidTree, NotFound, Unsupported, code_to_int, status_code
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -216,7 +217,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     async def SplitBlob(self, request, context):
         instance = self._instance(request.instance_name, context, "SplitBlob")
         blob = instance.digest(request.blob_digest, request.digest_function)
-        chunks, chunking = await split(_spliced(instance), blob, instance.chunking, instance.spool_dir)
+        params = _chunking(instance)
+        chunks, chunking = await split(_spliced(instance), blob, params, instance.spool_dir)
         return re_pb2.SplitBlobResponse(
             chunk_digests=[re_pb2.Digest(hash=c.hash, size_bytes=c.size) for c in chunks], chunking_function=chunking
         )
@@ -226,12 +228,20 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         detail = digest_list([request.blob_digest])
         instance = self._instance(request.instance_name, context, "SpliceBlob", write=True, detail=detail)
         instance.check_writable("SpliceBlob")
+        _chunking(instance)
         blob = instance.digest(request.blob_digest, request.digest_function)
         chunks = digests_from(request.chunk_digests, blob.function)
         if request.chunking_function not in (CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC):
             raise InvalidArgument(f"chunking_function {request.chunking_function} is not a ChunkingFunction value")
         await splice(_spliced(instance), blob, chunks, request.chunking_function)
         return re_pb2.SpliceBlobResponse(blob_digest=request.blob_digest)
+
+
+def _chunking(instance) -> FastCdcParams:
+    if instance.chunking is None:
+        raise Unsupported(f"content-defined chunking is off on instance {instance.name!r} "
+                          "(split_blob_support and splice_blob_support are false)")
+    return instance.chunking
 
 
 def _spliced(instance) -> SplicedStorage:
