@@ -221,3 +221,16 @@ def test_lost_chunk_makes_the_spliced_blob_missing(cas):
     with pytest.raises(grpc.RpcError) as err:
         stub.SplitBlob(re_pb2.SplitBlobRequest(instance_name="small", blob_digest=_d(blob)))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("function", [DigestFunction.GITSHA1, DigestFunction.SHA256TREE])
+def test_split_of_a_whole_blob_under_other_digest_functions(cas, function):
+    """The cut points are the vectors' (they do not depend on the hash); the chunk
+    digests are the request's function over the same slices, and each chunk is in CAS."""
+    stub = cas[0]
+    image = IMAGE.read_bytes()
+    (blob,) = upload(stub, [image], function=function)
+    response = stub.SplitBlob(re_pb2.SplitBlobRequest(blob_digest=_d(blob), digest_function=function.proto_value))
+    expected = [Digest.of(image[o:o + n], function) for o, n, _ in vectors()[0]]
+    assert [(c.hash, c.size_bytes) for c in response.chunk_digests] == [(d.hash, d.size) for d in expected]
+    assert not missing(stub, expected, function=function)
