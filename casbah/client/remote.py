@@ -128,13 +128,32 @@ class RemoteClient:
         self._done(self.uploaded, progress, len(batch), sum(d.size for d, _ in batch))
 
     def _stream_upload(self, digest: Digest, source: Source, progress: Progress | None) -> None:
+        """One large blob, its progress reported chunk by chunk (a bar for one big file
+        moves as it goes); a resumed write re-reads from the server's offset, and only
+        bytes beyond what was already reported count again.  When the server splices,
+        only the chunks it lacks are sent (`reapi/chunked.py`); the counter says so."""
         sent = self.run(chunked.upload_chunked(self.client, digest, source))
-        if sent is None:  # no SpliceBlob on the server: the whole blob
-            self.run(self.client.write_reopenable(digest, lambda offset: _chunks(source, offset)))
-            sent = digest.size
-        self.uploaded.add(1, sent)
+        if sent is not None:
+            self.uploaded.add(1, sent)
+            if progress:
+                progress(1, digest.size)
+            return
+        reported = 0
+
+        async def chunks(offset: int) -> AsyncIterator[bytes]:
+            nonlocal reported
+            position = offset
+            async for chunk in _chunks(source, offset):
+                yield chunk
+                position += len(chunk)
+                if progress and position > reported:
+                    progress(0, position - reported)
+                    reported = position
+
+        self.run(self.client.write_reopenable(digest, chunks))
+        self.uploaded.add(1, digest.size)
         if progress:
-            progress(1, digest.size)
+            progress(1, digest.size - reported)
 
     @staticmethod
     def _done(counter: Transfer, progress: Progress | None, blobs: int, nbytes: int) -> None:
@@ -174,16 +193,30 @@ class RemoteClient:
 
     def _stream_download(self, digest: Digest, sink: Callable, progress: Progress | None,
                          store: chunked.ChunkStore | None = None) -> None:
+        """One large blob, its progress reported chunk by chunk as the sink takes them; with
+        a chunk store and a server that splits, only the chunks the store lacks travel."""
         parts = self.run(chunked.split(self.client, digest)) if store is not None else None
-        if parts is None or store is None:
-            sink(digest, self.read_stream(digest))
-            received = digest.size
-        else:
+        if parts is not None and store is not None:
             received = self.run(chunked.fetch_chunks(self.client, parts, store))
             sink(digest, chunked.assemble(digest, parts, store, self.spec.url))
-        self.downloaded.add(1, received)
+            self.downloaded.add(1, received)
+            if progress:
+                progress(1, digest.size)
+            return
+        reported = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal reported
+            for chunk in self.read_stream(digest):
+                yield chunk
+                reported += len(chunk)
+                if progress:
+                    progress(0, len(chunk))
+
+        sink(digest, chunks())
+        self.downloaded.add(1, digest.size)
         if progress:
-            progress(1, digest.size)
+            progress(1, max(digest.size - reported, 0))
 
     def read_stream(self, digest: Digest) -> Iterator[bytes]:
         """ByteStream.Read, verified, resuming at the delivered offset after a transient failure."""
@@ -196,6 +229,10 @@ class RemoteClient:
 
     def read_bytes(self, digest: Digest) -> bytes:
         return b"".join(self.read_stream(digest))
+
+    def check_writable(self) -> None:
+        """PermissionDenied (one line) when the server will refuse uploads: ask before sending."""
+        self.run(self.client.check_writable())
 
     # -- trees and names -------------------------------------------------------------
 
