@@ -115,10 +115,11 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
         raise BlobNotFound(min(absent), f"{name}: {len(absent)} objects of the tree are missing from the local "
                                         f"cache {cache.root} (run `casbah cache fsck`)")
     sources = {d: cache.object_path(d) for d in missing}
+    before = client.uploaded.bytes
     with TransferBar(f"push {name}", sum(d.size for d in missing), show_progress) as bar:
         client.upload(sources, bar.advance)
     summary.blobs_sent = len(missing)
-    summary.bytes_sent = sum(d.size for d in missing)
+    summary.bytes_sent = client.uploaded.bytes - before  # chunked uploads send only missing chunks
     is_ref = name != str(root)
     if is_ref and publish != "none":
         try:
@@ -211,9 +212,12 @@ def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
             missing = cache.missing(sorted(_files_of(directories)))
             with TransferBar(f"pull {name}", sum(d.size for d in missing), show_progress) as bar:
                 # The client verifies every blob before its last chunk reaches the sink.
-                client.download(missing, lambda d, chunks: cache.add_stream(d, chunks, verify=False), bar.advance)
+                before = client.downloaded.bytes
+                # Large blobs come as the chunks the cache lacks, kept in it for the next version.
+                client.download(missing, lambda d, chunks: cache.add_stream(d, chunks, verify=False), bar.advance,
+                                chunks=cache)
             summary.blobs_sent = len(missing) + new_dirs
-            summary.bytes_sent = sum(d.size for d in missing)
+            summary.bytes_sent = client.downloaded.bytes - before
         summary.files, summary.total_bytes = _file_stats(cache, root)
         ref = local_ref if local_ref is not None else (name if not _is_digest(name) else None)
         if ref is not None:
