@@ -253,7 +253,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         params = _chunking(instance)
         chunks, chunking = await split(_spliced(instance), blob, params, instance.spool_dir)
         return re_pb2.SplitBlobResponse(
-            chunk_digests=[re_pb2.Digest(hash=c.hash, size_bytes=c.size) for c in chunks], chunking_function=chunking
+            chunk_digests=[re_pb2.Digest(hash=c.hash, size_bytes=c.size) for c in chunks],
+            chunking_function=re_pb2.ChunkingFunction.Value.Name(chunking),  # the stored wire number, by its enum name
         )
 
     @rpc
