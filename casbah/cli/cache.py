@@ -10,10 +10,10 @@ import click
 
 from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import DEFAULT_URI_TEMPLATE, PUBLISH_MODES, pull, push
 from casbah.config import parse_size
+from casbah.local import LocalCache
 
 DEFAULT_CACHE_DIR = "~/.cache/casbah"
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from casbah import humanize
-from casbah.client.cache import LocalCache
 from casbah.client.materialise import Materialiser, copy_fd, plan_tree
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
+from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from casbah.config import ConfigError
 from casbah.digest import Digest
 from casbah.errors import CasbahError
 from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
-from casbah.storage.cache import close_all
 from casbah.storage.loader import NodeOptions, StorageLoader, register
+from casbah.storage.read_through import close_all
 
 _MASK = (1 << 64) - 1
 

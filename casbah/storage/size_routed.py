@@ -10,8 +10,8 @@ from pydantic import Field
 from casbah.config import parse_size
 from casbah.digest import Digest
 from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
-from casbah.storage.cache import close_all
 from casbah.storage.loader import NodeOptions, StorageLoader, register
+from casbah.storage.read_through import close_all
 
 
 class SizeRoutedStorage(Storage):

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from client_helpers import assert_same_tree, cli, object_files, small_tree, start_module_server
 
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
+from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.reapi.channel import RemoteSpec
 

@@ -36,7 +36,7 @@ def std_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tree_digests(cache_dir: Path, root: str) -> set[Digest]:
-    from casbah.client.cache import LocalCache
+    from casbah.local import LocalCache
 
     return LocalCache(cache_dir).tree_digests(Digest.parse(root))
 
