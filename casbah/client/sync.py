@@ -211,6 +211,7 @@ def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
         ref = local_ref if local_ref is not None else (name if not _is_digest(name) else None)
         if ref is not None:
             cache.set_ref(ref, root)
+    cache.enforce_quota(root)  # outside the shared lock: prune takes it exclusively
     summary.seconds = time.monotonic() - started
     return summary
 

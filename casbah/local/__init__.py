@@ -37,8 +37,13 @@ __all__ = ["ANY", "FsckReport", "LocalCache", "PruneReport", "TreeDiff"]
 
 
 class LocalCache:
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, quota: int | None = None) -> None:
+        """`quota`: bytes the objects may take; `commit` and `pull` evict least recently
+        used refs (and what only they reached) after adding, until the cache fits."""
         self.root = Path(root).expanduser()
+        self.quota = quota
+        #: What the last automatic quota enforcement removed (None: it had nothing to do).
+        self.last_gc: PruneReport | None = None
         self.store = ObjectStore(self.root)
         self.named = Refs(self.root, self.store.tmp)
         self.objects = self.store.objects
@@ -87,8 +92,8 @@ class LocalCache:
 
     # -- commit --------------------------------------------------------------------
 
-    def commit(self, path: str | os.PathLike, ref: str | None = None, link: bool = False) -> Digest:
-        """Store a directory tree; returns (and optionally names) its root digest.
+    def commit(self, path: str | os.PathLike, ref: str | Iterable[str] | None = None, link: bool = False) -> Digest:
+        """Store a directory tree; returns (and optionally names, under each of `ref`) its root digest.
 
         Unchanged files hash to existing objects, which are not written again, so
         re-committing an unchanged tree writes no object.  Files are stored first; the
@@ -112,8 +117,9 @@ class LocalCache:
             for digest, data in build.directories.items():
                 if digest.size and not store.has(digest):
                     store.write_object(digest, data)
-            if ref is not None:
-                self.set_ref(ref, build.root)
+            for name in [ref] if isinstance(ref, str) else (ref or []):
+                self.set_ref(name, build.root)
+        self.enforce_quota(build.root)  # outside the shared lock: prune takes it exclusively
         return build.root
 
     # -- refs ----------------------------------------------------------------------
@@ -139,11 +145,24 @@ class LocalCache:
 
     # -- trees ---------------------------------------------------------------------
 
-    def checkout(self, root: Digest, dest: str | os.PathLike, copy: bool = False,
-                 allow_external_symlinks: bool = False, within: str | os.PathLike | None = None) -> int:
-        return _checkout.checkout(self.store, root, dest, copy, allow_external_symlinks, within)
+    def checkout(self, root: Digest, dest: str | os.PathLike, link: bool = False,
+                 allow_external_symlinks: bool = False, within: str | os.PathLike | None = None,
+                 verify: bool = False, path: str = "", copy: bool | None = None) -> int:
+        """Write the tree (or its subdirectory `path`) into `dest`: copies by default,
+        hard links with `link` (see checkout.py).  `copy=True` is the old spelling of the default."""
+        if path:
+            root = self.subtree(root, path)  # type: ignore[assignment]  # not missing_ok: never None
+        return _checkout.checkout(self.store, root, dest, link and not copy, allow_external_symlinks, within,
+                                  verify)
 
-    def diff(self, a: Digest, b: Digest) -> TreeDiff:
+    def subtree(self, root: Digest, path: str, missing_ok: bool = False) -> Digest | None:
+        return self.store.subtree(root, path, missing_ok)
+
+    def diff(self, a: Digest | None, b: Digest | None, path: str = "") -> TreeDiff:
+        """From tree `a` to tree `b` (their subdirectory `path`, absent on a side = empty)."""
+        if path:
+            a = None if a is None else self.subtree(a, path, missing_ok=True)
+            b = None if b is None else self.subtree(b, path, missing_ok=True)
         return _diff.diff(self.store, a, b)
 
     # -- maintenance ---------------------------------------------------------------
@@ -157,8 +176,16 @@ class LocalCache:
     def size(self) -> int:
         return _gc.size(self.store)
 
-    def gc(self, quota: int) -> PruneReport:
-        return _gc.gc(self.store, self.named, quota)
+    def gc(self, quota: int, keep: Iterable[Digest] = ()) -> PruneReport:
+        return _gc.gc(self.store, self.named, quota, keep)
+
+    def enforce_quota(self, keep: Digest | None = None) -> PruneReport | None:
+        """Run `gc` to the configured quota if the cache is over it (after commit and pull,
+        keeping the tree just added even if no ref names it)."""
+        self.last_gc = None
+        if self.quota is not None and self.size() > self.quota:
+            self.last_gc = self.gc(self.quota, [keep] if keep is not None else [])
+        return self.last_gc
 
     def fsck(self, remove: bool = True) -> FsckReport:
         return _fsck.fsck(self.store, self.named, remove)

@@ -15,10 +15,10 @@ class TreeDiff:
     modified: list[str] = field(default_factory=list)
 
 
-def diff(store: ObjectStore, a: Digest, b: Digest) -> TreeDiff:
+def diff(store: ObjectStore, a: Digest | None, b: Digest | None) -> TreeDiff:
     """Paths added, removed and modified from tree `a` to tree `b` (files and symlinks;
     a whole new or removed directory is listed as its files).  Equal subtrees have equal
-    digests, so they are skipped without being read."""
+    digests, so they are skipped without being read.  None is an empty tree."""
     result = TreeDiff()
     _diff(store, a, b, "", result)
     for lst in (result.added, result.removed, result.modified):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from casbah.digest import Digest
 from casbah.errors import NotFound
 from casbah.local.objects import ObjectStore
 from casbah.local.refs import Refs
@@ -23,22 +25,22 @@ class PruneReport:
     refs_removed: list[str] = field(default_factory=list)
 
 
-def reachable(store: ObjectStore, refs: Refs) -> set[str]:
-    """Hashes of every object some ref's tree needs."""
+def reachable(store: ObjectStore, refs: Refs, keep: Iterable[Digest] = ()) -> set[str]:
+    """Hashes of every object some ref's tree (or a tree of `keep`) needs."""
     hashes: set[str] = set()
-    for _, root, _ in refs.list():
+    for root in [*(r for _, r, _ in refs.list()), *keep]:
         hashes.update(d.hash for d in store.tree_digests(root, missing_ok=True))
     return hashes
 
 
-def prune(store: ObjectStore, refs: Refs) -> PruneReport:
+def prune(store: ObjectStore, refs: Refs, keep: Iterable[Digest] = ()) -> PruneReport:
     """Delete every object no ref reaches (and stale temporary files).  Holds the cache
     lock exclusively, so no commit or pull is between writing objects and naming them."""
     report = PruneReport()
     with store.locked(exclusive=True):
-        keep = reachable(store, refs)
+        needed = reachable(store, refs, keep)
         for path, hash_hex, size in store.all_objects():
-            if hash_hex is None or hash_hex not in keep:
+            if hash_hex is None or hash_hex not in needed:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     report.bytes_removed += size
@@ -56,16 +58,18 @@ def size(store: ObjectStore) -> int:
     return sum(n for _, _, n in store.all_objects())
 
 
-def gc(store: ObjectStore, refs: Refs, quota: int) -> PruneReport:
-    """Evict least recently used refs, then prune, until the objects fit in `quota`."""
-    report = prune(store, refs)
+def gc(store: ObjectStore, refs: Refs, quota: int, keep: Iterable[Digest] = ()) -> PruneReport:
+    """Evict least recently used refs, then prune, until the objects fit in `quota`
+    (the trees of `keep` stay: the one a commit or pull just made, named or not)."""
+    keep = list(keep)
+    report = prune(store, refs, keep)
     remaining = refs.list()  # most recent first
     while remaining and size(store) > quota:
         name, _, _ = remaining.pop()
         with contextlib.suppress(NotFound):
             refs.remove(name)
         report.refs_removed.append(name)
-        step = prune(store, refs)
+        step = prune(store, refs, keep)
         report.objects_removed += step.objects_removed
         report.bytes_removed += step.bytes_removed
     return report

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from casbah.client.materialise import LINK_FALLBACK
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import BlobNotFound, DigestMismatch, InvalidArgument
+from casbah.errors import BlobNotFound, DigestMismatch, InvalidArgument, NotFound
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
 _READ = 1024 * 1024
@@ -254,6 +254,21 @@ class ObjectStore:
             needed.update(Digest(n.digest.hash, n.digest.size_bytes) for n in directory.directories)
             needed.update(Digest(n.digest.hash, n.digest.size_bytes) for n in directory.files)
         return {d for d in needed if d.size}
+
+    def subtree(self, root: Digest, path: str, missing_ok: bool = False) -> Digest | None:
+        """The digest of directory `path` (`a/b`, relative) inside tree `root`; NotFound if
+        the tree has no such directory (None with `missing_ok`)."""
+        digest = root
+        for part in [p for p in path.strip("/").split("/") if p not in ("", ".")]:
+            if part == "..":
+                raise InvalidArgument(f"--path {path!r}: '..' is not allowed")
+            node = next((n for n in self.directory(digest).directories if n.name == part), None)
+            if node is None:
+                if missing_ok:
+                    return None
+                raise NotFound(f"no directory {path!r} in tree {root}")
+            digest = Digest(node.digest.hash, node.digest.size_bytes)
+        return digest
 
     def all_objects(self) -> Iterator[tuple[str, str | None, int]]:
         """(path, hash or None for a stray file, size) of every object file (twins included)."""

@@ -93,7 +93,7 @@ def test_commit_and_prune_in_parallel_lose_nothing(tmp_path: Path) -> None:
     for ref, tree in expected.items():
         out_dir = tmp_path / "checkout" / ref
         cache.checkout(cache.resolve(ref), out_dir)
-        assert_same_tree(Path(tree), out_dir, exact_modes=False)
+        assert_same_tree(Path(tree), out_dir, exact_modes=True)
     # A last prune keeps exactly the four trees.
     cache.prune()
     assert cache.fsck().clean
