@@ -142,8 +142,15 @@ def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
 
+    def reload(signum: int, frame: object) -> None:
+        """SIGHUP to the parent reloads every worker's certificates and tokens."""
+        for p in workers.values():
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for i in range(count):
         start(i)
     print(f"casbah: {count} workers started", flush=True)
