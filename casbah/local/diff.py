@@ -31,10 +31,10 @@ def _entries(store: ObjectStore, digest: Digest | None) -> dict[str, tuple[str, 
         return {}
     d = store.directory(digest)
     entries: dict[str, tuple[str, object]] = {}
-    for n in d.files:
-        entries[n.name] = ("file", (n.digest.hash, n.is_executable))
-    for n in d.symlinks:
-        entries[n.name] = ("symlink", n.target)
+    for f in d.files:
+        entries[f.name] = ("file", (f.digest.hash, f.is_executable))
+    for s in d.symlinks:
+        entries[s.name] = ("symlink", s.target)
     for n in d.directories:
         entries[n.name] = ("dir", Digest(n.digest.hash, n.digest.size_bytes))
     return entries
