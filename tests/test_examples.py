@@ -19,6 +19,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from casbah.storage.engine import stored_blobs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -86,7 +87,7 @@ def test_edge_cache_example(start_server, tmp_path: Path) -> None:
         pushed = [d for d, _ in small] + [big_digest]
         assert at_central.missing(pushed) == []
         assert at_edge.missing(pushed) == []
-        local = {p.name for p in (edge_dir / "edge" / "objects").rglob("*-*")}
+        local = set(stored_blobs(str(edge_dir / "edge")))
         assert {f"{d.hash}-{d.size}" for d in pushed} <= local
         assert at_edge.read(big_digest) == big
         assert at_edge.batch_read([d for d, _ in small]) == dict(small)

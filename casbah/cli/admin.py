@@ -85,3 +85,36 @@ def _check_stores_exist(config, data_dir: str | None) -> None:
     for path in disk_paths(config):
         if not os.path.isdir(path):
             raise ConfigError(f"disk storage {path}: no such directory (is the data directory right?)")
+
+
+@admin.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="The server's config.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="The server's data directory (default config).")
+def migrate(config_file: str | None, data_dir: str | None) -> None:
+    """Import old file-per-blob `disk` stores into the storage engine, now.
+
+    A server does the same on its first start; this does it ahead of time (it can
+    take a while for a large cache).  Every `disk` node of the config is opened,
+    which imports it; then its size is printed."""
+    from casbah.logs import setup_logging
+    from casbah.scrub import _disk_engine
+    from casbah.server.app import build_instances
+
+    setup_logging("info")
+    config = load_config(config_file, {"data-dir": data_dir})
+    if data_dir is not None and not os.path.isdir(data_dir):  # stores missing in it are created empty
+        raise ConfigError(f"--data-dir {data_dir}: no such directory")
+
+    async def main() -> None:
+        _instances, loader = build_instances(config, maintenance=True)
+        try:
+            for storage in loader.all():
+                engine = _disk_engine(storage)
+                if engine is not None:
+                    stats = engine.stats()
+                    click.echo(f"{engine.name} ({engine.root}): {stats['objects']} blobs, {stats['bytes']} bytes")
+        finally:
+            for storage in loader.all():
+                await storage.close()
+
+    asyncio.run(main())

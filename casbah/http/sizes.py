@@ -6,7 +6,7 @@ protocol names it by hash alone.  Sizes come, cheapest first, from:
 1. what this process has seen: blobs PUT over HTTP, and every digest named by an
    ActionResult served over HTTP (after an `/ac/` hit Bazel GETs exactly those);
 2. the storage itself, for blobs written over gRPC: nodes that can look a hash up
-   (`find_by_hash`: disk lists one prefix directory, memory scans) are asked, through
+   (`find_by_hash`: disk looks up its index, memory scans) are asked, through
    the decorators above them.  Nodes that cannot (remote, S3, Redis) answer "unknown",
    and such a blob is a 404 over HTTP until something names its size.
 """

@@ -2,8 +2,8 @@
 
 One Python process saturates one core; several processes behind one port use
 them all, with the kernel spreading connections.  Only storage that several
-processes can share is allowed: disk (the workers exchange index updates through
-a journal file), S3, Redis, PostgreSQL, remote.  Memory storage, memory asset
+processes can share is allowed: disk (one LMDB index, opened by every worker), S3,
+Redis, PostgreSQL, remote.  Memory storage, memory asset
 indexes and anything else process-local are refused with the offending config
 path, because each worker would silently hold a different cache.
 
@@ -13,7 +13,6 @@ restarts one that dies, and forwards SIGTERM so every worker drains.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -58,11 +57,17 @@ def process_local_nodes(config: ServerConfig) -> list[str]:
 
 
 def disk_paths(config: ServerConfig) -> list[str]:
-    """The directory of every `disk` node in the config."""
+    """The directory of every `disk` node the instances use (admin commands check they
+    exist).  Named nodes count only when referenced: the HTTP front's default `opaque`
+    store exists only where the front is on."""
     found: list[str] = []
+    visited: set[str] = set()
 
     def visit(node: Any) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, str) and node in config.storages and node not in visited:
+            visited.add(node)
+            visit(config.storages[node])
+        elif isinstance(node, dict):
             if node.get("kind") == "disk" and isinstance(node.get("path"), str):
                 found.append(node["path"])
             for value in node.values():
@@ -71,7 +76,6 @@ def disk_paths(config: ServerConfig) -> list[str]:
             for value in node:
                 visit(value)
 
-    visit(config.storages)
     for inst in config.instances.values():
         visit(inst.storage)
         visit(inst.action_cache)
@@ -118,12 +122,6 @@ def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
             f"{'; '.join(local)}. Use disk, s3, redis, postgres or remote, or run one worker."
         )
     check_ports_free([listener.address for listener in config.listeners()])
-    # Each disk node's journal only relays changes between running workers, and every
-    # worker scans its tree at startup: start them afresh rather than let them grow
-    # across restarts (the defaults, cas/ and ac/, are explicit disk nodes too).
-    for path in disk_paths(config):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, "journal"))
     ctx = multiprocessing.get_context("spawn")
     data = config.model_dump(by_alias=True)
     workers: dict[int, multiprocessing.Process] = {}

@@ -143,7 +143,7 @@ class RedisStorage(Storage):
     async def iterate(self) -> AsyncIterator[BlobInfo]:
         """SCANs the keyspace (for GC and stats, never for requests); last access is
         now minus the key's OBJECT IDLETIME, which Redis keeps for its LRU."""
-        from casbah.storage.disk_files import parse_key
+        from casbah.storage.keys import parse_key
 
         keys: list[bytes] = []
         for key in await self._scan():

@@ -305,7 +305,7 @@ class S3Storage(Storage):
 
     async def iterate(self) -> AsyncIterator[BlobInfo]:
         """Lists the bucket: for GC and scrubbing, never for requests."""
-        from casbah.storage.disk_files import parse_key
+        from casbah.storage.keys import parse_key
 
         token = None
         while True:

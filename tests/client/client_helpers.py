@@ -15,6 +15,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from casbah.cli import main
+from casbah.storage.engine import stored_blobs
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 #: The Python standard library the issue names; any stdlib will do when it is absent.
@@ -157,12 +158,8 @@ def object_files(cache_dir: Path) -> dict[str, int]:
 
 
 def server_blob_files(data_dir: Path) -> dict[str, int]:
-    """Every blob file of a `casbah serve` disk storage and its mtime (ns)."""
-    out = {}
-    for dirpath, _, files in os.walk(data_dir / "cas" / "objects"):
-        for name in files:
-            out[name] = (Path(dirpath) / name).stat().st_mtime_ns
-    return out
+    """Every blob of a `casbah serve` disk storage and its length."""
+    return stored_blobs(str(data_dir / "cas"))
 
 
 def start_module_server(request, tmp_path_factory):

@@ -5,15 +5,17 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
 from pathlib import Path
 
 import grpc
 import pytest
 from security_helpers import OPTIONS, Casbah, cli, free_port
 
+from casbah.digest import Digest
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.storage.engine import Engine
+from casbah.storage.engine.index import Record, key_of, seq_key
 
 
 def serve(launch, data_dir: Path, *args: str) -> Casbah:
@@ -33,18 +35,28 @@ def upload(server: Casbah, blobs: list[bytes], instance: str = "") -> list[re_pb
     return digests
 
 
-def object_file(data_dir: Path, digest: re_pb2.Digest) -> Path:
-    return data_dir / "cas" / "objects" / digest.hash[:2] / f"{digest.hash}-{digest.size_bytes}"
+def stored(data_dir: Path, digest: re_pb2.Digest) -> bytes | None:
+    """Whether the stopped server's store still has a blob (its record, or None)."""
+    engine = Engine(data_dir / "cas")
+    try:
+        with engine.env.env.begin(db=engine.env.meta) as txn:
+            return txn.get(key_of(Digest(digest.hash, digest.size_bytes)))
+    finally:
+        engine.close()
 
 
-def flip_byte(path: Path, offset: int = 7) -> None:
-    """Bit rot: one byte changes, the size does not.  Stored objects may be read-only."""
-    path.chmod(path.stat().st_mode | stat.S_IWUSR)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
+def flip_byte(data_dir: Path, digest: re_pb2.Digest) -> None:
+    """Bit rot in a small (inline) blob: its last byte changes, the size does not."""
+    engine = Engine(data_dir / "cas")
+    env = engine.env
+    try:
+        with env.env.begin(write=True) as txn:
+            where = seq_key(Record.unpack(txn.get(key_of(Digest(digest.hash, digest.size_bytes)), db=env.meta)).seq)
+            value = bytearray(txn.get(where, db=env.order))
+            value[-1] ^= 0xFF
+            txn.put(where, bytes(value), db=env.order)
+    finally:
+        engine.close()
 
 
 def scrub(data_dir: Path, *args: str):
@@ -65,13 +77,13 @@ def test_scrub_removes_corrupt_blob(launch, tmp_path: Path) -> None:
     digests = upload(server, blobs)
     assert server.stop() == 0
     bad = digests[2]
-    flip_byte(object_file(data_dir, bad))
+    flip_byte(data_dir, bad)
 
     dry = scrub(data_dir, "--dry-run")
     assert dry.returncode == 1, dry.stdout + dry.stderr
     assert "scanned 6 blobs" in dry.stdout and "1 corrupt, 0 removed" in dry.stdout
     assert f"corrupt: {bad.hash}/{bad.size_bytes}\n" in dry.stdout
-    assert object_file(data_dir, bad).exists()
+    assert stored(data_dir, bad) is not None
     # Instances '' and 'A' share one storage: it is scrubbed once.
     assert dry.stdout.count("scanned") == 1
 
@@ -80,7 +92,7 @@ def test_scrub_removes_corrupt_blob(launch, tmp_path: Path) -> None:
     assert "scanned 6 blobs" in first.stdout and "1 corrupt, 1 removed" in first.stdout
     assert f"corrupt: {bad.hash}/{bad.size_bytes} (removed)" in first.stdout
     assert f"{bad.hash}" in first.stderr and "is corrupt" in first.stderr  # the warning log line
-    assert not object_file(data_dir, bad).exists()
+    assert stored(data_dir, bad) is None
 
     second = scrub(data_dir)
     assert second.returncode == 0, second.stdout + second.stderr

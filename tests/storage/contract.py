@@ -27,6 +27,8 @@ import scale_factories
 
 from casbah.storage.base import Storage
 from casbah.storage.disk import DiskStorage
+from casbah.storage.engine import Engine
+from casbah.storage.engine.index import FILE
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 from casbah.storage.memory import MemoryStorage
 
@@ -107,9 +109,9 @@ def run_on(factory: Factory, tmp_path: Path, body: Body) -> None:
 async def check_disk_consistent(storage: DiskStorage) -> None:
     """What a disk store reports equals what is on disk, and nothing is left in tmp/.
 
-    Checked after close(), so every unlink and commit has finished: the index names
-    exactly the files in objects/, their sizes sum to the quota accounting, no
-    reservation survives its write, and no temporary file outlives its write (a
+    Checked after close() (every commit has finished), on the store reopened: the
+    index names exactly the files in files/ (the large blobs), the charged bytes are
+    the sum of the entries' charges, and no temporary file outlives its write (a
     failed, cancelled or rejected write included).
     """
     root = storage.root
@@ -117,14 +119,18 @@ async def check_disk_consistent(storage: DiskStorage) -> None:
     assert leftovers == [], f"temporary files left behind: {leftovers}"
     on_disk = {
         entry.name: entry.stat().st_size
-        for prefix in os.scandir(root / "objects")
+        for prefix in os.scandir(root / "files")
         for entry in os.scandir(prefix.path)
     }
-    indexed = {info.digest.key: info.stored_size async for info in storage.iterate()}
-    assert on_disk == indexed, "the index and objects/ disagree"
-    stats = await storage.stats()
-    assert stats["bytes"] == sum(on_disk.values())
-    assert stats["reserved_bytes"] == 0
-    assert stats["objects"] == len(on_disk)
-    if storage.max_bytes:
-        assert stats["bytes"] <= storage.max_bytes
+    reopened = Engine(root, max_bytes=storage.max_bytes, verify=storage.verify)
+    try:
+        entries = list(reopened.iterate())
+        indexed = {digest.key: record.length for digest, record in entries if record.where == FILE}
+        assert on_disk == indexed, "the index and files/ disagree"
+        stats = reopened.stats()
+        assert stats["bytes"] == sum(record.charge for _, record in entries)
+        assert stats["objects"] == len(entries)
+        if storage.max_bytes:
+            assert stats["bytes"] <= storage.max_bytes
+    finally:
+        reopened.close()
