@@ -24,7 +24,7 @@ class NodeOptions(KindOptions):
 #: Builders are called as `(options, loader, path) -> Storage`.
 STORAGE: Registry[Storage] = Registry("storage", [
     f"casbah.storage.{m}" for m in (
-        "blob_index", "cache", "disk", "existence_cache", "memory", "redis_store", "remote", "replicated", "s3",
+        "blob_index", "disk", "existence_cache", "memory", "read_through", "redis_store", "remote", "replicated", "s3",
         "sharded", "size_routed",
     )
 ])
