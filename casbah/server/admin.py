@@ -91,12 +91,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         instance = self.instances.get(request.instance_name, None, context, write=True, what="Gc",
                                       detail=f"to {request.target_bytes} bytes" if request.target_bytes else "")
         instance.check_writable("Gc")
-        removed = 0
-        cas = {id(_unwrap(node)) for node in storage_nodes(instance, action_cache=False)}
-        for node in storage_nodes(instance):
-            inner = _unwrap(node)
-            if request.target_bytes > 0 and id(inner) in cas and hasattr(inner, "evict_to"):
-                removed += await inner.evict_to(request.target_bytes)  # a target is for the CAS only
-            elif hasattr(inner, "gc"):
-                removed += await inner.gc()
-        return admin_pb2.GcResponse(removed=removed, nodes=await node_stats(instance))
+        return await collect(instance, request.target_bytes)
+
+
+async def collect(instance: Instance, target_bytes: int = 0) -> admin_pb2.GcResponse:
+    """Evict every disk node of the instance to its quota; the CAS ones to `target_bytes` if given."""
+    removed = 0
+    cas = {id(_unwrap(node)) for node in storage_nodes(instance, action_cache=False)}
+    for node in storage_nodes(instance):
+        inner = _unwrap(node)
+        if target_bytes > 0 and id(inner) in cas and hasattr(inner, "evict_to"):
+            removed += await inner.evict_to(target_bytes)  # a target is for the CAS only
+        elif hasattr(inner, "gc"):
+            removed += await inner.gc()
+    return admin_pb2.GcResponse(removed=removed, nodes=await node_stats(instance))
