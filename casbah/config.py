@@ -44,6 +44,24 @@ def parse_size(value: int | str) -> int:
     return int(number * 1024 ** "bkmgtp".index(unit or "b"))
 
 
+def check_address(address: str) -> str:
+    """`HOST:PORT`, `[IPV6]:PORT` or `unix:PATH`, checked before anything binds: a
+    missing or non-numeric port is an error here, not a surprise at bind time (grpc
+    would take `127.0.0.1` alone as port 443)."""
+    if address.startswith("unix:"):
+        if not address.removeprefix("unix:").removeprefix("//"):
+            raise ValueError(f"{address!r}: a unix socket needs a path (unix:PATH)")
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or (host.startswith("[") != host.endswith("]")) or (":" in host and not host.startswith("[")):
+        raise ValueError(f"{address!r} needs a port (HOST:PORT, e.g. 127.0.0.1:50051, or [::1]:50051)")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r}: the port {port!r} is not a number from 0 to 65535")
+    if not host.strip("[]"):
+        raise ValueError(f"{address!r} needs a host (HOST:PORT; 0.0.0.0:{port} for every interface)")
+    return address
+
+
 def expand_env(value: Any, where: str = "") -> Any:
     """Replace `${VAR}` and `${VAR:-default}` in every string of a loaded YAML tree."""
     if isinstance(value, str):
@@ -144,6 +162,11 @@ class ListenerConfig(_Model):
     #: File mode of a unix socket, e.g. "0660" (group members may connect).
     unix_mode: str | None = Field(default=None, alias="unix-mode", pattern="^0?[0-7]{3}$")
 
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return check_address(value)
+
 
 class LimitsConfig(_Model):
     """Protection against overload and slow clients; every value has a sane default."""
@@ -198,6 +221,21 @@ class ServerConfig(_Model):
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
     grace_seconds: float = Field(default=30.0, alias="grace-seconds")
+
+    @field_validator("listen")
+    @classmethod
+    def _addresses(cls, value: list[str | ListenerConfig]) -> list[str | ListenerConfig]:
+        for item in value:
+            if isinstance(item, str):
+                check_address(item)
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("unix:"):
+            raise ValueError(f"{value!r}: the metrics endpoint listens on HOST:PORT")
+        return check_address(value) if value is not None else None
 
     @field_validator("quota", "max_message_size", "max_batch_size")
     @classmethod

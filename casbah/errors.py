@@ -110,6 +110,11 @@ class Unsupported(CasbahError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class StartupError(FailedPrecondition):
+    """Something an operator must fix before a server can start (an address that cannot
+    be bound, unusable TLS material): reported as one line by the CLI, exit 1."""
+
+
 #: Every status by its wire number (`google.rpc.Status.code`, `set_code(int)`).
 _BY_INT: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 

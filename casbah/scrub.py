@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from casbah import humanize
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch
 from casbah.storage.base import Storage
@@ -35,7 +36,7 @@ class ScrubReport:
     seconds: float = 0.0
 
     def line(self) -> str:
-        return (f"scanned {self.scanned} blobs ({self.bytes} bytes) in {self.seconds:.1f}s: "
+        return (f"scanned {self.scanned} blobs ({humanize.size(self.bytes)}) in {humanize.duration(self.seconds)}: "
                 f"{len(self.corrupt)} corrupt, {self.removed} removed, {self.vanished} vanished meanwhile"
                 + (f", {len(self.unreadable)} unreadable" if self.unreadable else ""))
 

@@ -1,4 +1,8 @@
-"""The `casbah` command line."""
+"""The `casbah` command line.
+
+Every command runs inside `CasbahGroup` (casbah/cli/errors.py): an expected failure is
+one `Error:` line on stderr and a documented exit status; `--debug` adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import sys
 
 import click
 
-from casbah.config import ALL_SERVICES, ConfigError, load_config
+from casbah.cli.errors import CasbahGroup
+from casbah.config import ALL_SERVICES, ConfigError, check_address, load_config
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -17,14 +22,30 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     setup_logging(level, fmt)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CasbahGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="casbah")
-def main() -> None:
+@click.option("--debug", is_flag=True, envvar="CASBAH_DEBUG",
+              help="Print the traceback of a failure (env CASBAH_DEBUG=1).")
+def main(debug: bool) -> None:
     """casbah: content-addressable storage for remote builds (REAPI, Remote Asset)."""
+    CasbahGroup.debug = debug
+
+
+def _addresses(ctx: click.Context, param: click.Parameter, value: tuple[str, ...] | str | None):
+    """Listen addresses checked before anything starts: `127.0.0.1` alone is refused
+    (grpc would pick a port), not discovered at bind time."""
+    if value is None:
+        return value
+    try:
+        for address in (value,) if isinstance(value, str) else value:
+            check_address(address)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
 
 
 @main.command()
-@click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
+@click.option("--listen", "listen", multiple=True, metavar="HOST:PORT", callback=_addresses,
               help="Address to serve on (repeatable). Default 127.0.0.1:50051.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where the disk storage lives. Default ./casbah-data.")
@@ -40,8 +61,9 @@ def main() -> None:
               help="CA for client certificates: mTLS, clients without a valid certificate are refused.")
 @click.option("--tokens", type=click.Path(exists=True, dir_okay=False),
               help="Bearer tokens file: 'sha256:<hex> read|write [INSTANCE...]' per line.")
-@click.option("--metrics-listen", metavar="HOST:PORT", help="Serve /metrics and the status page here.")
-@click.option("--http-listen", metavar="HOST:PORT",
+@click.option("--metrics-listen", metavar="HOST:PORT", callback=_addresses,
+              help="Serve /metrics and the status page here.")
+@click.option("--http-listen", metavar="HOST:PORT", callback=_addresses,
               help="Also serve the HTTP cache protocol (Bazel HTTP, ccache, sccache WebDAV) here.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log line format.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -54,26 +76,24 @@ def serve(listen: tuple[str, ...], data_dir: str | None, quota: str | None, inst
           workers: int, log_level: str) -> None:
     """Run the REAPI server.  Flags override the config file."""
     _setup_logging(log_level, log_format or "text")
-    from casbah.server.app import StartupError
     from casbah.server.app import serve as run_server
 
     overrides = {"listen": list(listen) or None, "data-dir": data_dir, "quota": quota, "tls-cert": tls_cert,
                  "tls-key": tls_key, "tls-client-ca": tls_client_ca, "metrics-listen": metrics_listen,
                  "http-listen": http_listen, "log-format": log_format}
-    try:
-        config = load_config(config_file, overrides)
-        config = _apply_instance_flags(config, instances, services)
-        if config.log_format != (log_format or "text"):
-            _setup_logging(log_level, config.log_format)  # the config file chose the format
-        if tokens:
-            config = config.model_copy(update={"auth": config.auth.model_copy(update={"tokens": tokens})})
-        if workers > 1:
-            from casbah.server.workers import run_workers
+    # A failure (config, tokens file, bind, TLS material, a data dir) reaches CasbahGroup.
+    config = load_config(config_file, overrides)
+    config = _apply_instance_flags(config, instances, services)
+    if config.log_format != (log_format or "text"):
+        _setup_logging(log_level, config.log_format)  # the config file chose the format
+    if tokens:
+        config = config.model_copy(update={"auth": config.auth.model_copy(update={"tokens": tokens})})
+    if workers > 1:
+        from casbah.server.workers import run_workers
 
-            sys.exit(run_workers(config, workers, log_level))
+        sys.exit(run_workers(config, workers, log_level))
+    try:
         asyncio.run(run_server(config))
-    except (ConfigError, StartupError) as exc:
-        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         pass
 

@@ -8,6 +8,7 @@ in this process, and refuses while a server holds the store (`admin_support.py`)
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import click
@@ -29,12 +30,11 @@ def _rate(ctx: click.Context, param: click.Parameter, value: str) -> int:
 
 
 def _local_config(config_file: str | None, data_dir: str | None, command: str) -> ServerConfig:
-    """The config of a data directory this process will open itself: refused while served."""
-    try:
-        config = load_config(config_file, {"data-dir": data_dir})
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The config of a data directory this process will open itself: its stores must
+    exist, and no running server may hold them."""
+    config = load_config(config_file, {"data-dir": data_dir})
     refuse_if_served(config, command)
+    _check_stores_exist(config, data_dir)
     return config
 
 
@@ -97,10 +97,22 @@ def scrub(config_file: str | None, data_dir: str | None, names: tuple[str, ...],
                 await storage.close()
         return problems
 
-    try:
-        sys.exit(1 if asyncio.run(main()) else 0)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    sys.exit(1 if asyncio.run(main()) else 0)
+
+
+def _check_stores_exist(config, data_dir: str | None) -> None:
+    """Scrubbing checks what exists: a mistyped `--data-dir` must be an error, not an
+    empty store created and reported clean."""
+    from casbah.server.workers import disk_paths
+
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise ConfigError(f"--data-dir {data_dir}: no such directory")
+    inside = os.path.abspath(config.data_dir) + os.sep
+    for path in disk_paths(config):
+        # A store inside an existing data directory may never have been opened (the opaque
+        # store of a server without an HTTP front): the directory itself was checked above.
+        if not os.path.isdir(path) and not (os.path.isdir(inside) and os.path.abspath(path).startswith(inside)):
+            raise ConfigError(f"disk storage {path}: no such directory (is the data directory right?)")
 
 
 def _remote_scrub(spec, names: tuple[str, ...], rate: int, dry_run: bool) -> int:

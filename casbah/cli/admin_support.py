@@ -19,6 +19,7 @@ import grpc
 
 from casbah.config import ServerConfig
 from casbah.reapi.channel import RemoteSpec, open_channel
+from casbah.server.workers import disk_paths
 
 #: The lock file every process holds (shared) while it has a disk store open.
 OPEN_LOCK = "open.lock"
@@ -42,9 +43,8 @@ def remote_admin_options(fn: Any) -> Any:
 
 def remote_spec(kwargs: dict[str, Any]) -> RemoteSpec | None:
     url = kwargs.pop("remote")
-    spec = RemoteSpec(url=url or "", server_cert=kwargs.pop("server_cert"), client_key=kwargs.pop("client_key"),
-                      client_cert=kwargs.pop("client_cert"), token_file=kwargs.pop("token_file"))
-    return spec if url else None
+    tls = {name: kwargs.pop(name) for name in ("server_cert", "client_key", "client_cert", "token_file")}
+    return RemoteSpec(url=url, **tls) if url else None
 
 
 def call_admin(spec: RemoteSpec, method: str, request: Any) -> Any:
@@ -62,24 +62,6 @@ def call_admin(spec: RemoteSpec, method: str, request: Any) -> Any:
         raise click.ClickException(f"{spec.url}: {method} failed: {code.name}: {err.details()}{hint}") from None
     except CasbahError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def disk_paths(config: ServerConfig) -> list[str]:
-    """The path of every `disk` node the config describes (named or nested)."""
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("kind") == "disk" and isinstance(node.get("path"), str):
-                found.append(node["path"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(dict(config.with_defaults().storages))
-    return found
 
 
 def store_in_use(path: str) -> bool:

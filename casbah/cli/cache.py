@@ -8,12 +8,12 @@ from datetime import datetime
 
 import click
 
+from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import DEFAULT_URI_TEMPLATE, PUBLISH_MODES, pull, push
 from casbah.config import parse_size
-from casbah.errors import CasbahError
 
 DEFAULT_CACHE_DIR = "~/.cache/casbah"
 
@@ -39,17 +39,8 @@ uri_option = click.option("--uri-template", default=DEFAULT_URI_TEMPLATE, show_d
 
 
 class CasbahCommand(click.Command):
-    """Turns casbah errors and file-system errors (a permission, a full disk) into one
-    clean error line and exit 1 instead of a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except CasbahError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) \
-                from None
+    """A casbah command.  Errors are reported by the root group (casbah/cli/errors.py):
+    one line, no traceback; this class stays so commands can say where they belong."""
 
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -116,6 +107,7 @@ def rm(cache_dir: str, refs: tuple[str, ...]) -> None:
     local = _cache(cache_dir)
     for ref in refs:
         local.remove_ref(ref)
+        click.echo(f"removed ref {ref}")
 
 
 @cache.command(cls=CasbahCommand)
@@ -123,7 +115,7 @@ def rm(cache_dir: str, refs: tuple[str, ...]) -> None:
 def prune(cache_dir: str) -> None:
     """Delete every object no ref reaches."""
     report = _cache(cache_dir).prune()
-    click.echo(f"removed {report.objects_removed} objects, {report.bytes_removed} bytes")
+    click.echo(f"removed {humanize.count(report.objects_removed, 'object')}, {humanize.size(report.bytes_removed)}")
 
 
 @cache.command(cls=CasbahCommand)
@@ -132,8 +124,10 @@ def prune(cache_dir: str) -> None:
 def gc(cache_dir: str, quota: int) -> None:
     """Evict least recently used refs, then prune, until under SIZE."""
     report = _cache(cache_dir).gc(quota)
-    click.echo(f"removed refs {report.refs_removed or 'none'}; {report.objects_removed} objects, "
-               f"{report.bytes_removed} bytes")
+    for ref in report.refs_removed:
+        click.echo(f"removed ref {ref}")
+    click.echo(f"removed {humanize.count(len(report.refs_removed), 'ref')}, "
+               f"{humanize.count(report.objects_removed, 'object')}, {humanize.size(report.bytes_removed)}")
 
 
 @cache.command(cls=CasbahCommand)

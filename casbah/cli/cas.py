@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import click
 from google.protobuf.message import DecodeError
 
+from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import CasbahCommand, external_links_option
 from casbah.client.remote import RemoteClient
-from casbah.client.sync import download_tree
+from casbah.client.sync import TransferBar, download_tree
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import CasbahError
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -29,21 +31,24 @@ def cas() -> None:
 @remote_options
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 def upload(paths: tuple[str, ...], **kwargs) -> None:
-    """Upload files (printing HASH/SIZE PATH) and directories (as trees; the root digest)."""
+    """Upload files (printing HASH/SIZE PATH) and directories (as trees; the root digest).
+
+    Only what the server lacks is sent; a progress bar shows it on a terminal."""
+    show = sys.stderr.isatty()
     with RemoteClient(spec_from(kwargs)) as client:
         for path in paths:
             p = Path(path)
             if p.is_dir():
                 build = build_tree(p)
                 blobs: dict[Digest, bytes | Path] = {**build.directories, **build.files}
-                missing = set(client.find_missing(blobs))
-                client.upload({d: s for d, s in blobs.items() if d in missing})
-                click.echo(f"{build.root} {path}")
+                root = build.root
             else:
-                digest = hash_file(p, DigestFunction.SHA256)
-                if client.find_missing([digest]):
-                    client.upload({digest: p})
-                click.echo(f"{digest} {path}")
+                root = hash_file(p, DigestFunction.SHA256)
+                blobs = {root: p}
+            missing = set(client.find_missing(blobs))
+            with TransferBar(f"upload {path}", sum(d.size for d in missing), show) as bar:
+                client.upload({d: s for d, s in blobs.items() if d in missing}, bar.advance)
+            click.echo(f"{root} {path}")
 
 
 def _is_directory(client: RemoteClient, digest: Digest) -> bool:
@@ -75,15 +80,16 @@ def download(digest: str, output: str, as_tree: bool | None, allow_external_syml
         if not tree:
             tmp = f"{output}.casbah-tmp"
             try:
-                with open(tmp, "wb") as f:
+                with open(tmp, "wb") as f, TransferBar(f"download {d.hash[:12]}…", d.size, sys.stderr.isatty()) as bar:
                     for chunk in client.read_stream(d):
                         f.write(chunk)
+                        bar.advance(0, len(chunk))
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
                 raise
             os.replace(tmp, output)
-            click.echo(f"{d} -> {output}", err=True)
+            click.echo(f"{d} -> {output} ({humanize.size(d.size)})", err=True)
             return
         summary = download_tree(client, d, output, show_progress=sys.stderr.isatty(),
                                 allow_external_symlinks=allow_external_symlinks)
@@ -118,7 +124,9 @@ def tree(digest: str, **kwargs) -> None:
 @cas.command(cls=CasbahCommand)
 @remote_options
 @click.argument("digests", nargs=-1, required=True)
-def missing(digests: tuple[str, ...], **kwargs) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"missing": [...], "present": [...]} (digests as HASH/SIZE) instead of lines.')
+def missing(digests: tuple[str, ...], as_json: bool, **kwargs) -> None:
     """Print the DIGESTS the server lacks (exit 1 if any)."""
     try:
         wanted = [Digest.parse(d) for d in digests]
@@ -126,7 +134,12 @@ def missing(digests: tuple[str, ...], **kwargs) -> None:
         raise click.BadParameter(str(exc)) from None
     with RemoteClient(spec_from(kwargs)) as client:
         absent = client.find_missing(wanted)
-    for d in absent:
-        click.echo(str(d))
+    if as_json:
+        lacking = set(absent)
+        click.echo(json.dumps({"missing": [str(d) for d in dict.fromkeys(absent)],
+                               "present": [str(d) for d in dict.fromkeys(wanted) if d not in lacking]}))
+    else:
+        for d in absent:
+            click.echo(str(d))
     if absent:
         sys.exit(1)

@@ -7,6 +7,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -15,8 +16,9 @@ from typing import Any
 import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import DEFAULT_CACHE_DIR, CasbahCommand, external_links_option
 from casbah.client.cache import LocalCache
@@ -75,9 +77,10 @@ def fetch(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | None,
         if asset_fetch != "off" or asset_push == "on":
             raise click.UsageError("--remote (or CASBAH_REMOTE) is needed unless --asset-fetch off --asset-push off")
         cache = SourceCache(local, [], allow_external_symlinks=allow_external_symlinks)
-        root = cache.fetch(src, dest)
+        with _working(f"fetching {src.name}"):
+            root = cache.fetch(src, dest)
     else:
-        with RemoteClient(spec_from(kwargs)) as client:
+        with RemoteClient(spec_from(kwargs)) as client, _working(f"fetching {src.name}"):
             cache = SourceCache(local, [RemotePolicy(client, asset_fetch, asset_push)],
                                 allow_external_symlinks=allow_external_symlinks)
             root = cache.fetch(src, dest)
@@ -93,7 +96,8 @@ def push_cmd(kind: str, uris: tuple[str, ...], ref: str | None, branch: str | No
     """Fetch a source natively and push it to the asset cache (warms the cache)."""
     _logging()
     src = _source(kind, uris, ref, branch, sha256, with_git_dir, filename)
-    with RemoteClient(spec_from(kwargs)) as client, tempfile.TemporaryDirectory() as tmp:
+    with RemoteClient(spec_from(kwargs)) as client, tempfile.TemporaryDirectory() as tmp, \
+            _working(f"fetching and pushing {src.name}"):
         # The stage is scratch, deleted unread: a link out of the tree there is harmless.
         cache = SourceCache(LocalCache(Path(cache_dir).expanduser()), [RemotePolicy(client, "off", "on")],
                             allow_external_symlinks=True)
@@ -118,6 +122,14 @@ class ManifestRemote(_Model):
     token_file: str | None = Field(default=None, alias="token-file")
     asset_fetch: str = Field(default="fallback", alias="asset-fetch", pattern="^(off|fallback|only)$")
     asset_push: str = Field(default="off", alias="asset-push", pattern="^(on|off)$")
+
+    @field_validator("asset_fetch", "asset_push", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `on`/`off` as a boolean: take it as the word meant."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
 
 class ManifestSource(_Model):
@@ -238,11 +250,22 @@ def fetch_all(manifest: str, dest: str, cache_dir: str, jobs: int, asset_fetch: 
                                 allow_external_symlinks)
     for target, root in sorted(result.roots.items()):
         click.echo(f"{root} {target}")
-    click.echo(f"summary: {len(spec.sources)} sources in {result.seconds:.2f}s; {result.summary.line()}", err=True)
+    click.echo(f"summary: {humanize.count(len(spec.sources), 'source')} in {humanize.duration(result.seconds)}; "
+               f"{result.summary.line()}", err=True)
     for failure in result.failures:
         click.echo(f"error: {failure}", err=True)
     if result.failures:
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _working(what: str) -> Iterator[None]:
+    """A spinner with the elapsed time on a terminal while one source is fetched (its
+    size is not known up front); nothing otherwise."""
+    with Progress(SpinnerColumn(), TextColumn(what), TimeElapsedColumn(), transient=True,
+                  disable=not sys.stderr.isatty()) as progress:
+        progress.add_task(what, total=None)
+        yield
 
 
 def _logging(quiet: bool = False) -> None:

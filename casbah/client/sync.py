@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from casbah import humanize
 from casbah.client.cache import LocalCache
 from casbah.client.materialise import Materialiser, copy_fd, plan_tree
 from casbah.client.remote import RemoteClient
@@ -43,12 +44,12 @@ class SyncSummary:
     warning: str = ""
 
     def line(self, verb: str) -> str:
-        rate = self.bytes_sent / self.seconds / 1e6 if self.seconds else 0.0
-        return (f"{verb} {self.root}: {self.files} files, {self.total_bytes} bytes; transferred "
-                f"{self.blobs_sent} blobs, {self.bytes_sent} bytes in {self.seconds:.2f}s ({rate:.1f} MB/s)")
+        return (f"{verb} {self.root}: {humanize.count(self.files, 'file')}, {humanize.size(self.total_bytes)}; "
+                f"transferred {humanize.count(self.blobs_sent, 'blob')}, {humanize.size(self.bytes_sent)} in "
+                f"{humanize.duration(self.seconds)} ({humanize.rate(self.bytes_sent, self.seconds)})")
 
 
-class _Bar:
+class TransferBar:
     """A rich progress bar on a terminal; nothing otherwise (rich is imported only then)."""
 
     def __init__(self, description: str, total: int, show: bool) -> None:
@@ -56,23 +57,29 @@ class _Bar:
         self.advance: Callable[[int, int], None] = lambda blobs, nbytes: None
         if not show or total == 0:
             return
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), transient=True)
-        task = progress.add_task(description, total=total)
+        # Sizes and rates in casbah's own units (the summary line's), not rich's decimal MB.
+        sizes = TextColumn("{task.fields[done_text]} of {task.fields[total_text]}")
+        speed = TextColumn("{task.fields[rate_text]}")
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), sizes, speed, TimeRemainingColumn(),
+                            transient=True)
+        started = time.monotonic()
+        task = progress.add_task(description, total=total, done_text=humanize.size(0),
+                                 total_text=humanize.size(total), rate_text="")
+        done = 0
+
+        def advance(blobs: int, nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            progress.update(task, advance=nbytes, done_text=humanize.size(done),
+                            rate_text=humanize.rate(done, time.monotonic() - started))
+
         progress.start()
         self._progress = progress
-        self.advance = lambda blobs, nbytes: progress.update(task, advance=nbytes)
+        self.advance = advance
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> TransferBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -106,7 +113,7 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
         raise BlobNotFound(min(absent), f"{name}: {len(absent)} objects of the tree are missing from the local "
                                         f"cache {cache.root} (run `casbah cache fsck`)")
     sources = {d: cache.object_path(d) for d in missing}
-    with _Bar(f"push {name}", sum(d.size for d in missing), show_progress) as bar:
+    with TransferBar(f"push {name}", sum(d.size for d in missing), show_progress) as bar:
         client.upload(sources, bar.advance)
     summary.blobs_sent = len(missing)
     summary.bytes_sent = sum(d.size for d in missing)
@@ -195,7 +202,7 @@ def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
                     cache.add_verified(digest, data)  # get_tree keys each message by its own hash
                     new_dirs += 1
             missing = cache.missing(sorted(_files_of(directories)))
-            with _Bar(f"pull {name}", sum(d.size for d in missing), show_progress) as bar:
+            with TransferBar(f"pull {name}", sum(d.size for d in missing), show_progress) as bar:
                 # The client verifies every blob before its last chunk reaches the sink.
                 client.download(missing, lambda d, chunks: cache.add_stream(d, chunks, verify=False), bar.advance)
             summary.blobs_sent = len(missing) + new_dirs
@@ -248,7 +255,7 @@ def download_tree(client: RemoteClient, root: Digest, dest: str | os.PathLike,
             finally:
                 os.close(fd)
 
-        with _Bar(f"download {root}", sum(d.size for d in where), show_progress) as bar:
+        with TransferBar(f"download {root}", sum(d.size for d in where), show_progress) as bar:
             client.download(list(where), sink, bar.advance)
         for index, name, mode in empty:
             os.close(tree.new_file(index, name, mode))

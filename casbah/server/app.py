@@ -12,10 +12,12 @@ from pathlib import Path
 
 import grpc
 
+from casbah import humanize
 from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
 from casbah.digest import DigestFunction
+from casbah.errors import StartupError
 from casbah.http.server import HttpFront
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -27,6 +29,7 @@ from casbah.server.admin import AdminService
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances, MalformedRequests
+from casbah.server.binding import check_bind, check_tls
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
@@ -40,10 +43,6 @@ from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
 log = logging.getLogger("casbah.server")
-
-
-class StartupError(Exception):
-    """Something an operator must fix before the server can start (printed, exit 1)."""
 
 
 @dataclass
@@ -175,7 +174,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     await endpoints.add_health_and_reflection(server)
     result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():
-        result.ports.append(_listen(server, listener))
+        result.ports.append(_listen(server, listener, reuse_port))
     observability.listen = list(result.ports)
     if config.http_listen:
         result.http = HttpFront(config, instances, loader)  # builds the opaque stores: before closers
@@ -203,17 +202,20 @@ def _remove_stale_socket(path: str) -> None:
     raise StartupError(f"cannot listen on unix:{path}: another server is listening there")
 
 
-def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
+def _listen(server: grpc.aio.Server, listener: ListenerConfig, reuse_port: bool = False) -> str:
     """Bind one listener; returns the address as served (port 0 resolved)."""
     address = listener.address
     if address.startswith("unix:"):
         path = address.removeprefix("unix:").removeprefix("//")
         if os.path.exists(path):
             _remove_stale_socket(path)
+    if listener.tls_cert or listener.tls_key:
+        if not (listener.tls_cert and listener.tls_key):
+            raise StartupError(f"{address}: TLS needs both a certificate and a key")
+        check_tls(listener.tls_cert, listener.tls_key, listener.tls_client_ca)
+    check_bind(address, reuse_port)
     try:
-        if listener.tls_cert or listener.tls_key:
-            if not (listener.tls_cert and listener.tls_key):
-                raise StartupError(f"{address}: TLS needs both a certificate and a key")
+        if listener.tls_cert and listener.tls_key:
             credentials = grpc.ssl_server_credentials(
                 [(Path(listener.tls_key).read_bytes(), Path(listener.tls_cert).read_bytes())],
                 root_certificates=Path(listener.tls_client_ca).read_bytes() if listener.tls_client_ca else None,
@@ -227,9 +229,9 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig) -> str:
     except OSError as exc:
         raise StartupError(f"{address}: cannot read TLS material: {exc}") from None
     except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
     if port == 0 and not address.startswith("unix:"):
-        raise StartupError(f"cannot listen on {address} (is another server using the port?)")
+        raise StartupError(f"cannot listen on {address}: grpc refused the address")
     if address.startswith("unix:"):
         if listener.unix_mode:
             os.chmod(address.removeprefix("unix:").removeprefix("//"), int(listener.unix_mode, 8))
@@ -258,9 +260,11 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
             raise StartupError(f"cannot serve HTTP on {config.http_listen}: {exc}") from None
     await server.grpc_server.start()
     for instance in server.instances:
+        quota = store_quota(instance.cas)
         log.info(
-            "instance %r: storage %s, services %s%s", instance.name, instance.cas.describe(),
-            ",".join(sorted(instance.services)), " (read-only)" if instance.read_only else "",
+            "instance %r: storage %s (quota %s), services %s%s", instance.name, instance.cas.describe(),
+            humanize.size(quota) if quota else "none", ",".join(sorted(instance.services)),
+            " (read-only)" if instance.read_only else "",
         )
     if not worker:  # once, not once per worker
         http = [ListenerConfig(address=config.http_listen, tls_client_ca=config.tls_client_ca)] \
@@ -291,5 +295,5 @@ def _warn_quota(config: ServerConfig) -> None:
     except OSError:
         return
     if config.quota and free < config.quota:
-        log.warning("quota %d bytes exceeds free space on %s (%d bytes): eviction will not save the disk",
-                    config.quota, data, free)
+        log.warning("quota %s exceeds free space on %s (%s): eviction will not save the disk",
+                    humanize.size(config.quota), data, humanize.size(free))

@@ -116,7 +116,7 @@ async def _asset(request: web.Request) -> web.Response:
     assets = []
     for kind in (AssetKind.BLOB, AssetKind.DIRECTORY):
         records = await index.candidates(kind, [uri], {}, function, limit=ASSET_LIMIT)
-        missing = set(await inst.cas.find_missing([r.digest for r in records])) if records else set()
+        missing = await _missing(inst.cas, [r.digest for r in records])
         for record in records:
             assets.append({
                 "kind": record.kind.value, "digest": str(record.digest), "size": record.digest.size,
@@ -129,6 +129,13 @@ async def _asset(request: web.Request) -> web.Response:
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+async def _missing(cas: Storage, digests: list[Digest]) -> set[Digest]:
+    """What the storage lacks, as the CAS API answers it: the empty blob (an empty file,
+    an empty Directory) is present everywhere without being stored."""
+    stored = [d for d in digests if not is_empty_blob(d)]
+    return set(await cas.find_missing(stored)) if stored else set()
 
 
 async def _directory(cas: Storage, data: bytes, function: DigestFunction) -> dict[str, Any] | None:
@@ -150,7 +157,7 @@ async def _directory(cas: Storage, data: bytes, function: DigestFunction) -> dic
     children = [Digest(f.digest.hash, f.digest.size_bytes, function) for f in directory.files]
     children += [Digest(d.digest.hash, d.digest.size_bytes, function) for d in directory.directories]
     try:
-        missing = set(await cas.find_missing(children)) if children else set()
+        missing = await _missing(cas, children)
     except CasbahError:
         return None  # child digests that are not valid digests: not a Directory after all
     return {

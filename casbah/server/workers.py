@@ -56,6 +56,27 @@ def process_local_nodes(config: ServerConfig) -> list[str]:
     return found
 
 
+def disk_paths(config: ServerConfig) -> list[str]:
+    """The directory of every `disk` node in the config (admin commands check they exist)."""
+    found: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("kind") == "disk" and isinstance(node.get("path"), str):
+                found.append(node["path"])
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config.storages)
+    for inst in config.instances.values():
+        visit(inst.storage)
+        visit(inst.action_cache)
+    return found
+
+
 def check_ports_free(addresses: list[str]) -> None:
     for address in addresses:
         if address.startswith("unix:"):

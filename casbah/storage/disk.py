@@ -41,8 +41,6 @@ from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 log = logging.getLogger(__name__)
 
-#: Batch reads of more blobs than this hop to a thread.
-INLINE_BATCH = 16
 #: Seconds between flushes of last-use updates.
 TOUCH_INTERVAL = 2.0
 
@@ -138,12 +136,9 @@ class DiskStorage(Storage):
         return b"".join([chunk async for chunk in stream])
 
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        """A few blobs are read and hashed in the event loop; a larger batch in one thread
-        hop, where hashing (which releases the GIL) overlaps the loop's protobuf work."""
-        if len(digests) > INLINE_BATCH:
-            found, corrupt, files = await asyncio.to_thread(self.engine.get_inline, digests)
-        else:
-            found, corrupt, files = self.engine.get_inline(digests)
+        """Inline blobs are read and hashed in the event loop: a thread hop per batch cost
+        more server CPU than it saved (measured: 25.5 against 15 µs a blob, bench batch_read)."""
+        found, corrupt, files = self.engine.get_inline(digests)
         self._touched()
         lost: dict[Digest, CasbahError] = {}
         if corrupt:

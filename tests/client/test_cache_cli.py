@@ -221,12 +221,12 @@ def test_gc_evicts_least_recently_used_refs(tmp_path: Path, cache_dir: Path) -> 
     # "old" is used now: "middle" becomes the least recently used.
     cli("cache", "checkout", "--cache-dir", str(cache_dir), "old", str(tmp_path / "out"))
     out = cli("cache", "gc", "--cache-dir", str(cache_dir), "--quota", "250K").stdout
-    assert "removed refs ['middle']" in out
+    assert "removed ref middle\n" in out and "removed 1 ref," in out
     remaining = [line.split()[-1] for line in cli("cache", "ls", "--cache-dir", str(cache_dir)).stdout.splitlines()]
     assert remaining == ["old", "new"]
     assert LocalCache(cache_dir).size() <= 250 * 1024
     out = cli("cache", "gc", "--cache-dir", str(cache_dir), "--quota", "1").stdout
-    assert "'old'" in out and "'new'" in out
+    assert "removed ref old\n" in out and "removed ref new\n" in out
     assert cli("cache", "ls", "--cache-dir", str(cache_dir)).stdout == ""
     assert object_files(cache_dir) == {}
     bad = cli("cache", "gc", "--cache-dir", str(cache_dir), "--quota", "lots", expect=2)

@@ -69,7 +69,7 @@ def test_roundtrip_through_casbah(std_tree: Path, start_server, tmp_path: Path) 
     with RemoteClient(RemoteSpec(server.url)) as client:
         assert client.find_missing(needed) == []
     second = cli_process("cache", "push", "--cache-dir", str(cache_dir), *remote, "std/lib")
-    assert "transferred 0 blobs, 0 bytes" in second.stderr
+    assert "transferred 0 blobs, 0 B" in second.stderr
     assert "warning" not in second.stderr
     assert server_blob_files(server.data_dir) == on_server  # nothing written, nothing rewritten
 
@@ -112,7 +112,7 @@ def test_roundtrip_through_buildgrid(std_tree: Path, tmp_path: Path) -> None:
         assert blobs >= len(needed)
 
         second = cli_process("cache", "push", "--cache-dir", str(cache_dir), *remote, "std")
-        assert "transferred 0 blobs, 0 bytes" in second.stderr
+        assert "transferred 0 blobs, 0 B" in second.stderr
         assert bg.blob_count() == blobs
         with RemoteClient(RemoteSpec(bg.url)) as client:
             assert client.find_missing(needed) == []

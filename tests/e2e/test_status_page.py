@@ -66,8 +66,11 @@ def make_traffic(address: str) -> dict:
     lib = os.urandom(2048)
     src = re_pb2.Directory(files=[re_pb2.FileNode(name="lib.so", digest=sha(lib), is_executable=True)])
     src_bytes = src.SerializeToString(deterministic=True)
-    root = re_pb2.Directory(files=[re_pb2.FileNode(name="main.c", digest=sha(main_c))],
-                            directories=[re_pb2.DirectoryNode(name="src", digest=sha(src_bytes))])
+    # An empty file and an empty directory: both the empty blob, present without being stored.
+    root = re_pb2.Directory(files=[re_pb2.FileNode(name="empty.txt", digest=sha(b"")),
+                                   re_pb2.FileNode(name="main.c", digest=sha(main_c))],
+                            directories=[re_pb2.DirectoryNode(name="empty", digest=sha(b"")),
+                                         re_pb2.DirectoryNode(name="src", digest=sha(src_bytes))])
     root_bytes = root.SerializeToString(deterministic=True)
     stored = [*blobs, main_c, lib, src_bytes, root_bytes]
     metadata = (("build.bazel.remote.execution.v2.requestmetadata-bin", re_pb2.RequestMetadata(
@@ -125,6 +128,16 @@ def test_status_page_in_headless_chromium(start_server, tmp_path: Path) -> None:
             assert chart.locator("path.series-cas").count() == 1
             assert float(chart.locator("circle.point-cas").last.get_attribute("data-rate")) == pytest.approx(0.75)
             assert chart.locator("circle.point-action_cache").count() >= 1
+            # A young server's chart spans its uptime (a minute or two), over the full width,
+            # and the legend names every series drawn, the grey lookup volume included.
+            assert 1 <= int(chart.get_attribute("data-minutes")) <= 3
+            box = chart.bounding_box()
+            assert box is not None and box["width"] > 1000
+            cx = float(chart.locator("circle.point-cas").first.get_attribute("cx"))
+            assert cx < box["width"] * 0.8, "the first point must not be squeezed against the right edge"
+            legend = page.locator("#chart-legend span")
+            assert sorted(legend.evaluate_all("els => els.map(e => e.dataset.series)")) == \
+                ["action_cache", "asset", "cas", "volume"]
 
             # Storage graph and recent invocations.
             expect(page.locator("#storage .node[data-node='storages.default']")).to_contain_text(
@@ -145,8 +158,10 @@ def test_status_page_in_headless_chromium(start_server, tmp_path: Path) -> None:
             page.click("#lookup-button")
             listing = page.locator("#directory-listing")
             expect(listing).to_contain_text("main.c")
-            expect(listing.locator("tr.dir-entry a")).to_have_text("src/")
-            listing.locator("tr.dir-entry a").click()
+            expect(listing).to_contain_text("empty.txt")
+            assert listing.locator(".badge.missing").count() == 0, "the empty blob and Directory are present"
+            expect(listing.locator("tr.dir-entry a").last).to_have_text("src/")
+            listing.locator("tr.dir-entry a").last.click()
             expect(page.locator("#directory-listing tr.file-entry")).to_contain_text("lib.so")
             expect(page.locator(".breadcrumbs")).to_contain_text("src")
 

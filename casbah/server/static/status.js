@@ -128,42 +128,61 @@ function chartSeries(status, which) {
   return out;
 }
 
+/** The first minute (epoch seconds) the chart shows: the minute the server started (at
+ * most the hour the server keeps), or the start of the last N minutes chosen. */
+function chartStart(status) {
+  const choice = document.getElementById("chart-window").value;
+  const since = choice === "uptime" ? status.started : status.now - Number(choice) * 60 + 60;
+  return Math.floor(since / 60) * 60;
+}
+
 function renderChart(status) {
   const chart = document.getElementById("hit-chart");
   const which = document.getElementById("chart-instance").value;
   const data = chartSeries(status, which);
-  const W = 760, H = 260, left = 44, right = 12, top = 12, bottom = 30;
+  // Full width: the viewBox follows the element's size, so text keeps its size.
+  const W = Math.max(320, Math.round(chart.clientWidth || 760)), H = 260;
+  const left = 44, right = 16, top = 12, bottom = 30;
+  chart.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const w = W - left - right, h = H - top - bottom;
-  const n = (data.cas || []).length || 60;
-  const x = (i) => left + (n === 1 ? w / 2 : (i * w) / (n - 1));
+  // One slot per minute of the window, spread over the whole width (a server up for
+  // two minutes gets two wide slots, not two dots at the right edge of an hour).
+  const first = chartStart(status);
+  const keep = (series) => (series || []).filter((m) => m.t >= first);
+  const slots = keep(data.cas);
+  const n = Math.max(1, slots.length);
+  const x = (i) => left + ((i + 0.5) * w) / n;
   const y = (rate) => top + h - rate * h;
   chart.replaceChildren();
-  // lookup volume behind the lines, scaled to the busiest minute
-  const volume = Array.from({ length: n }, (_, i) =>
-    CACHES.reduce((s, { key }) => s + (data[key][i] ? data[key][i].hits + data[key][i].misses : 0), 0));
+  // lookup volume behind the lines, scaled to the busiest minute in the window
+  const volume = slots.map((_, i) => CACHES.reduce((sum, { key }) => {
+    const m = keep(data[key])[i];
+    return sum + (m ? m.hits + m.misses : 0);
+  }, 0));
   const peak = Math.max(1, ...volume);
+  const barWidth = Math.max(2, Math.min(24, (w / n) * 0.5));
   volume.forEach((v, i) => {
     if (!v) return;
     const bh = (v / peak) * h * 0.35;
-    const bar = svg("rect", { class: "volume", x: x(i) - 4, y: top + h - bh, width: 8, height: bh });
-    bar.append(svg("title", {}, `${v} lookups`));
+    const bar = svg("rect", { class: "volume", x: x(i) - barWidth / 2, y: top + h - bh, width: barWidth, height: bh });
+    bar.append(svg("title", {}, `${clock(slots[i].t)}: ${v} lookups`));
     chart.append(bar);
   });
   for (const r of [0, 0.25, 0.5, 0.75, 1]) {
     chart.append(svg("line", { class: "grid", x1: left, x2: W - right, y1: y(r), y2: y(r) }));
     chart.append(svg("text", { x: left - 6, y: y(r) + 4, "text-anchor": "end" }, `${r * 100}%`));
   }
-  const first = data.cas && data.cas[0];
-  for (let i = 0; i < n; i += 10) {
-    const t = first ? first.t + i * 60 : 0;
-    chart.append(svg("text", { x: x(i), y: H - 10, "text-anchor": "middle" },
-      first ? new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false }) : ""));
-  }
-  chart.append(svg("text", { x: W - right, y: H - 10, "text-anchor": "end" }, "now"));
+  const step = Math.max(1, Math.ceil(n / Math.max(2, Math.floor(w / 90))));
+  slots.forEach((m, i) => {
+    const last = i === slots.length - 1;
+    if (!last && (slots.length - 1 - i) % step) return;
+    chart.append(svg("text", { x: x(i), y: H - 10, "text-anchor": "middle" }, last ? "now" :
+      new Date(m.t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false })));
+  });
   let points = 0;
   for (const { key, color, label } of CACHES) {
     const pts = [];
-    (data[key] || []).forEach((m, i) => {
+    keep(data[key]).forEach((m, i) => {
       const total = m.hits + m.misses;
       if (total) pts.push({ i, rate: m.hits / total, m });
     });
@@ -181,15 +200,19 @@ function renderChart(status) {
     }
   }
   if (!points) {
-    chart.append(svg("text", { x: left + w / 2, y: top + h / 2, "text-anchor": "middle" }, "no cache lookups in the last hour"));
+    chart.append(svg("text", { x: left + w / 2, y: top + h / 2, "text-anchor": "middle" }, "no cache lookups in this window"));
   }
   chart.setAttribute("data-points", points);
+  chart.setAttribute("data-minutes", n);
 }
 
+/** One entry per series drawn: the three hit rates and the grey lookup volume. */
 function renderLegend() {
   const legend = document.getElementById("chart-legend");
-  legend.replaceChildren(...CACHES.map(({ label, color }) =>
-    el("span", {}, el("i", { style: "background:" + color }), label)));
+  legend.replaceChildren(
+    ...CACHES.map(({ key, label, color }) =>
+      el("span", { "data-series": key }, el("i", { style: "background:" + color }), label + " hit rate")),
+    el("span", { "data-series": "volume" }, el("i", { class: "volume-key" }), "lookups per minute (all caches)"));
 }
 
 // -- storage graphs -------------------------------------------------------------------------
@@ -356,7 +379,10 @@ async function refresh() {
   }
 }
 
-document.getElementById("chart-instance").addEventListener("change", () => lastStatus && renderChart(lastStatus));
+for (const id of ["chart-instance", "chart-window"]) {
+  document.getElementById(id).addEventListener("change", () => lastStatus && renderChart(lastStatus));
+}
+window.addEventListener("resize", () => lastStatus && renderChart(lastStatus));
 document.getElementById("lookup-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const digest = document.getElementById("lookup-digest").value.trim();

@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import lmdb
@@ -41,6 +41,7 @@ from casbah.storage.engine.index import (
     split_order_value,
 )
 from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
+from casbah.storage.engine.upkeep import Upkeep, matches
 from casbah.streams import NoVerifier, Verifier
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ SYNC_INTERVAL = 1.0
 MAP_HEADROOM = 0.85
 
 
-class Engine:
+class Engine(Upkeep):
     def __init__(self, root: str | os.PathLike, *, max_bytes: int = 0, durable: bool = False,
                  inline_max: int = INLINE_MAX, map_size: int = 0, verify: bool = True,
                  clear_tmp: bool = False, name: str = "") -> None:
@@ -135,14 +136,6 @@ class Engine:
             self.touched.update(present)
         return out
 
-    def _boundary(self, txn: lmdb.Transaction) -> int:
-        """The last position of the oldest quarter of `order`: blobs used from there are
-        copied to its end (refreshed); the others need no write at all."""
-        cursor = txn.cursor(db=self.env.order)
-        head = int.from_bytes(cursor.key(), "big") if cursor.first() else 0
-        cursor.close()
-        return head + (self.env.counter(txn, b"seq") - head) // 4
-
     def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
         prefix = key_of(Digest(hash_hex, 0, function))[:-8]
         with self.env.env.begin(db=self.env.meta) as txn:
@@ -177,7 +170,7 @@ class Engine:
                     files.append(digest)
                     continue
                 data = self._inline_data(txn, key, Record.unpack(value))
-                if data is None or (self.verify and not _matches(digest, data)):
+                if data is None or (self.verify and not matches(digest, data)):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
@@ -353,189 +346,17 @@ class Engine:
 
         return self._write(body, "removing blobs")  # type: ignore[return-value]
 
-    def flush_touches(self) -> int:
-        """Refresh the blobs used since the last flush (one transaction; every write
-        transaction does the same on its way)."""
-        if not self.touched:
-            return 0
-        try:
-            return self._write(lambda txn, _unlinks: self._apply_touches(txn),  # type: ignore[return-value]
-                               "recording use")
-        except ResourceExhausted:
-            return 0  # use is a hint: losing one flush on a full disk only ages those blobs
-
     def _append(self, txn: lmdb.Transaction, key: bytes, data: bytes | None) -> int:
         seq = self.env.counter(txn, b"seq") + 1
         self.env.set_counter(txn, b"seq", seq)
         txn.put(seq_key(seq), order_value(key, data), db=self.env.order, append=True)
         return seq
 
-    def _apply_touches(self, txn: lmdb.Transaction) -> int:
-        """Copy used blobs that are in the oldest quarter of `order` to its end."""
-        touched, self.touched = self.touched, set()
-        if not touched:
-            return 0
-        env = self.env
-        boundary = self._boundary(txn)
-        moved = 0
-        for key in list(touched):  # a copy: the event loop may still add to the old set
-            value = txn.get(key, db=env.meta)
-            if value is None:
-                continue
-            record = Record.unpack(value)
-            if record.seq > boundary:
-                continue
-            old = seq_key(record.seq)
-            entry = txn.get(old, db=env.order)
-            if entry is None:
-                continue
-            txn.delete(old, db=env.order)
-            record.seq = self._append_raw(txn, entry)
-            txn.put(key, record.pack(), db=env.meta)
-            moved += 1
-        return moved
-
-    def _append_raw(self, txn: lmdb.Transaction, entry: bytes) -> int:
-        seq = self.env.counter(txn, b"seq") + 1
-        self.env.set_counter(txn, b"seq", seq)
-        txn.put(seq_key(seq), entry, db=self.env.order, append=True)
-        return seq
-
-    def evict_to(self, target: int) -> int:
-        """Evict least recently used blobs until at most `target` bytes are charged."""
-
-        def body(txn: lmdb.Transaction, unlinks: list[str]) -> int:
-            env = self.env
-            charged, removed = evict(env, txn, env.counter(txn, b"charged"), target,
-                                     lambda k: k in self._pins, self.file_path_of_key, unlinks)
-            env.set_counter(txn, b"charged", charged)
-            env.set_counter(txn, b"objects", env.counter(txn, b"objects") - removed)
-            return removed
-
-        removed = self._write(body, "evicting")
-        self.evictions += removed  # type: ignore[operator]
-        return removed  # type: ignore[return-value]
-
-    def gc(self) -> int:
-        """Evict down to the quota (after it was lowered); returns blobs removed."""
-        return self.evict_to(self.max_bytes) if self.max_bytes else 0
-
-    # -- bulk, iteration, stats -----------------------------------------------------
-
-    def bulk_load(self, blobs: Iterable[tuple[Digest, bytes]], batch: int = 10_000) -> int:
-        """Store many blobs fast (benchmarks, migration): one transaction per `batch`."""
-        count = 0
-        chunk: list[tuple[Digest, bytes]] = []
-        for item in blobs:
-            chunk.append(item)
-            if len(chunk) >= batch:
-                count += sum(e is None for e in self.put_many(chunk))
-                chunk = []
-        if chunk:
-            count += sum(e is None for e in self.put_many(chunk))
-        return count
-
-    def iterate(self, page: int = 1000) -> Iterator[tuple[Digest, Record]]:
-        """Every entry, one short read transaction per `page` entries (bounded memory)."""
-        after = b""
-        while True:
-            rows: list[tuple[bytes, bytes]] = []
-            with self.env.env.begin(db=self.env.meta) as txn:
-                cursor = txn.cursor()
-                ok = cursor.set_range(after) if after else cursor.first()
-                if ok and after and cursor.key() == after:
-                    ok = cursor.next()
-                while ok and len(rows) < page:
-                    rows.append((cursor.key(), cursor.value()))
-                    ok = cursor.next()
-            for key, value in rows:
-                yield digest_of(key), Record.unpack(value)
-            if len(rows) < page:
-                return
-            after = rows[-1][0]
-
-    def stats(self) -> dict[str, int]:
-        env = self.env
-        with env.env.begin() as txn:
-            stats = {
-                "bytes": env.counter(txn, b"charged"),
-                "objects": env.counter(txn, b"objects"),
-                "db_bytes": env.page_bytes(txn),
-            }
-        info = env.env.info()
-        stats["db_file_bytes"] = (info["last_pgno"] + 1) * 4096
-        stats["map_size"] = info["map_size"]
-        stats["quota_bytes"] = self.max_bytes
-        stats["evictions"] = self.evictions
-        stats["pending_touches"] = len(self.touched)
-        return stats
-
-    def scrub(self, rate: int = 0, remove: bool = True,
-              on_blob: Callable[[Digest, int, bool], None] | None = None) -> tuple[int, int, list[Digest]]:
-        """Re-hash every blob at most `rate` bytes a second (0 = unlimited); drop the
-        corrupt ones (unless not `remove`).  Returns (blobs checked, bytes, corrupt).
-
-        Safe beside a running server (in this process or another): entries are read
-        in short read transactions, and a drop is an ordinary write transaction, so
-        FindMissingBlobs reports a dropped blob missing at once."""
-        if not self.verify:
-            return 0, 0, []
-        checked = done = 0
-        corrupt: list[Digest] = []
-        started = time.monotonic()
-        for digest, record in self.iterate():
-            ok, size = self._check(digest, record)
-            if size < 0:
-                continue  # evicted or deleted meanwhile
-            checked += 1
-            done += size
-            if not ok:
-                corrupt.append(digest)
-                log.warning("scrub: %s in disk storage %s is corrupt%s", digest, self.name,
-                            ": removed" if remove else "")
-                if remove:
-                    self.drop([digest])
-            if on_blob is not None:
-                on_blob(digest, size, ok)
-            if rate:
-                ahead = done / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-        return checked, done, corrupt
-
-    def _check(self, digest: Digest, record: Record) -> tuple[bool, int]:
-        """(matches, bytes read); bytes -1 when the entry is gone."""
-        if record.where == INLINE:
-            with self.env.env.begin() as txn:
-                data = self._inline_data(txn, key_of(digest), record)
-            if data is None:
-                return True, -1
-            return _matches(digest, data), len(data)
-        try:
-            f = open(self.area.path(digest), "rb", buffering=0)
-        except FileNotFoundError:
-            return (False, 0) if self.missing([digest]) == [] else (True, -1)
-        hasher = digest.function.hasher()
-        size = 0
-        with f:
-            while chunk := f.read(1 << 20):
-                hasher.update(chunk)
-                size += len(chunk)
-        return size == digest.size and hasher.hexdigest() == digest.hash, size
-
     def _verifier(self, digest: Digest) -> Verifier:
         return Verifier(digest) if self.verify else NoVerifier(digest)
 
 
 _seq_in = struct.Struct("<Q").unpack_from  # a record's position, without unpacking it whole
-
-
-def _matches(digest: Digest, data: bytes) -> bool:
-    if len(data) != digest.size:
-        return False
-    hasher = digest.function.hasher()
-    hasher.update(data)
-    return hasher.hexdigest() == digest.hash
 
 
 def corrupt_error(digest: Digest, name: str) -> DataLoss:
