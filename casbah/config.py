@@ -171,8 +171,12 @@ class ListenerConfig(_Model):
 class LimitsConfig(_Model):
     """Protection against overload and slow clients; every value has a sane default."""
 
+    #: Calls whose handlers run at once; further calls wait (casbah.server.admission).
     max_concurrent_rpcs: int = Field(default=2000, alias="max-concurrent-rpcs", gt=0)
-    max_streams_per_connection: int = Field(default=200, alias="max-streams-per-connection", gt=0)
+    #: Calls that may wait for a slot; beyond, RESOURCE_EXHAUSTED with a RetryInfo.
+    max_queued_rpcs: int = Field(default=10000, alias="max-queued-rpcs", ge=0)
+    #: Above a burst's size, so HTTP/2 never refuses (REFUSED_STREAM) what casbah would queue.
+    max_streams_per_connection: int = Field(default=4096, alias="max-streams-per-connection", gt=0)
     upload_bytes_in_flight: int | str = Field(default="2G", alias="upload-bytes-in-flight")
     #: Seconds a streaming call may wait for the client's next message.
     idle_timeout: float = Field(default=60.0, alias="idle-timeout", gt=0)
@@ -221,6 +225,10 @@ class ServerConfig(_Model):
     storages: dict[str, dict[str, Any]] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=dict)
     grace_seconds: float = Field(default=30.0, alias="grace-seconds")
+    #: Seconds between checks of the TLS and tokens files for changes (SIGHUP reloads at once).
+    reload_interval: float = Field(default=5.0, alias="reload-interval", gt=0)
+    #: Seconds between purges of expired Remote Asset entries.
+    asset_purge_interval: float = Field(default=600.0, alias="asset-purge-interval", gt=0)
 
     @field_validator("listen")
     @classmethod
@@ -288,7 +296,7 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
         source = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")

@@ -14,7 +14,7 @@ from typing import NamedTuple, Protocol
 
 import blake3 as _blake3
 
-from casbah.errors import InvalidArgument
+from casbah.errors import InvalidArgument, echo
 from casbah.sha256tree import Sha256TreeHasher
 
 
@@ -156,7 +156,7 @@ class Digest(NamedTuple):
         """Parse `HASH/SIZE` (the CLI and log form) with validation."""
         hash_hex, sep, size = text.partition("/")
         if not sep:
-            raise InvalidArgument(f"digest {text!r} is not of the form HASH/SIZE")
+            raise InvalidArgument(f"digest {echo(text)} is not of the form HASH/SIZE")
         return make_digest(hash_hex, _parse_size(size, text), function)
 
     @classmethod
@@ -179,7 +179,7 @@ class Digest(NamedTuple):
 
 def _parse_size(size: str, text: str) -> int:
     if not (size.isascii() and size.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
-        raise InvalidArgument(f"digest {text!r} has an invalid size {size!r}")
+        raise InvalidArgument(f"digest {echo(text)} has an invalid size {echo(size)}")
     return int(size)
 
 
@@ -190,7 +190,7 @@ def make_digest(hash_hex: str, size: int, function: DigestFunction = DigestFunct
     a well-formed lowercase hash and a non-negative size (it becomes a file name).
     """
     if len(hash_hex) != function.hex_length or not _HEX.issuperset(hash_hex):
-        raise InvalidArgument(f"invalid {function.value} hash {hash_hex[:140]!r}: "
+        raise InvalidArgument(f"invalid {function.value} hash {echo(hash_hex)}: "
                               f"want {function.hex_length} lowercase hex characters")
     if size < 0:
         raise InvalidArgument(f"invalid size {size} for digest {hash_hex}")

@@ -7,6 +7,9 @@ table here means a backend never imports grpc to report a miss.
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 import grpc
 
 
@@ -136,6 +139,8 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         return exc.code
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
+    if is_no_space(exc):  # a store that did not name itself (see `from_os_error`): still no INTERNAL
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 
@@ -168,22 +173,48 @@ def from_status(code: grpc.StatusCode, message: str) -> CasbahError:
     return err
 
 
-#: OS errors that mean "no room": the disk is full or the user's quota is spent.
-_NO_SPACE = frozenset({28, 122})  # ENOSPC, EDQUOT
+#: Longest piece of client input an error message repeats (a resource name, an instance name, a URI).
+ECHO_LIMIT = 160
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """`repr(value)` cut to `limit` characters, for repeating client input in an error.
+
+    A status message travels in a header: a 100 KB instance name echoed whole would
+    push the answer over a client's metadata limit (16 KiB by default) and turn a
+    precise INVALID_ARGUMENT into the client's own RESOURCE_EXHAUSTED.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} characters)"
+
+
+#: `errno` values that mean "the store is full", whatever the filesystem.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+#: SQLite's result code for "database or disk is full".
+_SQLITE_FULL = 13
 
 
 def is_no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+    """Whether `exc` says a store ran out of space: ENOSPC/EDQUOT, or SQLite's FULL."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "database or disk is full" in str(exc)
+    return False
 
 
-def from_os_error(exc: OSError, what: str) -> CasbahError | OSError:
-    """An OS error of a store as the client should see it: no space (ENOSPC, EDQUOT)
-    is RESOURCE_EXHAUSTED naming the store (the server is fine; retry later), and is
-    logged once here, as one line without a traceback.  Anything else is returned
-    unchanged (a real fault: INTERNAL, with its traceback, where it is handled)."""
-    if not is_no_space(exc):
-        return exc
-    import logging
+def from_os_error(exc: BaseException, what: str) -> BaseException:
+    """The error a store reports for `exc`, raised while doing `what` (naming the store).
 
-    logging.getLogger("casbah.storage").warning("%s: no space left (%s)", what, exc.strerror or exc)
-    return ResourceExhausted(f"{what} has no space left: {exc.strerror or exc}")
+    No space (ENOSPC, EDQUOT, SQLite FULL) is RESOURCE_EXHAUSTED: the server is healthy,
+    reads go on, and a write succeeds again once space returns (eviction, an operator),
+    so clients retry it with backoff.  Anything else is returned as it is.
+    """
+    if is_no_space(exc):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        err = ResourceExhausted(f"{what}: no space left ({reason}); retry later")
+        err.__cause__ = exc
+        return err
+    return exc

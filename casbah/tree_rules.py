@@ -27,7 +27,7 @@ def name_problem(name: str) -> str | None:
     if not name:
         return "empty name"
     if name in (".", ".."):
-        return f"name {name!r} is not allowed"
+        return f"name {echo(name)} is not allowed"
     if "/" in name:
         return "name contains '/' (a child must be exactly one path segment)"
     if "\0" in name:

@@ -86,6 +86,14 @@ class AssetIndex(abc.ABC):
         qualifiers all matches.
         """
 
+    @abc.abstractmethod
+    async def purge_expired(self, now: float) -> int:
+        """Delete records whose `expire_at` is at or before `now`; returns how many went.
+
+        Lookups already skip expired records; purging keeps the index from growing
+        with pushes nobody can fetch any more.  The server calls it in the background.
+        """
+
     async def close(self) -> None:
         pass
 
@@ -121,6 +129,9 @@ class MetricsAssetIndex(AssetIndex):
                          function: str, limit: int | None = None, offset: int = 0) -> list[AssetRecord]:
         return await self._meter.measure(
             "candidates", self.inner.candidates(kind, uris, qualifiers, function, limit, offset), empty_is_miss=True)
+
+    async def purge_expired(self, now: float) -> int:
+        return await self.inner.purge_expired(now)
 
     async def close(self) -> None:
         await self.inner.close()

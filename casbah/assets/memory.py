@@ -75,6 +75,13 @@ class MemoryAssetIndex(AssetIndex):
         return [self._records[k] for k in keys]
 
 
+    async def purge_expired(self, now: float) -> int:
+        expired = [key for key, record in self._records.items() if record.expired(now)]
+        for key in expired:
+            self._drop(key)
+        return len(expired)
+
+
 def _discard(index: dict, key: object, record_key: str) -> None:
     """Remove a record key, and the index entry once empty (no growth from replaced pushes)."""
     keys = index.get(key)

@@ -32,6 +32,7 @@ from casbah.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    echo,
 )
 from casbah.storage.base import CHUNK_SIZE, Storage
 from casbah.tree import TreeBuild, build_tree
@@ -65,15 +66,15 @@ def parse_sri(value: str) -> tuple[str, bytes]:
         try:
             expected = base64.b64decode(b64.split("?")[0], validate=True)
         except ValueError:
-            raise InvalidArgument(f"checksum.sri {value!r}: invalid base64") from None
+            raise InvalidArgument(f"checksum.sri {echo(value)}: invalid base64") from None
         if len(expected) != SRI_ALGORITHMS[algo]().digest_size:
             # No content can match it: a malformed request, not a miss to fetch for.
-            raise InvalidArgument(f"checksum.sri {value!r}: a {algo} hash is {SRI_ALGORITHMS[algo]().digest_size} "
+            raise InvalidArgument(f"checksum.sri {echo(value)}: a {algo} hash is {SRI_ALGORITHMS[algo]().digest_size} "
                                   f"bytes, not {len(expected)}")
         if best is None or list(SRI_ALGORITHMS).index(algo) > list(SRI_ALGORITHMS).index(best[0]):
             best = (algo, expected)
     if best is None:
-        raise InvalidArgument(f"checksum.sri {value!r}: no sha256/sha384/sha512 hash")
+        raise InvalidArgument(f"checksum.sri {echo(value)}: no sha256/sha384/sha512 hash")
     return best
 
 
@@ -138,7 +139,7 @@ class OriginFetcher:
     async def fetch_blob(self, cas: Storage, uri: str, sri: str | None, function: DigestFunction,
                          time_limit: float | None) -> Digest:
         if urllib.parse.urlsplit(uri).scheme.lower() not in HTTP_SCHEMES:
-            raise InvalidArgument(f"origin fetch of blobs supports http(s) URIs, not {uri!r}")
+            raise InvalidArgument(f"origin fetch of blobs supports http(s) URIs, not {echo(uri)}")
         expected = parse_sri(sri) if sri else None
         workdir = self._spool()
         # The download runs in a thread, which cannot be cancelled: on timeout (or when
@@ -174,10 +175,10 @@ class OriginFetcher:
     async def fetch_git(self, cas: Storage, uri: str, commit: str, function: DigestFunction,
                         time_limit: float | None) -> Digest:
         if not _COMMIT.fullmatch(commit):
-            raise InvalidArgument(f"vcs.commit {commit!r} is not a full commit hash")
+            raise InvalidArgument(f"vcs.commit {echo(commit)} is not a full commit hash")
         scheme = git_scheme(uri)
         if scheme is None:
-            raise InvalidArgument(f"{uri!r} is not a repository URI origin fetch may use "
+            raise InvalidArgument(f"{echo(uri)} is not a repository URI origin fetch may use "
                                   f"(git over {', '.join(sorted(GIT_SCHEMES))})")
         git = _Git(self.git, scheme, self.max_size)
         workdir = self._spool()

@@ -122,6 +122,22 @@ class PostgresAssetIndex(AssetIndex):
             ))
         return out
 
+    async def purge_expired(self, now: float) -> int:
+        await self.db.ensure_schema("assets", _DDL)
+        inst = self.instance
+
+        async def q(conn):
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "DELETE FROM casbah_assets WHERE instance = %s AND expire_at IS NOT NULL AND expire_at <= %s "
+                    "RETURNING key", (inst, now))
+                keys = [row[0] for row in await cur.fetchall()]
+                for table in ("casbah_asset_uris", "casbah_asset_qualifiers"):
+                    await conn.execute(f"DELETE FROM {table} WHERE instance = %s AND key = ANY(%s)", (inst, keys))
+                return len(keys)
+
+        return await self.db.run(q)
+
     async def close(self) -> None:
         await self.db.close()
 

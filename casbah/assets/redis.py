@@ -106,6 +106,32 @@ class RedisAssetIndex(AssetIndex):
             ))
         return out
 
+    @translated
+    async def purge_expired(self, now: float) -> int:
+        """Expired records go from the sets and the record keys.  Push time orders the sets,
+        not expiry, so the scan walks every record key of this instance (SCAN, in pages)."""
+        purged = 0
+        async for name in self.redis.scan_iter(match=f"{self.prefix}rec:*", count=500):
+            doc = await self.redis.get(name)
+            if doc is None:
+                continue
+            d = json.loads(doc)
+            if d.get("expire_at") is None or d["expire_at"] > now:
+                continue
+            key = name.decode().removeprefix(f"{self.prefix}rec:") if isinstance(name, bytes) else \
+                name.removeprefix(f"{self.prefix}rec:")
+            sets = []
+            for uri in d["uris"]:
+                sets.append(self._uri(d["kind"], d["fn"], uri))
+                sets += [self._pair(d["kind"], d["fn"], uri, n, v) for n, v in d["qualifiers"]]
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(name)
+                for s in sets:
+                    pipe.zrem(s, key)
+                await pipe.execute()
+            purged += 1
+        return purged
+
     async def close(self) -> None:
         await release(self.url, self.redis)
 

@@ -54,6 +54,10 @@ class RemoteAssetIndex(AssetIndex):
         await push(list(record.uris), record.digest, record.qualifiers, record.expire_at,
                    record.references_blobs, record.references_directories)
 
+    async def purge_expired(self, now: float) -> int:
+        """Nothing to do here: the upstream purges its own index."""
+        return 0
+
     async def close(self) -> None:
         await self.client.close()
 

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 from casbah.assets.index import ASSET_INDEX, AssetIndex, AssetKind, AssetRecord, IndexContext
 from casbah.digest import Digest, DigestFunction
+from casbah.errors import from_os_error
 from casbah.registry import KindOptions
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,10 @@ class SqliteAssetIndex(AssetIndex):
         log.info("asset index %s: migrated %d records to schema %d", self.path, len(rows), SCHEMA_VERSION)
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise from_os_error(exc, f"asset index {self.path}") from exc
 
     async def put(self, record: AssetRecord) -> None:
         await self._run(self._put, record)
@@ -129,8 +133,35 @@ class SqliteAssetIndex(AssetIndex):
             self._insert(r)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        """Undo an open transaction, never masking the error that ended it: SQLite rolls
+        back by itself on some errors (FULL, IOERR), and a ROLLBACK then fails with "no
+        transaction is active", which must not replace "database or disk is full"."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("asset index %s: rollback failed: %s", self.path, exc)
+
+    async def purge_expired(self, now: float) -> int:
+        return await self._run(self._purge_expired, now)
+
+    def _purge_expired(self, now: float) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM assets WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT 10000", (now,))]
+            for table in ("assets", "asset_uris", "asset_qualifiers"):
+                db.executemany(f"DELETE FROM {table} WHERE id = ?", [(i,) for i in ids])
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return len(ids)
 
     def _insert(self, r: AssetRecord) -> None:
         """Replace the record with the same key; the new row gets the highest id (newest)."""

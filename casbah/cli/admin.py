@@ -107,11 +107,8 @@ def _check_stores_exist(config, data_dir: str | None) -> None:
 
     if data_dir is not None and not os.path.isdir(data_dir):
         raise ConfigError(f"--data-dir {data_dir}: no such directory")
-    inside = os.path.abspath(config.data_dir) + os.sep
     for path in disk_paths(config):
-        # A store inside an existing data directory may never have been opened (the opaque
-        # store of a server without an HTTP front): the directory itself was checked above.
-        if not os.path.isdir(path) and not (os.path.isdir(inside) and os.path.abspath(path).startswith(inside)):
+        if not os.path.isdir(path):
             raise ConfigError(f"disk storage {path}: no such directory (is the data directory right?)")
 
 
@@ -220,7 +217,10 @@ def migrate(config_file: str | None, data_dir: str | None) -> None:
     from casbah.server.app import build_instances
 
     setup_logging("info")
-    config = _local_config(config_file, data_dir, "migrate")
+    config = load_config(config_file, {"data-dir": data_dir})
+    refuse_if_served(config, "migrate")
+    if data_dir is not None and not os.path.isdir(data_dir):  # stores missing in it are created empty
+        raise ConfigError(f"--data-dir {data_dir}: no such directory")
 
     async def main() -> None:
         _instances, loader = build_instances(config, maintenance=True)

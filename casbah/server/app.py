@@ -26,6 +26,7 @@ from casbah.protos.casbah.admin.v1 import admin_pb2_grpc as admin_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
 from casbah.server.admin import AdminService
+from casbah.server.admission import Admission
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances, MalformedRequests
@@ -38,6 +39,7 @@ from casbah.server.http import Endpoints
 from casbah.server.interceptor import MetricsInterceptor
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
+from casbah.server.upkeep import Reloader, TlsFiles, cancel, purge_assets
 from casbah.storage.action_cache import build_action_cache
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
@@ -55,7 +57,12 @@ class Server:
     observability: Observability | None = None
     #: gRPC health/reflection and the HTTP side (/metrics, /healthz, status page).
     endpoints: Endpoints | None = None
+    #: The TLS listeners' files, reloadable (casbah.server.upkeep).
+    tls: list[TlsFiles] = field(default_factory=list)
     http: HttpFront | None = None  # the HTTP cache front (`http-listen`), on this event loop
+
+    def reloader(self) -> Reloader:
+        return Reloader(self.instances.authorizer, self.config.auth.tokens, self.tls, self.config.reload_interval)
 
     async def stop(self, grace: float | None = None) -> None:
         if self.endpoints is not None:
@@ -150,6 +157,11 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
         # same port silently and steal half the connections: a port in use must fail.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        # Calls gRPC has taken off the wire but the Python server not yet picked up: above
+        # 1,000 gRPC cancels some at random (CANCELLED), above 3,000 all.  A burst must be
+        # picked up and then wait in casbah's admission instead; the queue bounds it there.
+        ("grpc.server.max_pending_requests", limits.max_concurrent_rpcs + limits.max_queued_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", limits.max_concurrent_rpcs + limits.max_queued_rpcs),
         ("grpc.max_connection_idle_ms", int(limits.connection_idle * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -158,9 +170,12 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     from casbah import __version__
 
     observability = Observability(instances, version=__version__)
-    endpoints = Endpoints(observability)
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-                             interceptors=[MalformedRequests(), MetricsInterceptor(observability)])
+    endpoints = Endpoints(observability, instances.authorizer)
+    # No `maximum_concurrent_rpcs`: gRPC refuses the calls over it, where casbah's admission
+    # makes them wait (casbah.server.admission).
+    admission = Admission(limits.max_concurrent_rpcs, limits.max_queued_rpcs)
+    server = grpc.aio.server(options=options,
+                             interceptors=[MalformedRequests(), MetricsInterceptor(observability, admission)])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
@@ -174,7 +189,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     await endpoints.add_health_and_reflection(server)
     result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():
-        result.ports.append(_listen(server, listener, reuse_port))
+        result.ports.append(_listen(server, listener, result.tls, reuse_port))
     observability.listen = list(result.ports)
     if config.http_listen:
         result.http = HttpFront(config, instances, loader)  # builds the opaque stores: before closers
@@ -202,7 +217,7 @@ def _remove_stale_socket(path: str) -> None:
     raise StartupError(f"cannot listen on unix:{path}: another server is listening there")
 
 
-def _listen(server: grpc.aio.Server, listener: ListenerConfig, reuse_port: bool = False) -> str:
+def _listen(server: grpc.aio.Server, listener: ListenerConfig, tls: list[TlsFiles], reuse_port: bool = False) -> str:
     """Bind one listener; returns the address as served (port 0 resolved)."""
     address = listener.address
     if address.startswith("unix:"):
@@ -216,12 +231,9 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig, reuse_port: bool 
     check_bind(address, reuse_port)
     try:
         if listener.tls_cert and listener.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(listener.tls_key).read_bytes(), Path(listener.tls_cert).read_bytes())],
-                root_certificates=Path(listener.tls_client_ca).read_bytes() if listener.tls_client_ca else None,
-                require_client_auth=bool(listener.tls_client_ca),
-            )
-            port = server.add_secure_port(address, credentials)
+            files = TlsFiles(listener.tls_cert, listener.tls_key, listener.tls_client_ca)
+            port = server.add_secure_port(address, files.credentials())
+            tls.append(files)
         else:
             if listener.tls_client_ca:
                 raise StartupError(f"{address}: a client CA (mTLS) needs a TLS certificate and key too")
@@ -282,7 +294,13 @@ async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = server.reloader()
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    background = [loop.create_task(reloader.watch()),
+                  loop.create_task(purge_assets(list(server.instances), config.asset_purge_interval))]
     await stop.wait()
+    for task in background:
+        await cancel(task)
     log.info("shutting down: draining in-flight requests for up to %.0fs", config.grace_seconds)
     await server.stop()
     print("casbah: stopped", flush=True)

@@ -30,6 +30,7 @@ from casbah.errors import (
     InvalidTree,
     NotFound,
     code_to_int,
+    echo,
     status_code,
 )
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
@@ -81,7 +82,7 @@ def validate(uris, qualifiers) -> tuple[list[str], dict[str, str]]:
         if not q.name:
             raise InvalidArgument("qualifier with an empty name")
         if q.name in names:
-            raise InvalidArgument(f"qualifier {q.name!r} appears more than once")
+            raise InvalidArgument(f"qualifier {echo(q.name)} appears more than once")
         names[q.name] = q.value
     return list(dict.fromkeys(uris)), names
 
@@ -196,7 +197,7 @@ class FetchService(ra_grpc.FetchServicer):
             return None, ""
         unknown = sorted(set(qualifiers) - ORIGIN_QUALIFIERS)
         if unknown:
-            raise InvalidArgument(f"qualifier {unknown[0]!r} cannot be honoured by an origin fetch")
+            raise InvalidArgument(f"qualifier {echo(unknown[0])} cannot be honoured by an origin fetch")
         function = instance.digest_function(request.digest_function)
         timeout = request.timeout.seconds + request.timeout.nanos / 1e9 or None
         last_error: CasbahError | None = None
@@ -232,7 +233,7 @@ class FetchService(ra_grpc.FetchServicer):
         return None, ""
 
     async def _fetch(self, request, context, kind: AssetKind):
-        instance = self.instances.get(request.instance_name, "asset")
+        instance = self.instances.get(request.instance_name, "asset", context, authorize=False)
         validate(request.uris, request.qualifiers)  # probes with empty requests get INVALID_ARGUMENT first
         self.instances.get(request.instance_name, "asset", context, what=f"Fetch{kind.value.capitalize()}",
                            detail=request.uris[0])
@@ -284,7 +285,7 @@ class PushService(ra_grpc.PushServicer):
         self.trees = trees
 
     async def _push(self, request, context, kind: AssetKind, root_message) -> None:
-        instance = self.instances.get(request.instance_name, "asset")
+        instance = self.instances.get(request.instance_name, "asset", context, authorize=False)
         uris, qualifiers = validate(request.uris, request.qualifiers)
         self.instances.get(request.instance_name, "asset", context, write=True,
                            what=f"Push{kind.value.capitalize()}",

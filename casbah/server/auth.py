@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from casbah.config import AuthConfig
 from casbah.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from casbah.server.audit import audit, audit_write_when_done
 from casbah.server.client_cert import certificate_subject, has_control_character, peer_certificate
-
-audit = logging.getLogger("casbah.audit")
 
 _SCOPES = {"read": frozenset({"read"}), "write": frozenset({"read", "write"})}
 _ANONYMOUS = {"read-write": _SCOPES["write"], "read-only": _SCOPES["read"], "none": frozenset()}
@@ -59,7 +57,11 @@ def load_tokens(path: str) -> dict[str, Identity]:
     credential.  `""` names the default (empty) instance.
     """
     tokens: dict[str, Identity] = {}
-    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"auth.tokens: cannot read {path}: {exc}") from None
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -94,12 +96,17 @@ class JwtVerifier:
             raise InvalidArgument(f"auth.jwt.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
         self.keys: dict[str, Any] = {}
         self.secret = spec.get("secret")
-        if spec.get("secret-file"):
-            self.secret = Path(spec["secret-file"]).read_text().strip()
-        if spec.get("jwks"):
-            jwks = json.loads(Path(spec["jwks"]).read_text())
-            for key in jwks.get("keys", []):
-                self.keys[key.get("kid", "")] = jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(key))
+        try:
+            if spec.get("secret-file"):
+                self.secret = Path(spec["secret-file"]).read_text().strip()
+            if spec.get("jwks"):
+                jwks = json.loads(Path(spec["jwks"]).read_text())
+                for key in jwks.get("keys", []):
+                    self.keys[key.get("kid", "")] = jwt.algorithms.RSAAlgorithm.from_jwk(json.dumps(key))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, jwt.PyJWTError) as exc:
+            raise InvalidArgument(f"auth.jwt: cannot load the key material: {type(exc).__name__}: {exc}") from None
+        if self.secret is not None and not isinstance(self.secret, str):
+            raise InvalidArgument("auth.jwt.secret must be a string")
         if not self.secret and not self.keys:
             raise InvalidArgument("auth.jwt needs 'secret', 'secret-file' or 'jwks'")
         self.audience = spec.get("audience")
@@ -262,6 +269,13 @@ class Authorizer:
         self.open = (not configured and anonymous == "read-write" and not self.authenticated_ac_writers
                      and all(v == "read-write" for v in (per_instance or {}).values()))
 
+    def reload_tokens(self, path: str) -> int:
+        """Read the tokens file again (SIGHUP, or it changed); returns how many tokens it holds.
+        Raises what `load_tokens` raises, leaving the current tokens in place."""
+        tokens = load_tokens(path)
+        self.tokens = tokens
+        return len(tokens)
+
     def anonymous_for(self, instance: str) -> Identity:
         """What a caller without credentials may do on this instance."""
         if self.open:
@@ -310,7 +324,8 @@ class Authorizer:
         target = f" {detail}" if detail else ""
         if self.open:
             if write:
-                audit.info("WRITE %s on instance %r%s by anonymous (peer %s)", what, instance, target, _peer(context))
+                audit_write_when_done("WRITE %s on instance %r%s by anonymous (peer %s)",
+                             (what, instance, target, _peer(context)))
             return self.anonymous
         try:
             identity = self.identify(context)
@@ -334,9 +349,21 @@ class Authorizer:
                 f"{what} needs an authenticated writer on this server (action-cache-writers: authenticated)"
             )
         if write:
-            audit.info("WRITE %s on instance %r%s by %s (peer %s)", what, instance, target, identity.name,
-                       _peer(context))
+            audit_write_when_done("WRITE %s on instance %r%s by %s (peer %s)",
+                         (what, instance, target, identity.name, _peer(context)))
         return identity
+
+    def visible(self, context, names: list[str]) -> list[str] | None:
+        """The instance names this caller may read, to list when it named an unknown one;
+        None when it has no valid credentials and may read nothing (it learns no names).
+        Raises UNAUTHENTICATED for a credential that does not verify."""
+        if self.open or context is None:
+            return names
+        identity = self.identify(context)
+        if identity is self.anonymous:
+            shown = [n for n in names if self.anonymous_for(n).allows("read", n)]
+            return shown or None
+        return [n for n in names if identity.allows("read", n)]
 
     def audit_write(self, context, instance: str, what: str, detail: str) -> None:
         """An audit line for a write the server makes on a caller's behalf after the call
@@ -347,6 +374,8 @@ class Authorizer:
         except Unauthenticated:
             who = "unauthenticated caller"
         audit.info("WRITE %s on instance %r %s by %s (peer %s)", what, instance, detail, who, _peer(context))
+
+
 
 
 def _is_hex(text: str) -> bool:

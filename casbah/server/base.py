@@ -25,9 +25,14 @@ from casbah.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unsupported,
+    echo,
+    from_os_error,
+    is_no_space,
     status_code,
 )
+from casbah.server.audit import begin_call, finish_write_audit
 from casbah.server.auth import Authorizer
 from casbah.storage.action_cache import ActionCache
 from casbah.storage.base import Storage
@@ -50,7 +55,7 @@ class Instance:
 
     def check_writable(self, what: str) -> None:
         if self.read_only:
-            raise PermissionDenied(f"instance {self.name!r} is read-only: {what} refused")
+            raise PermissionDenied(f"instance {echo(self.name)} is read-only: {what} refused")
 
     def digest_function(self, value: int, hash_hex: str | None = None) -> DigestFunction:
         """The function a request means: its `digest_function`, or when unset the one
@@ -83,20 +88,29 @@ class Instances:
         self.uploads = ByteBudget(self.limits.upload_bytes_in_flight)
 
     def get(self, name: str, service: str | None = None, context=None, *, write: bool = False,
-            what: str = "", detail: str = "") -> Instance:
+            what: str = "", detail: str = "", authorize: bool = True) -> Instance:
         """Resolve an instance and, given the call's context, check the caller may read
-        (or `write`) it; `what` and `detail` (e.g. a digest) go to the audit log."""
-        try:
-            instance = self._by_name[name]
-        except KeyError:
-            served = ", ".join(repr(n) for n in sorted(self._by_name))
-            raise InvalidArgument(f"unknown instance name {name!r}; this server serves {served}") from None
-        if service is not None and service not in instance.services:
-            raise Unsupported(f"instance {name!r} does not serve the {service} service")
-        if context is not None:
+        (or `write`) it; `what` and `detail` (e.g. a digest) go to the audit log.
+        `authorize=False` resolves only (a service that validates the request before the
+        scope check), yet still tells an unknown name only to a caller who may know it."""
+        instance = self._by_name.get(name)
+        if instance is None:
+            raise self._unknown(name, context)
+        if context is not None and authorize:
             self.authorizer.check(context, name, write, what or service or "call", detail,
                                   action_cache=service == "action-cache")
+        if service is not None and service not in instance.services:
+            raise Unsupported(f"instance {echo(name)} does not serve the {service} service")
         return instance
+
+    def _unknown(self, name: str, context) -> Exception:
+        """The error for an unknown instance name: it lists only the names the caller may
+        read, and a caller without valid credentials learns none (UNAUTHENTICATED)."""
+        shown = self.authorizer.visible(context, self.names())
+        if shown is None:
+            return Unauthenticated(f"instance {echo(name)}: credentials needed")
+        served = ", ".join(echo(n) for n in shown) or "none you may read"
+        return InvalidArgument(f"unknown instance name {echo(name)}; this server serves {served}")
 
     def __iter__(self):
         return iter(self._by_name.values())
@@ -223,23 +237,59 @@ def _refuse_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMe
     return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, handler.response_serializer)
 
 
+#: Longest status message sent: it travels in a header, which clients limit (16 KiB by default).
+MAX_STATUS_MESSAGE = 2000
+
+
+def bounded(message: str) -> str:
+    """A status message cut to `MAX_STATUS_MESSAGE` (a backstop: messages echo client input
+    through `casbah.errors.echo`, which is shorter still)."""
+    return message if len(message) <= MAX_STATUS_MESSAGE else message[:MAX_STATUS_MESSAGE - 1] + "…"
+
+
+def no_space(exc: BaseException) -> bool:
+    """A full store, raised as such or as the ResourceExhausted `from_os_error` made of it."""
+    return is_no_space(exc) or (exc.__cause__ is not None and is_no_space(exc.__cause__))
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     """End the call with the status `casbah.errors.status_code` gives `exc`: the same
     table per-blob statuses use, so a cause has one status whichever way it reaches
-    the client.  Only what that table cannot name (INTERNAL) is logged with a traceback."""
+    the client.  Only what that table cannot name (INTERNAL) is logged with a traceback;
+    a full store is one WARNING line per call, without one."""
     if isinstance(exc, DecodeError):  # a message of a client stream that does not parse
         log.debug("%s: a request message does not parse: %s", method, exc)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: a request message does not parse: {exc}")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            bounded(f"{method}: a request message does not parse: {exc}"))
+    if is_no_space(exc) and not isinstance(exc, CasbahError):  # a store that did not name itself
+        exc = from_os_error(exc, "storage")
     code = status_code(exc)
     if isinstance(exc, CasbahError):
-        log.debug("%s: %s: %s", method, code.name, exc)
-        await context.abort(code, str(exc))
+        if no_space(exc):
+            log.warning("%s: %s: %s", method, code.name, exc)
+        else:
+            log.debug("%s: %s: %s", method, code.name, exc)
+        await context.abort(code, bounded(str(exc)))
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed unexpectedly", method)
-        await context.abort(code, f"{method}: internal error: {type(exc).__name__}: {exc}")
-    message = f"{method}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+        await context.abort(code, bounded(f"{method}: internal error: {type(exc).__name__}: {exc}"))
+    message = bounded(f"{method}: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
     log.warning("%s (%s)", message, code.name)
     await context.abort(code, message)
+
+
+def _outcome(context, exc: BaseException | None) -> str:
+    """The audit outcome of a call that ended by raising `exc` (None: it returned)."""
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if isinstance(exc, DecodeError):
+        return "INVALID_ARGUMENT"
+    return status_code(exc).name
 
 
 def rpc(fn: Callable) -> Callable:
@@ -247,12 +297,17 @@ def rpc(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        begin_call()
         try:
-            return await fn(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            response = await fn(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError) as exc:
+            finish_write_audit(_outcome(context, exc))
             raise
         except Exception as exc:
+            finish_write_audit(_outcome(context, exc))
             await _abort(context, exc, fn.__qualname__)
+        finish_write_audit("OK")
+        return response
 
     return wrapper
 

@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator
 
 from casbah import compression
 from casbah.digest import is_empty_blob
-from casbah.errors import Aborted, DigestMismatch, InvalidArgument, NotFound, OutOfRange
+from casbah.errors import Aborted, DeadlineExceeded, DigestMismatch, InvalidArgument, NotFound, OutOfRange, echo
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from casbah.server.base import Instances, next_message, rpc, rpc_stream
+from casbah.server.base import ByteBudget, Instances, next_message, rpc
 from casbah.server.resource_names import ResourceName, parse_read, parse_write
 from casbah.storage.base import Storage
 
@@ -37,6 +37,29 @@ SESSION_TTL = 60.0
 SMALL_UPLOAD = 1024 * 1024
 _QUEUE_DEPTH = 8
 _END = None
+
+
+#: Bytes per ReadResponse.  gRPC takes a message off our hands long before the client
+#: reads it (into its send buffer and the client's flow-control window), and each
+#: message exists in several copies on its way (the chunk, the protobuf, the serialized
+#: bytes); smaller messages keep what a stalled reader pins near one storage chunk.
+READ_MESSAGE = 256 * 1024
+
+
+async def _send(context, message, idle: float, digest) -> None:
+    """Write one response message; a client that takes nothing for `idle` seconds (its
+    flow-control window stays full) is ended with DEADLINE_EXCEEDED, freeing the stream,
+    the open file and the buffered chunk."""
+    try:
+        await asyncio.wait_for(context.write(message), idle)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"ByteStream.Read of {digest}: the client took nothing for {idle:.0f}s; closing the stalled stream"
+        ) from None
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # gRPC refuses the write: the call is over (the client cancelled or left)
+        raise asyncio.CancelledError(f"ByteStream.Read of {digest}: the client left") from exc
 
 
 class AlreadyStored(Exception):
@@ -57,17 +80,21 @@ class _Gathering:
 class UploadSession:
     """One in-progress upload: a queue feeding a running `Storage.write`."""
 
-    def __init__(self, key: tuple, resource: ResourceName, cas: Storage, sessions: dict,
+    def __init__(self, key: tuple, resource: ResourceName, cas: Storage, sessions: dict, budget: ByteBudget,
                  preload: list[bytes] | None = None) -> None:
         self.key = key
         self.resource = resource
         self.committed = 0  # bytes accepted from the client (compressed bytes for compressed writes)
         self._sessions = sessions
+        #: The server's upload budget: queued bytes count in it until storage takes them.
+        self._budget = budget
+        self._held = 0
         # `preload`: what a small upload had gathered before its stream broke (bounded by SMALL_UPLOAD).
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE_DEPTH + len(preload or ()))
         for part in preload or ():
             self._queue.put_nowait(part)
             self.committed += len(part)
+            self._hold(len(part), force=True)
         self._expiry: asyncio.TimerHandle | None = None
         #: The stream that owns the session (see the module docstring).
         self.owner: object | None = None
@@ -80,8 +107,21 @@ class UploadSession:
         self.task = asyncio.get_running_loop().create_task(cas.write(resource.digest, stream))
         sessions[key] = self
 
+    def _hold(self, n: int, force: bool = False) -> None:
+        if force:
+            self._budget.used += n
+        else:
+            self._budget.acquire(n, "ByteStream.Write")
+        self._held += n
+
+    def _unhold(self, n: int) -> None:
+        n = min(n, self._held)
+        self._held -= n
+        self._budget.release(n)
+
     async def _drain(self) -> AsyncIterator[bytes]:
         while (chunk := await self._queue.get()) is not _END:
+            self._unhold(len(chunk))  # storage holds it now (and bounds what it buffers)
             yield chunk
 
     def _check_task(self) -> None:
@@ -92,6 +132,8 @@ class UploadSession:
 
     async def feed(self, data: bytes | None) -> None:
         self._check_task()
+        if data:
+            self._hold(len(data))
         try:
             self._queue.put_nowait(data)
         except asyncio.QueueFull:
@@ -102,6 +144,8 @@ class UploadSession:
                 if not put.done():
                     put.cancel()
             if not put.done() or put.cancelled():  # the write ended first: the data was not queued
+                if data:
+                    self._unhold(len(data))
                 self._check_task()
         if data:
             self.committed += len(data)
@@ -134,6 +178,7 @@ class UploadSession:
         return token
 
     def close(self) -> None:
+        self._unhold(self._held)  # what is still queued goes with the session
         self.resume()
         if self._sessions.get(self.key) is self:
             del self._sessions[self.key]
@@ -148,8 +193,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         #: Small uploads being gathered in memory (see `_small_write`).
         self.gathering: dict[tuple, _Gathering] = {}
 
-    @rpc_stream
-    async def Read(self, request, context) -> AsyncIterator:
+    @rpc
+    async def Read(self, request, context) -> None:
+        """Written with `context.write`, each write awaited, so a reader that takes nothing
+        stops the reading (the storage stream is pulled one chunk at a time) and is ended
+        after `limits.idle-timeout` (see `_send`)."""
         resource = parse_read(request.resource_name)
         reader = self.instances.get(resource.instance, "bytestream", context, what="ByteStream.Read",
                                     detail=str(resource.digest))
@@ -162,16 +210,18 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             raise OutOfRange(f"read_offset {request.read_offset} is outside blob {digest}")
         if resource.compressor and request.read_limit:
             raise InvalidArgument("read_limit must be 0 for compressed reads")
+        idle = self.instances.limits.idle_timeout
         if is_empty_blob(digest):
             if resource.compressor:
-                yield bs_pb2.ReadResponse(data=compression.compress(b""))
+                await _send(context, bs_pb2.ReadResponse(data=compression.compress(b"")), idle, digest)
             return
         stream = await cas.read(digest, request.read_offset, request.read_limit)
         if resource.compressor:
             stream = compression.compress_stream(stream)
         try:
             async for chunk in stream:
-                yield bs_pb2.ReadResponse(data=chunk)
+                for start in range(0, len(chunk), READ_MESSAGE):
+                    await _send(context, bs_pb2.ReadResponse(data=chunk[start:start + READ_MESSAGE]), idle, digest)
         finally:
             close = getattr(stream, "aclose", None)
             if close is not None:
@@ -196,14 +246,14 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         if session is None and gathering is not None and first.write_offset > 0 and not gathering.taken:
             # A resume while the small upload's first stream is still open: take over its bytes.
             gathering.taken = True
-            session = UploadSession(key, resource, instance.cas, self.sessions,
+            session = UploadSession(key, resource, instance.cas, self.sessions, self.instances.uploads,
                                     preload=[p for p in gathering.parts if p])
         if session is None:
             if is_empty_blob(digest) or await instance.cas.has(digest):
                 # Early return: the blob is there.  -1 for compressed writes (REAPI).
                 return bs_pb2.WriteResponse(committed_size=-1 if resource.compressor else digest.size)
             if first.write_offset != 0:
-                raise InvalidArgument(f"no upload in progress for {name!r}: write_offset must be 0")
+                raise InvalidArgument(f"no upload in progress for {echo(name)}: write_offset must be 0")
             if first.finish_write:
                 data = first.data
                 if resource.compressor:
@@ -212,12 +262,12 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 return bs_pb2.WriteResponse(committed_size=len(first.data))
             if digest.size <= SMALL_UPLOAD and not resource.compressor:
                 return await self._small_write(instance, resource, first, request_iterator, idle)
-            session = UploadSession(key, resource, instance.cas, self.sessions)
+            session = UploadSession(key, resource, instance.cas, self.sessions, self.instances.uploads)
         elif first.write_offset == 0 and not session.parked:
             # Another live stream is writing under this very name: a client that reuses
             # one upload UUID for concurrent uploads of the same blob (BuildStream 1.6's
             # forked pushers do).  Not a resume: write independently; the store keeps one.
-            session = UploadSession((*key, object()), resource, instance.cas, self.sessions)
+            session = UploadSession((*key, object()), resource, instance.cas, self.sessions, self.instances.uploads)
         token = session.attach()
         try:
             request = first
@@ -226,7 +276,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     raise InvalidArgument("resource_name changed in the middle of a Write stream")
                 async with session.lock:
                     if session.owner is not token:
-                        raise Aborted(f"upload {name!r} was resumed on another stream")
+                        raise Aborted(f"upload {echo(name)} was resumed on another stream")
                     await self._accept(session, request)
                     if request.finish_write:
                         await session.finish()
@@ -236,7 +286,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     if session.owner is token:
                         session.park()
                     raise InvalidArgument(
-                        f"Write stream for {name!r} ended before finish_write at {session.committed} bytes"
+                        f"Write stream for {echo(name)} ended before finish_write at {session.committed} bytes"
                     )
         except AlreadyStored:
             session.close()
@@ -262,9 +312,12 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         key = (resource.instance, resource.upload_id, digest, resource.compressor)
         progress = _Gathering(parts, received)  # what QueryWriteStatus reports while the stream is open
         self.gathering[key] = progress
+        budget = self.instances.uploads
+        budget.acquire(digest.size, "ByteStream.Write")  # what this stream may gather, at most
         try:
             return await self._gather(instance, resource, first, requests, idle, progress)
         finally:
+            budget.release(digest.size)
             if self.gathering.get(key) is progress:
                 del self.gathering[key]
 
@@ -281,11 +334,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 self._park_partial(instance, resource, progress)
                 raise
             if progress.taken:
-                raise Aborted(f"upload {first.resource_name!r} was resumed on another stream")
+                raise Aborted(f"upload {echo(first.resource_name)} was resumed on another stream")
             if request is None:
                 self._park_partial(instance, resource, progress)
                 raise InvalidArgument(
-                    f"Write stream for {first.resource_name!r} ended before finish_write at {received} bytes"
+                    f"Write stream for {echo(first.resource_name)} ended before finish_write at {received} bytes"
                 )
             if request.resource_name and request.resource_name != first.resource_name:
                 raise InvalidArgument("resource_name changed in the middle of a Write stream")
@@ -305,7 +358,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         key = (resource.instance, resource.upload_id, resource.digest, resource.compressor)
         if not progress.taken and key not in self.sessions:
             progress.taken = True
-            UploadSession(key, resource, instance.cas, self.sessions, preload=[p for p in progress.parts if p]).park()
+            UploadSession(key, resource, instance.cas, self.sessions, self.instances.uploads,
+                          preload=[p for p in progress.parts if p]).park()
 
     async def _accept(self, session: UploadSession, request) -> None:
         offset = request.write_offset
@@ -335,7 +389,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             return bs_pb2.QueryWriteStatusResponse(committed_size=resource.digest.size, complete=True)
         if session is not None:  # its write failed: the client learns why when it resumes
             return bs_pb2.QueryWriteStatusResponse(committed_size=session.committed, complete=False)
-        raise NotFound(f"no upload in progress for {request.resource_name!r}")
+        raise NotFound(f"no upload in progress for {echo(request.resource_name)}")
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

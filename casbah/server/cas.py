@@ -4,6 +4,7 @@ SpliceBlob answer UNIMPLEMENTED until content-defined chunking lands)."""
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
 
@@ -11,15 +12,28 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
 from casbah.digest import INFERABLE_LENGTHS, Digest, DigestFunction, is_empty_blob, make_digest
-from casbah.errors import InvalidArgument, InvalidTree, NotFound, Unsupported, code_to_int, status_code
+from casbah.errors import (
+    InvalidArgument,
+    InvalidTree,
+    NotFound,
+    Unsupported,
+    code_from_int,
+    code_to_int,
+    echo,
+    from_os_error,
+    is_no_space,
+    status_code,
+)
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.server.audit import note_write_outcome
 from casbah.server.auth import digest_list
-from casbah.server.base import Instances, rpc, rpc_stream
+from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
 from casbah.storage.base import Storage, read_many_partial
 from casbah.tree import Visit, walk_levels
 from casbah.tree_rules import served
 
+log = logging.getLogger("casbah.server")
 _ZSTD = re_pb2.Compressor.ZSTD
 _IDENTITY = re_pb2.Compressor.IDENTITY
 OK = status_pb2.Status()
@@ -63,7 +77,20 @@ def _first_hash(messages: Sequence) -> str | None:
 
 
 def error_status(exc: BaseException) -> status_pb2.Status:
-    return status_pb2.Status(code=code_to_int(status_code(exc)), message=str(exc))
+    if is_no_space(exc):  # a store that did not say which it was: at least say it is CAS
+        exc = from_os_error(exc, "CAS storage")
+    return status_pb2.Status(code=code_to_int(status_code(exc)), message=bounded(str(exc)))
+
+
+def _batch_outcome(statuses: list) -> str:
+    """`OK`, or how many blobs got each status (`OK 3, RESOURCE_EXHAUSTED 2`), for the audit line."""
+    counts: dict[str, int] = {}
+    for s in statuses:
+        name = code_from_int(s.code).name
+        counts[name] = counts.get(name, 0) + 1
+    if set(counts) <= {"OK"}:
+        return "OK"
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items()))
 
 
 class CasService(re_grpc.ContentAddressableStorageServicer):
@@ -141,8 +168,14 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             todo.append((digest, data))
         if todo:
             results = await instance.cas.write_many(todo)
+            full = None
             for slot, error in zip(slots, results, strict=True):
                 statuses[slot] = OK if error is None else error_status(error)
+                if error is not None and full is None and no_space(error):
+                    full = statuses[slot].message
+            if full is not None:  # one line per batch, however many blobs did not fit
+                log.warning("BatchUpdateBlobs: RESOURCE_EXHAUSTED: %s", full)
+        note_write_outcome(_batch_outcome(statuses))
         return re_pb2.BatchUpdateBlobsResponse(
             responses=[
                 re_pb2.BatchUpdateBlobsResponse.Response(digest=r.digest, status=s)
@@ -256,4 +289,4 @@ def _parse_page_token(token: str, root: Digest) -> int:
             raise ValueError
         return int(position)
     except ValueError:
-        raise InvalidArgument(f"page_token {token!r} was not issued for this tree") from None
+        raise InvalidArgument(f"page_token {echo(token)} was not issued for this tree") from None

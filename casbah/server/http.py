@@ -26,7 +26,9 @@ from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.casbah.admin.v1 import admin_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.server import status_page
+from casbah.server.auth import Authorizer
 from casbah.server.collectors import refresh_storage_snapshot
+from casbah.server.http_auth import access_middleware, add_login_routes
 from casbah.server.observability import Observability
 
 #: Every gRPC service casbah registers (health and reflection list these).
@@ -45,8 +47,10 @@ SERVED_SERVICES = (
 class Endpoints:
     """Health, reflection and the HTTP runner of one server, and their shutdown."""
 
-    def __init__(self, obs: Observability) -> None:
+    def __init__(self, obs: Observability, authorizer: Authorizer | None = None) -> None:
         self.obs = obs
+        #: The gRPC side's access control, applied to the HTTP side too (`http_auth`).
+        self.authorizer = authorizer
         self.health: Any = None
         self.http: web.AppRunner | None = None
 
@@ -71,7 +75,7 @@ class Endpoints:
 
     async def start_http(self, address: str, worker: int | None = None) -> str:
         """Serve /metrics, /healthz and the status page; returns the URL (port 0 resolved)."""
-        self.http, url = await start_http_server(self.obs, address, worker)
+        self.http, url = await start_http_server(self.obs, address, worker, self.authorizer)
         return url
 
     async def close(self) -> None:
@@ -83,8 +87,13 @@ class Endpoints:
 _OBS = status_page.OBSERVABILITY
 
 
-def create_app(obs: Observability) -> web.Application:
-    app = web.Application()
+def create_app(obs: Observability, authorizer: Authorizer | None = None) -> web.Application:
+    """With auth configured, every route but /healthz needs what gRPC would need (`http_auth`)."""
+    guarded = authorizer is not None and not authorizer.open
+    names = [inst.name for inst in obs.instances]
+    app = web.Application(middlewares=[access_middleware(authorizer, lambda: names)] if guarded else [])
+    if guarded:
+        add_login_routes(app, authorizer)
     app[_OBS] = obs
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
@@ -92,7 +101,8 @@ def create_app(obs: Observability) -> web.Application:
     return app
 
 
-async def start_http_server(obs: Observability, address: str, worker: int | None = None) -> tuple[web.AppRunner, str]:
+async def start_http_server(obs: Observability, address: str, worker: int | None = None,
+                            authorizer: Authorizer | None = None) -> tuple[web.AppRunner, str]:
     """Bind `HOST:PORT` (the port plus the worker index under `--workers`: each worker
     process has its own counters, so each needs its own scrape target)."""
     host, sep, port_text = address.rpartition(":")
@@ -100,7 +110,7 @@ async def start_http_server(obs: Observability, address: str, worker: int | None
         raise ValueError(f"metrics-listen {address!r}: want HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     port = int(port_text) + (worker or 0) if int(port_text) else 0
-    runner = web.AppRunner(create_app(obs), access_log=None, handle_signals=False)
+    runner = web.AppRunner(create_app(obs, authorizer), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

@@ -33,6 +33,7 @@ import grpc
 
 from casbah.errors import code_from_int
 from casbah.logs import REQUEST_CONTEXT, REQUEST_METHOD
+from casbah.server.admission import EXEMPT_PREFIXES, Admission, QueueFull, refuse
 from casbah.server.observability import UNKNOWN_INSTANCE, HitCounter, Method, Observability
 from casbah.server.resource_names import RESERVED
 
@@ -144,8 +145,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     and by everything it logs, and never by another call.
     """
 
-    def __init__(self, obs: Observability) -> None:
+    def __init__(self, obs: Observability, admission: Admission | None = None) -> None:
         self._obs = obs
+        #: Calls over the concurrency limit wait here (see `casbah.server.admission`).
+        self.admission = admission
         #: full method name -> (the handler grpc gave us, its wrapped version)
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -166,7 +169,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def _wrapped(self, full: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """Built on the first call of a method, then reused."""
         method = self._obs.method(full) or self._obs.add_method(describe(full, handler))
-        wrapped = _wrap(handler, method, self._obs)
+        admission = None if full.startswith(EXEMPT_PREFIXES) else self.admission
+        wrapped = _wrap(handler, method, self._obs, admission)
         self._handlers[full] = (handler, wrapped)
         return wrapped
 
@@ -202,6 +206,25 @@ class _CountingRequests:
         return request
 
 
+class _CountingContext:
+    """The servicer context of a streaming handler that writes with `context.write()`
+    (ByteStream.Read): counts the payload bytes of each message it sends."""
+
+    __slots__ = ("_context", "_size", "sent")
+
+    def __init__(self, context: Any, size: Callable[[Any], int]) -> None:
+        self._context = context
+        self._size = size
+        self.sent = 0
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self.sent += self._size(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 def _code_of(context: Any, default: grpc.StatusCode = _OK) -> grpc.StatusCode:
     code = context.code()
     if code is None:
@@ -228,7 +251,8 @@ _FACTORIES = {
 }
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability,
+          admission: Admission | None = None) -> grpc.RpcMethodHandler:
     """A handler of the same shape whose behaviour times the call and records it.
 
     One wrapper for all four shapes: a client stream is wrapped in
@@ -237,7 +261,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) ->
     per message as it is sent, a unary response once.  grpc.aio accepts a streaming
     handler written as an async generator or as a coroutine writing with
     `context.write()` (grpc_health's Watch), so the behaviour is an async generator
-    exactly when the handler's is, and a coroutine otherwise.
+    exactly when the handler's is, and a coroutine otherwise.  With `admission`, the
+    handler runs only once the call holds a slot (it waits for one when all are taken).
     """
     inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     client_streams = handler.request_streaming
@@ -247,6 +272,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) ->
     in_bytes = method.in_bytes
     out_bytes = method.out_bytes
     perf_counter = time.perf_counter
+    #: A streaming handler that writes its responses with `context.write()`.
+    writes = handler.response_streaming and inspect.iscoroutinefunction(inner)
     #: The label of a client stream that ended before its first message.
     no_message = UNKNOWN_INSTANCE if instance_of is not None else ""
 
@@ -263,13 +290,26 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) ->
 
     finish = finish_stream if client_streams else finish_unary
 
+    async def admit(context) -> bool:
+        """Wait for a slot; False when there is no admission to hold one."""
+        if admission is None:
+            return False
+        if not admission.try_enter():
+            try:
+                await admission.wait()
+            except QueueFull:
+                await refuse(context, admission)
+        return True
+
     async def streamed(request, context):
         started = perf_counter()
         if client_streams:
             request = _CountingRequests(request, in_bytes, instance_of)
         code = _OK
         sent = 0
+        admitted = False
         try:
+            admitted = await admit(context)
             async for response in inner(request, context):
                 if out_bytes is not None:
                     sent += out_bytes(response)
@@ -279,6 +319,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) ->
             code = _failure_code(exc, context)
             raise
         finally:
+            if admitted:
+                admission.leave()
             finish(started, code, request, None, sent)
 
     async def awaited(request, context):
@@ -287,16 +329,21 @@ def _wrap(handler: grpc.RpcMethodHandler, method: Method, obs: Observability) ->
             request = _CountingRequests(request, in_bytes, instance_of)
         code = _OK
         response = None
+        admitted = False
+        counting = _CountingContext(context, out_bytes) if writes and out_bytes is not None else None
         try:
-            response = await inner(request, context)
+            admitted = await admit(context)
+            response = await inner(request, counting or context)
             code = _code_of(context)
             return response
         except BaseException as exc:
             code = _failure_code(exc, context)
             raise
         finally:
-            finish(started, code, request, response, 0)
+            if admitted:
+                admission.leave()
+            finish(started, code, request, response, counting.sent if counting is not None else 0)
 
-    behaviour = streamed if handler.response_streaming and not inspect.iscoroutinefunction(inner) else awaited
+    behaviour = streamed if handler.response_streaming and not writes else awaited
     factory = _FACTORIES[(client_streams, handler.response_streaming)]
     return factory(behaviour, handler.request_deserializer, handler.response_serializer)

@@ -11,7 +11,7 @@ import time
 
 from casbah.assets.index import AssetKind, AssetRecord
 from casbah.digest import DigestFunction, make_digest
-from casbah.errors import FailedPrecondition, InvalidArgument, NotFound
+from casbah.errors import FailedPrecondition, InvalidArgument, NotFound, echo
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -52,7 +52,7 @@ class ReferenceStorageService(bst_grpc.ReferenceStorageServicer):
             if len(page) < CANDIDATE_PAGE:
                 break
             offset += CANDIDATE_PAGE
-        raise NotFound(f"reference {request.key!r} not found (or its tree is no longer complete)")
+        raise NotFound(f"reference {echo(request.key)} not found (or its tree is no longer complete)")
 
     @rpc
     async def UpdateReference(self, request, context):

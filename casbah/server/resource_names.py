@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from casbah.digest import Digest, DigestFunction, make_digest
-from casbah.errors import InvalidArgument
+from casbah.errors import InvalidArgument, echo
 
 RESERVED = frozenset(
     {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"}
@@ -43,7 +43,7 @@ def parse_read(name: str) -> ResourceName:
             return _parse_blob(name, parts[:i], parts[i:], None, allow_metadata=False)
         if part in RESERVED:
             break
-    raise InvalidArgument(f"malformed read resource name {name!r}: want [INSTANCE/]blobs/HASH/SIZE")
+    raise InvalidArgument(f"malformed read resource name {echo(name)}: want [INSTANCE/]blobs/HASH/SIZE")
 
 
 def parse_write(name: str) -> ResourceName:
@@ -56,27 +56,27 @@ def parse_write(name: str) -> ResourceName:
         if part in RESERVED:
             break
     raise InvalidArgument(
-        f"malformed write resource name {name!r}: want [INSTANCE/]uploads/UUID/blobs/HASH/SIZE[/METADATA]"
+        f"malformed write resource name {echo(name)}: want [INSTANCE/]uploads/UUID/blobs/HASH/SIZE[/METADATA]"
     )
 
 
 def _parse_blob(name: str, instance_parts: list[str], rest: list[str], upload_id: str | None,
                 allow_metadata: bool) -> ResourceName:
     if any(p in RESERVED for p in instance_parts) or any(not p for p in instance_parts):
-        raise InvalidArgument(f"malformed resource name {name!r}: bad instance name")
+        raise InvalidArgument(f"malformed resource name {echo(name)}: bad instance name")
     instance = "/".join(instance_parts)
     compressor = None
     if rest and rest[0] == "compressed-blobs":
         if len(rest) < 2:
-            raise InvalidArgument(f"malformed resource name {name!r}: missing compressor")
+            raise InvalidArgument(f"malformed resource name {echo(name)}: missing compressor")
         compressor = rest[1]
         if compressor not in COMPRESSORS:
-            raise InvalidArgument(f"unknown compressor {compressor!r} in resource name {name!r}")
+            raise InvalidArgument(f"unknown compressor {echo(compressor)} in resource name {echo(name)}")
         if compressor not in SERVED_COMPRESSORS:
-            raise InvalidArgument(f"compressor {compressor!r} is not supported (supported: zstd)")
+            raise InvalidArgument(f"compressor {echo(compressor)} is not supported (supported: zstd)")
         rest = rest[2:]
     elif not rest or rest[0] != "blobs":
-        raise InvalidArgument(f"malformed resource name {name!r}: expected 'blobs' or 'compressed-blobs'")
+        raise InvalidArgument(f"malformed resource name {echo(name)}: expected 'blobs' or 'compressed-blobs'")
     else:
         rest = rest[1:]
     function: DigestFunction | None = None
@@ -84,13 +84,13 @@ def _parse_blob(name: str, instance_parts: list[str], rest: list[str], upload_id
         function = _NAMED_FUNCTIONS[rest[0]]
         rest = rest[1:]
     elif rest and rest[0] in _UNSUPPORTED_FUNCTIONS:
-        raise InvalidArgument(f"digest function {rest[0]!r} is not supported by casbah")
+        raise InvalidArgument(f"digest function {echo(rest[0])} is not supported by casbah")
     if len(rest) < 2 or (len(rest) > 2 and not allow_metadata):
-        raise InvalidArgument(f"malformed resource name {name!r}: expected HASH/SIZE")
+        raise InvalidArgument(f"malformed resource name {echo(name)}: expected HASH/SIZE")
     hash_hex, size = rest[0], rest[1]
     if function is None:  # no segment: the hash length says which (64 hex: sha256, 40: sha1, ...)
         function = DigestFunction.infer(hash_hex)
     # ASCII digits only: str.isdigit() accepts '²' (int() then fails) and other scripts' digits.
     if not (size.isascii() and size.isdigit()) or int(size) > _MAX_SIZE:
-        raise InvalidArgument(f"malformed resource name {name!r}: size {size!r} is not a valid blob size")
+        raise InvalidArgument(f"malformed resource name {echo(name)}: size {echo(size)} is not a valid blob size")
     return ResourceName(instance, make_digest(hash_hex, int(size), function), compressor, upload_id)

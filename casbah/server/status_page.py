@@ -12,9 +12,10 @@ Routes:
   /api/lookup     ?instance=&digest=HASH/SIZE[&function=] -> present? size; a Directory's entries
   /api/asset      ?instance=&uri=[&function=] -> the assets a URI maps to
 
-The page and its API are unauthenticated, like /metrics: they reveal digests,
-file names of stored trees and asset URIs (never blob contents), so bind
-`metrics-listen` to loopback or an operators' network.
+The page and its API reveal digests, file names of stored trees and asset URIs
+(never blob contents): with auth configured they answer only callers with the
+read scope (`casbah.server.http_auth`), and `metrics-listen` belongs on loopback
+or an operators' network either way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 from casbah.assets.index import AssetKind
 from casbah.digest import Digest, DigestFunction, is_empty_blob
-from casbah.errors import CasbahError
+from casbah.errors import CasbahError, echo
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.server.observability import Observability, invocation_summaries, recent_requests
 from casbah.server.status_data import status_document
@@ -196,7 +197,7 @@ def _instance(obs: Observability, request: web.Request):
     for inst in obs.instances:
         if inst.name == name:
             return inst
-    raise _bad_request(f"unknown instance {name!r}; served: {', '.join(repr(i.name) for i in obs.instances)}")
+    raise _bad_request(f"unknown instance {echo(name)}; served: {', '.join(repr(i.name) for i in obs.instances)}")
 
 
 def _function(request: web.Request) -> DigestFunction:
@@ -204,7 +205,7 @@ def _function(request: web.Request) -> DigestFunction:
     try:
         return DigestFunction(value)
     except ValueError:
-        raise _bad_request(f"unknown digest function {value!r} ({', '.join(DigestFunction)})") from None
+        raise _bad_request(f"unknown digest function {echo(value)} ({', '.join(DigestFunction)})") from None
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -57,11 +57,17 @@ def process_local_nodes(config: ServerConfig) -> list[str]:
 
 
 def disk_paths(config: ServerConfig) -> list[str]:
-    """The directory of every `disk` node in the config (admin commands check they exist)."""
+    """The directory of every `disk` node the instances use (admin commands check they
+    exist).  Named nodes count only when referenced: the HTTP front's default `opaque`
+    store exists only where the front is on."""
     found: list[str] = []
+    visited: set[str] = set()
 
     def visit(node: Any) -> None:
-        if isinstance(node, dict):
+        if isinstance(node, str) and node in config.storages and node not in visited:
+            visited.add(node)
+            visit(config.storages[node])
+        elif isinstance(node, dict):
             if node.get("kind") == "disk" and isinstance(node.get("path"), str):
                 found.append(node["path"])
             for value in node.values():
@@ -70,7 +76,6 @@ def disk_paths(config: ServerConfig) -> list[str]:
             for value in node:
                 visit(value)
 
-    visit(config.storages)
     for inst in config.instances.values():
         visit(inst.storage)
         visit(inst.action_cache)
@@ -135,8 +140,15 @@ def run_workers(config: ServerConfig, count: int, log_level: str) -> int:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
 
+    def reload(signum: int, frame: object) -> None:
+        """SIGHUP to the parent reloads every worker's certificates and tokens."""
+        for p in workers.values():
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for i in range(count):
         start(i)
     print(f"casbah: {count} workers started", flush=True)

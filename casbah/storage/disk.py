@@ -201,7 +201,7 @@ class DiskStorage(Storage):
         try:
             await asyncio.to_thread(tmp.append, chunks)
         except OSError as exc:
-            raise from_os_error(exc, f"disk storage {self.name}") from None
+            raise from_os_error(exc, f"disk storage {self.name}")  # noqa: B904 - keeps the OSError cause
 
     async def write_bytes(self, digest: Digest, data: bytes) -> None:
         error = (await self.write_many([(digest, data)]))[0]

@@ -4,6 +4,7 @@ idle (slowloris) streams, upload bytes in flight, message size."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import os
 import threading
@@ -110,17 +111,20 @@ def test_idle_streams_are_limited_per_connection_and_closed(launch, tmp_path: Pa
     assert server.alive()
 
 
-def test_global_concurrent_rpc_limit_refuses_extra_calls(launch, tmp_path: Path) -> None:
-    """60 idle uploads over 12 connections against max-concurrent-rpcs 50: 10 are refused at
-    once with RESOURCE_EXHAUSTED (not queued forever); once the idle timeout has closed the
-    rest, the server serves normally again."""
+def test_calls_over_the_concurrency_limit_wait_and_only_a_full_queue_refuses(launch, tmp_path: Path) -> None:
+    """60 idle uploads over 12 connections against max-concurrent-rpcs 50 and max-queued-rpcs 5:
+    50 run, 5 wait for a slot and run once the idle timeout closed the first ones, and only the
+    5 for which even the queue has no room are refused, at once, with RESOURCE_EXHAUSTED and a
+    RetryInfo saying when to come back; afterwards the server serves normally."""
     server = start(launch, tmp_path, limits={"max-streams-per-connection": PER_CONNECTION,
-                                             "max-concurrent-rpcs": 50, "idle-timeout": IDLE})
-
+                                             "max-concurrent-rpcs": 50, "max-queued-rpcs": 5,
+                                             "idle-timeout": IDLE})
     async def main() -> list:
         release = asyncio.Event()
         channels = [own_connection(server.address) for _ in range(12)]
         try:
+            for ch in channels:  # each client learns the stream limit first (see the test above)
+                await re_grpc.CapabilitiesStub(ch).GetCapabilities(re_pb2.GetCapabilitiesRequest(), timeout=10)
             tasks = [asyncio.create_task(idle_write(bs_grpc.ByteStreamStub(ch), release))
                      for ch in channels for _ in range(PER_CONNECTION)]
             results = await asyncio.gather(*tasks)
@@ -134,12 +138,72 @@ def test_global_concurrent_rpc_limit_refuses_extra_calls(launch, tmp_path: Path)
     results = asyncio.run(main())
     codes = [code for code, _, _ in results]
     refused = [end - started for code, _, end in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert len(refused) == 10, codes
+    served = sorted(end - started for code, _, end in results if code == grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert len(refused) == 5, codes
     assert max(refused) < IDLE, refused  # refused at once, not after waiting
-    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 50, codes
+    assert len(served) == 55, codes
+    assert served[-5] >= served[0] + IDLE * 0.9, served  # the queued five ran after the first had ended
     with grpc.insecure_channel(server.address, options=OPTIONS) as channel:
         response = re_grpc.CapabilitiesStub(channel).GetCapabilities(re_pb2.GetCapabilitiesRequest(), timeout=10)
         assert response.cache_capabilities.max_batch_total_size_bytes > 0
+
+
+def test_refusal_carries_retry_info(launch, tmp_path: Path) -> None:
+    """A call refused because even the queue is full says when to retry (google.rpc.RetryInfo)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    server = start(launch, tmp_path, limits={"max-concurrent-rpcs": 1, "max-queued-rpcs": 0, "idle-timeout": IDLE})
+
+    async def main() -> grpc.aio.AioRpcError:
+        release = asyncio.Event()
+        async with own_connection(server.address) as ch:
+            holder = asyncio.create_task(idle_write(bs_grpc.ByteStreamStub(ch), release))
+            await asyncio.sleep(0.5)
+            try:
+                await re_grpc.CapabilitiesStub(ch).GetCapabilities(re_pb2.GetCapabilitiesRequest(), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+            else:
+                raise AssertionError("a call beyond a full queue was served")
+            release.set()
+            await holder
+            return error
+
+    error = asyncio.run(main())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max-concurrent-rpcs 1" in (error.details() or "")
+    trailers = dict(error.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.retry_delay.seconds >= 1
+
+
+@pytest.mark.parametrize("connections", [1, 10])
+def test_burst_of_2000_calls_completes_under_the_default_config(launch, tmp_path: Path, connections: int) -> None:
+    """2,000 FindMissingBlobs fired at once on fresh connections, default limits: every one
+    answers OK (they queue; none is refused by HTTP/2 or cancelled by gRPC's pending-call limit)."""
+    server = start(launch, tmp_path)
+    request = re_pb2.FindMissingBlobsRequest(blob_digests=[re_pb2.Digest(hash="a" * 64, size_bytes=1)])
+
+    async def main() -> collections.Counter:
+        channels = [own_connection(server.address) for _ in range(connections)]
+
+        async def one(i: int) -> str:
+            try:
+                stub = re_grpc.ContentAddressableStorageStub(channels[i % connections])
+                await stub.FindMissingBlobs(request, timeout=120)
+                return "OK"
+            except grpc.aio.AioRpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+
+        try:
+            return collections.Counter(await asyncio.gather(*(one(i) for i in range(2000))))
+        finally:
+            for ch in channels:
+                await ch.close()
+
+    outcomes = asyncio.run(main())
+    assert outcomes == collections.Counter({"OK": 2000}), outcomes
 
 
 def big_compressed_blob(size: int) -> tuple[re_pb2.Digest, bytes]:
@@ -190,6 +254,48 @@ def test_upload_bytes_in_flight_budget(launch, tmp_path: Path) -> None:
             timeout=60)
         assert response.responses[0].status.code == 0
     assert server.alive()
+
+
+def test_streamed_upload_bytes_count_in_the_budget(launch, tmp_path: Path) -> None:
+    """An open ByteStream upload holds its bytes in the upload budget: with a 1 MiB budget, a
+    second upload is refused (RESOURCE_EXHAUSTED, retry later) while a first 1 MiB upload is
+    open, and succeeds once the first has finished."""
+    server = start(launch, tmp_path, limits={"upload-bytes-in-flight": "1M", "idle-timeout": 30})
+    first, second = os.urandom(1 << 20), os.urandom(1 << 20)
+
+    def name(data: bytes) -> str:
+        return f"uploads/{uuid.uuid4()}/blobs/{hashlib.sha256(data).hexdigest()}/{len(data)}"
+
+    async def main() -> tuple[grpc.StatusCode, str]:
+        release = asyncio.Event()
+        async with own_connection(server.address) as ch:
+            stub = bs_grpc.ByteStreamStub(ch)
+            first_name = name(first)
+
+            async def slow():
+                yield bs_pb2.WriteRequest(resource_name=first_name, write_offset=0, data=first[:4096])
+                await release.wait()
+                yield bs_pb2.WriteRequest(write_offset=4096, data=first[4096:], finish_write=True)
+
+            holder = asyncio.ensure_future(stub.Write(slow(), timeout=30))
+            await asyncio.sleep(0.5)
+            try:
+                await stub.Write(iter([bs_pb2.WriteRequest(resource_name=name(second), data=second[:4096]),
+                                       bs_pb2.WriteRequest(write_offset=4096, data=second[4096:],
+                                                           finish_write=True)]), timeout=10)
+                outcome = (grpc.StatusCode.OK, "")
+            except grpc.aio.AioRpcError as exc:
+                outcome = (exc.code(), exc.details() or "")
+            release.set()
+            await holder
+            await stub.Write(iter([bs_pb2.WriteRequest(resource_name=name(second), data=second[:4096]),
+                                   bs_pb2.WriteRequest(write_offset=4096, data=second[4096:], finish_write=True)]),
+                             timeout=10)
+            return outcome
+
+    code, details = asyncio.run(main())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    assert "bytes of uploads already in flight (limit 1048576); retry later" in details
 
 
 @pytest.mark.parametrize("rpc", ["BatchUpdateBlobs", "ByteStream.Write"])

@@ -23,7 +23,7 @@ def test_blobs_stored_by_one_worker_are_found_by_all(start_server) -> None:
             re_pb2.BatchUpdateBlobsRequest(requests=requests))
         assert all(r.status.code == 0 for r in response.responses)
     # Fresh connections land on either worker (SO_REUSEPORT); none may report the blobs
-    # missing, immediately (file check) and after the journal has been replayed.
+    # missing, immediately and a second later (every worker opens the one LMDB store).
     for pause in (0.0, 1.0):
         time.sleep(pause)
         for _ in range(8):

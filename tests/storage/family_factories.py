@@ -157,6 +157,9 @@ class UploadingIndex(AssetIndex):
     async def candidates(self, *args: Any, **kwargs: Any) -> list[AssetRecord]:
         return await self.index.candidates(*args, **kwargs)
 
+    async def purge_expired(self, now: float) -> int:
+        return await self.index.purge_expired(now)
+
     async def close(self) -> None:
         await self.index.close()
         await self.cas.close()

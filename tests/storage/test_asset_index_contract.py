@@ -24,6 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,30 @@ def test_instances_are_separate_and_records_persist(run_on, uri) -> None:
         assert await best(first, BLOB, [x], {}) == r.digest
         reopened = open_index("ci")  # another index object (new connection): what another server sees
         assert await best(reopened, BLOB, [x], {}) == r.digest
+
+    run_on(body)
+
+
+def test_purge_expired_removes_only_expired_records(kind: IndexKind, run_on, uri) -> None:
+    """`purge_expired(now)` deletes what expired at or before `now` and nothing else; a
+    kind whose upstream keeps the index (remote) leaves that to the upstream."""
+    async def body(open_index: Opener) -> None:
+        index = open_index()
+        a = uri("expiring")
+        now = time.time()
+        gone = replace(record([a], {"v": "1"}), expire_at=now - 10)
+        kept = replace(record([a], {"v": "2"}), expire_at=now + 3600)
+        forever = record([a], {"v": "3"})
+        for r in (gone, kept, forever):
+            await index.put(r)
+        purged = await index.purge_expired(now)
+        if not kind.listing:
+            assert purged == 0
+            return
+        assert purged == 1
+        assert await index.candidates(BLOB, [a], {"v": "1"}, SHA256) == []
+        assert digests(await index.candidates(BLOB, [a], {}, SHA256)) == [forever.digest, kept.digest]
+        assert await index.purge_expired(now) == 0
 
     run_on(body)
 

@@ -206,7 +206,7 @@ class Engine(Upkeep):
                 self._synced = time.monotonic()
                 self.env.env.sync(True)
         except lmdb.Error as exc:
-            raise map_error(exc, f"disk storage {self.name} ({what})") from None
+            raise map_error(exc, f"disk storage {self.name} ({what})")  # noqa: B904 - keeps the OSError cause
         return result
 
     def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
@@ -313,7 +313,7 @@ class Engine(Upkeep):
             try:
                 tmp.seal(tail)
             except OSError as exc:
-                raise from_os_error(exc, f"disk storage {self.name}") from None
+                raise from_os_error(exc, f"disk storage {self.name}")  # noqa: B904 - keeps the OSError cause
             errors = self._write(lambda txn, unlinks: self._add(txn, unlinks, [(0, key, None, tmp.blocks, tmp)],
                                                                [tmp.verifier.received]), "indexing a file")
         finally:

@@ -114,7 +114,7 @@ class Env:
                 sync=durable, metasync=durable, readahead=False, lock=True,
             )
         except lmdb.Error as exc:
-            raise map_error(exc, f"the index in {path}") from None
+            raise map_error(exc, f"the index in {path}")  # noqa: B904 - keeps the OSError cause
         self.meta = self.env.open_db(b"meta")
         self.order = self.env.open_db(b"order")
         self.info = self.env.open_db(b"info")
