@@ -9,22 +9,24 @@ from datetime import datetime
 import click
 
 from casbah import humanize
-from casbah.cli.asset import remote_options, spec_from
+from casbah.cli.remotes import remotes_options, specs_from
 from casbah.client.cache import LocalCache
-from casbah.client.remote import RemoteClient
-from casbah.client.sync import DEFAULT_URI_TEMPLATE, PUBLISH_MODES, pull, push
+from casbah.client.config import load_client_config
+from casbah.client.multi import describe, pull_first, push_all
+from casbah.client.sync import DEFAULT_URI_TEMPLATE, PUBLISH_MODES
 from casbah.config import parse_size
 
 DEFAULT_CACHE_DIR = "~/.cache/casbah"
 
 
-def _cache(cache_dir: str) -> LocalCache:
-    return LocalCache(os.path.expanduser(cache_dir))
+def _cache(cache_dir: str | None) -> LocalCache:
+    chosen = cache_dir or load_client_config().cache_dir or DEFAULT_CACHE_DIR
+    return LocalCache(os.path.expanduser(chosen))
 
 
 cache_dir_option = click.option(
-    "--cache-dir", envvar="CASBAH_CACHE_DIR", default=DEFAULT_CACHE_DIR, show_default=True,
-    help="Local cache directory (env CASBAH_CACHE_DIR).",
+    "--cache-dir", envvar="CASBAH_CACHE_DIR", default=None,
+    help=f"Local cache directory (env CASBAH_CACHE_DIR; else the config's cache-dir; else {DEFAULT_CACHE_DIR}).",
 )
 publish_option = click.option(
     "--publish", type=click.Choice(PUBLISH_MODES), default="asset", show_default=True,
@@ -147,39 +149,52 @@ def fsck(cache_dir: str) -> None:
 
 @cache.command(name="push", cls=CasbahCommand)
 @cache_dir_option
-@remote_options
+@remotes_options
 @publish_option
 @uri_option
 @click.argument("ref")
-def push_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, **kwargs) -> None:
-    """Upload REF's tree (only what the server lacks) and publish its name."""
-    with RemoteClient(spec_from(kwargs)) as client:
-        summary = push(_cache(cache_dir), client, ref, publish, uri_template, show_progress=sys.stderr.isatty())
-    if summary.warning:
-        click.echo(f"warning: {summary.warning}", err=True)
-    click.echo(summary.line("pushed"), err=True)
-    click.echo(str(summary.root))
+def push_cmd(cache_dir: str | None, ref: str, publish: str, uri_template: str, **kwargs) -> None:
+    """Upload REF's tree (only what each server lacks) to every push remote and publish
+    its name; exit 1 if any remote failed (the others are still pushed)."""
+    specs = specs_from(kwargs, for_push=True)
+    results = push_all(_cache(cache_dir), specs, ref, publish, uri_template, show_progress=sys.stderr.isatty())
+    for result in results:
+        if result.summary is None:
+            click.echo(f"Error: push to {describe(result.spec)} failed: {result.error}", err=True)
+            continue
+        if result.summary.warning:
+            click.echo(f"warning: {result.summary.warning}", err=True)
+        click.echo(f"{result.summary.line('pushed')} to {describe(result.spec)}", err=True)
+    done = [r.summary for r in results if r.summary is not None]
+    if done:
+        click.echo(str(done[0].root))
+    if len(done) < len(results):
+        sys.exit(1)
 
 
 @cache.command(name="pull", cls=CasbahCommand)
 @cache_dir_option
-@remote_options
+@remotes_options
 @publish_option
 @uri_option
 @click.argument("ref")
 @click.option("--checkout", "dest", type=click.Path(file_okay=False), metavar="DIR",
               help="Then check the tree out into DIR (as `casbah cache checkout`).")
 @external_links_option
-def pull_cmd(cache_dir: str, ref: str, publish: str, uri_template: str, dest: str | None,
+def pull_cmd(cache_dir: str | None, ref: str, publish: str, uri_template: str, dest: str | None,
              allow_external_symlinks: bool, **kwargs) -> None:
-    """Download REF (a ref name or HASH/SIZE): only what the local cache lacks."""
+    """Download REF (a ref name or HASH/SIZE) from the first remote that has it: only
+    what the local cache lacks."""
     local = _cache(cache_dir)
     if dest is not None and os.path.isdir(dest) and os.listdir(dest):
         raise click.ClickException(f"checkout target {dest} is not empty")
-    with RemoteClient(spec_from(kwargs)) as client:
-        summary = pull(local, client, ref, publish, uri_template, show_progress=sys.stderr.isatty())
-    click.echo(summary.line("pulled"), err=True)
+    specs = specs_from(kwargs, for_push=False)
+    result = pull_first(local, specs, ref, publish, uri_template, show_progress=sys.stderr.isatty())
+    for spec, why in result.skipped:
+        click.echo(f"note: {describe(spec)} did not serve {ref!r}: {why}", err=True)
+    assert result.summary is not None and result.spec is not None
+    click.echo(f"{result.summary.line('pulled')} from {describe(result.spec)}", err=True)
     if dest is not None:
-        files = local.checkout(summary.root, dest, allow_external_symlinks=allow_external_symlinks)
+        files = local.checkout(result.summary.root, dest, allow_external_symlinks=allow_external_symlinks)
         click.echo(f"checked out {files} files into {dest}", err=True)
-    click.echo(str(summary.root))
+    click.echo(str(result.summary.root))

@@ -128,8 +128,25 @@ class RemoteClient:
         self._done(self.uploaded, progress, len(batch), sum(d.size for d, _ in batch))
 
     def _stream_upload(self, digest: Digest, source: Source, progress: Progress | None) -> None:
-        self.run(self.client.write_reopenable(digest, lambda offset: _chunks(source, offset)))
-        self._done(self.uploaded, progress, 1, digest.size)
+        """One large blob, its progress reported chunk by chunk (a bar for one big file
+        moves as it goes); a resumed write re-reads from the server's offset, and only
+        bytes beyond what was already reported count again."""
+        reported = 0
+
+        async def chunks(offset: int) -> AsyncIterator[bytes]:
+            nonlocal reported
+            position = offset
+            async for chunk in _chunks(source, offset):
+                yield chunk
+                position += len(chunk)
+                if progress and position > reported:
+                    progress(0, position - reported)
+                    reported = position
+
+        self.run(self.client.write_reopenable(digest, chunks))
+        self.uploaded.add(1, digest.size)
+        if progress:
+            progress(1, digest.size - reported)
 
     @staticmethod
     def _done(counter: Transfer, progress: Progress | None, blobs: int, nbytes: int) -> None:
@@ -166,8 +183,21 @@ class RemoteClient:
         self._done(self.downloaded, progress, len(digests), sum(d.size for d in digests))
 
     def _stream_download(self, digest: Digest, sink: Callable, progress: Progress | None) -> None:
-        sink(digest, self.read_stream(digest))
-        self._done(self.downloaded, progress, 1, digest.size)
+        """One large blob, its progress reported chunk by chunk as the sink takes them."""
+        reported = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal reported
+            for chunk in self.read_stream(digest):
+                yield chunk
+                reported += len(chunk)
+                if progress:
+                    progress(0, len(chunk))
+
+        sink(digest, chunks())
+        self.downloaded.add(1, digest.size)
+        if progress:
+            progress(1, max(digest.size - reported, 0))
 
     def read_stream(self, digest: Digest) -> Iterator[bytes]:
         """ByteStream.Read, verified, resuming at the delivered offset after a transient failure."""
@@ -180,6 +210,10 @@ class RemoteClient:
 
     def read_bytes(self, digest: Digest) -> bytes:
         return b"".join(self.read_stream(digest))
+
+    def check_writable(self) -> None:
+        """PermissionDenied (one line) when the server will refuse uploads: ask before sending."""
+        self.run(self.client.check_writable())
 
     # -- trees and names -------------------------------------------------------------
 

@@ -106,6 +106,7 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
     root = cache.resolve(name)
     summary = SyncSummary(root)
     summary.files, summary.total_bytes = _file_stats(cache, root)
+    client.check_writable()  # a read-only server is refused before any blob is sent
     needed = cache.tree_digests(root)
     missing = client.find_missing(needed)
     absent = cache.missing(missing)
@@ -138,21 +139,28 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
 
 def resolve_remote(client: RemoteClient, name: str, publish: str = "asset",
                    uri_template: str = DEFAULT_URI_TEMPLATE) -> Digest:
-    """A digest (`HASH/SIZE`) as is, or a ref name looked up on the server."""
+    """A digest (`HASH/SIZE`) as is, or a ref name looked up on the server: the way
+    `publish` names first, then the other (a ref pushed as a Remote Asset is found by
+    a ReferenceStorage pull and back), so pullers need not know how it was pushed."""
     if _is_digest(name):
         return Digest.parse(name)
-    try:
-        if publish == "references":
-            return client.get_reference(name)
+    uri = uri_template.format(ref=name)
+    lookups: list[Callable[[], Digest]] = [lambda: client.fetch_directory([uri]), lambda: client.get_reference(name)]
+    if publish == "references":
+        lookups.reverse()
+    unsupported = 0
+    for lookup in lookups:
         try:
-            return client.fetch_directory([uri_template.format(ref=name)])
+            return lookup()
         except Unsupported:
-            return client.get_reference(name)
-    except Unsupported:
+            unsupported += 1
+        except AssetNotFound:
+            pass
+    if unsupported == len(lookups):
         raise Unsupported(f"{client.spec.url} serves neither Remote Asset nor ReferenceStorage, so ref names "
-                          f"cannot be looked up there: pull by digest (HASH/SIZE) instead of {name!r}") from None
-    except AssetNotFound:
-        raise AssetNotFound(f"{client.spec.url} has no ref {name!r}") from None
+                          f"cannot be looked up there: pull by digest (HASH/SIZE) instead of {name!r}")
+    raise AssetNotFound(f"{client.spec.url} has no ref {name!r} (neither Remote Asset {uri} nor "
+                        f"ReferenceStorage key {name!r})")
 
 
 def fetch_directories(client: RemoteClient, root: Digest) -> dict[Digest, bytes]:

@@ -9,6 +9,10 @@
 - every blob read is verified (`verify=True`): a batch blob that fails is lost
   alone (DATA_LOSS for it), a stream hashes as it goes and yields its last chunk
   only after the whole blob matched;
+- a server that answers UNIMPLEMENTED or PERMISSION_DENIED to BatchReadBlobs or
+  BatchUpdateBlobs (some proxies and read-through caches have no batches, some
+  refuse them by policy) gets every blob over ByteStream instead; this is learnt
+  once per connection and per direction, so only the first batch pays the probe;
 - GetTree, Remote Asset and ReferenceStorage calls (`reapi.names`), where a miss
   raises the NotFound family.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 
 import grpc
@@ -30,7 +35,9 @@ from casbah.errors import (
     DataLoss,
     DigestMismatch,
     InvalidArgument,
+    PermissionDenied,
     Unavailable,
+    Unsupported,
     code_from_int,
     from_status,
 )
@@ -41,6 +48,8 @@ from casbah.reapi.names import NameCalls
 from casbah.reapi.retry import transport_code
 from casbah.reapi.wire import encode_batch_update
 from casbah.streams import NoVerifier, ReadVerifier, Verifier, empty_stream, one_chunk, verified_range
+
+log = logging.getLogger(__name__)
 
 #: Requests in flight at once per client.
 PARALLEL = 8
@@ -55,6 +64,10 @@ class CasClient(NameCalls):
         self.compression_mode = compression_mode
         self._limit = asyncio.Semaphore(parallel)
         self._raw_update: Callable | None = None
+        #: Whether the server takes batch calls; False once it answered one with
+        #: UNIMPLEMENTED or PERMISSION_DENIED (then ByteStream carries every blob).
+        self.batch_read = True
+        self.batch_update = True
 
     def describe(self) -> str:
         return self.remote.describe()
@@ -142,14 +155,21 @@ class CasClient(NameCalls):
 
     async def read_batch(self, digests: list[Digest], verify: bool, lost: dict[Digest, CasbahError],
                          source: str | None = None) -> dict[Digest, bytes]:
-        """One BatchReadBlobs (one digest function); each blob verified."""
+        """One BatchReadBlobs (one digest function); each blob verified.  Over ByteStream,
+        blob by blob, on a server that has no (or refuses) batch reads."""
+        if not self.batch_read:
+            return await self._read_by_stream(digests, verify, lost, source)
         function = digests[0].function
         request = re_pb2.BatchReadBlobsRequest(
             instance_name=self.remote.instance, digest_function=function.proto_value,
             digests=[re_pb2.Digest(hash=d.hash, size_bytes=d.size) for d in digests],
             acceptable_compressors=[re_pb2.Compressor.ZSTD] if await self.zstd() else [],
         )
-        response = await self.remote.unary(self.remote.stubs().cas.BatchReadBlobs, request, "BatchReadBlobs")
+        try:
+            response = await self.remote.unary(self.remote.stubs().cas.BatchReadBlobs, request, "BatchReadBlobs")
+        except (Unsupported, PermissionDenied) as exc:
+            self.batch_read = self._no_batches("BatchReadBlobs", exc)
+            return await self._read_by_stream(digests, verify, lost, source)
         found = {}
         for r in response.responses:
             if r.status.code == code_pb2.NOT_FOUND:
@@ -179,6 +199,19 @@ class CasClient(NameCalls):
                 continue
             found[digest] = data
         return found
+
+    async def _read_by_stream(self, digests: list[Digest], verify: bool, lost: dict[Digest, CasbahError],
+                              source: str | None) -> dict[Digest, bytes]:
+        found: dict[Digest, bytes] = {}
+        for result in await asyncio.gather(*(self._read_large(d, verify, lost, source) for d in digests)):
+            found.update(result)
+        return found
+
+    def _no_batches(self, method: str, exc: CasbahError) -> bool:
+        """Note that the server refuses `method`; ByteStream from now on (False, to store)."""
+        log.warning("%s answers %s to %s (%s): using ByteStream for every blob on this connection",
+                    self.describe(), exc.code.name, method, exc)
+        return False
 
     async def _read_large(self, digest: Digest, verify: bool, lost: dict[Digest, CasbahError],
                           source: str | None) -> dict[Digest, bytes]:
@@ -252,14 +285,21 @@ class CasClient(NameCalls):
         return results
 
     async def update_batch(self, blobs: list[tuple[Digest, bytes]]) -> list[Exception | None]:
-        """One BatchUpdateBlobs (one digest function); an error per blob or None."""
+        """One BatchUpdateBlobs (one digest function); an error per blob or None.  Over
+        ByteStream, blob by blob, on a server that has no (or refuses) batch updates."""
+        if not self.batch_update:
+            return await self._update_by_stream(blobs)
         if self._raw_update is None:
             # The request goes out already in wire form (`wire.encode_batch_update`).
             self._raw_update = self.remote.channel.unary_unary(
                 "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
                 request_serializer=None, response_deserializer=re_pb2.BatchUpdateBlobsResponse.FromString)
         request = encode_batch_update(self.remote.instance, blobs[0][0].function.proto_value, blobs)
-        response = await self.remote.unary(self._raw_update, request, "BatchUpdateBlobs")
+        try:
+            response = await self.remote.unary(self._raw_update, request, "BatchUpdateBlobs")
+        except (Unsupported, PermissionDenied) as exc:
+            self.batch_update = self._no_batches("BatchUpdateBlobs", exc)
+            return await self._update_by_stream(blobs)
         status = {(r.digest.hash, r.digest.size_bytes): r.status for r in response.responses}
         errors: list[Exception | None] = []
         for digest, _ in blobs:
@@ -272,6 +312,41 @@ class CasClient(NameCalls):
             else:
                 errors.append(None)
         return errors
+
+    async def check_writable(self) -> None:
+        """Raise PermissionDenied, before anything is uploaded, when the server will refuse
+        uploads.  ReferenceStorage's Status (`allow_updates`) answers for the instance where
+        it is served; then the empty blob is written over ByteStream, which stores nothing
+        (every server has it) but is refused for a read-only instance or a read-only
+        credential, which Status does not know about.  (Capabilities' `update_enabled` is
+        not used: it is about the ActionCache, and a writable CAS without one says false.)
+        Anything inconclusive (no ByteStream, the server down) is left for the upload."""
+        where = self.describe()
+        try:
+            if not await self.reference_status():
+                raise PermissionDenied(f"{where} does not accept updates (ReferenceStorage Status: allow_updates "
+                                       "is false, e.g. a read-only instance)")
+        except Unsupported:
+            pass
+        empty = Digest.of(b"")
+        try:
+            await bytestream.write_stream(self.remote, empty, empty_stream(), Verifier(empty), False)
+        except grpc.RpcError as exc:
+            code = transport_code(exc.code(), exc.details() or "")
+            if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                raise from_status(code, f"{where} does not accept uploads: {exc.details()}") from None
+        except CasbahError:
+            pass
+
+    async def _update_by_stream(self, blobs: list[tuple[Digest, bytes]]) -> list[Exception | None]:
+        async def one(digest: Digest, data: bytes) -> Exception | None:
+            try:
+                await self.write_reopenable(digest, lambda offset: one_chunk(data[offset:]))
+            except CasbahError as exc:
+                return exc
+            return None
+
+        return list(await asyncio.gather(*(one(d, b) for d, b in blobs)))
 
     async def close(self) -> None:
         await self.remote.close()

@@ -178,6 +178,13 @@ class NameCalls:
             raise AssetNotFound(f"reference {key!r}: {exc}") from None
         return Digest(response.digest.hash, response.digest.size_bytes)
 
+    async def reference_status(self) -> bool:
+        """ReferenceStorage Status: whether the server accepts reference updates (a
+        read-only instance says no).  Unsupported when it has no ReferenceStorage."""
+        request = bst_pb2.StatusRequest(instance_name=self.remote.instance)
+        response = await self.remote.unary(self.remote.stubs().references.Status, request, "Status")
+        return response.allow_updates
+
     async def update_reference(self, keys: list[str], root: Digest) -> None:
         request = bst_pb2.UpdateReferenceRequest(instance_name=self.remote.instance, keys=keys, digest=_proto(root))
         await self.remote.unary(self.remote.stubs().references.UpdateReference, request, "UpdateReference")

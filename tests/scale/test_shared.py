@@ -246,6 +246,12 @@ def _connection_owners(port: int) -> list[int]:
     return [int(pid) for pid in re.findall(r"pid=(\d+)", out)]
 
 
+def _listeners(port: int) -> set[int]:
+    """Pids with a listening socket on `port` (a worker counts once it has bound, not once it exists)."""
+    out = subprocess.run(["ss", "-Htlnp", f"( sport = :{port} )"], capture_output=True, text=True, check=True).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
 def test_workers_share_the_port_and_the_state(example_servers, postgres_server: PostgresServer) -> None:
     """`--workers 2` on the S3 + PostgreSQL example: the kernel spreads connections over
     both worker processes, and what one worker stored every other serves."""
@@ -254,6 +260,11 @@ def test_workers_share_the_port_and_the_state(example_servers, postgres_server: 
     while len(workers := _worker_pids(server.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(workers) == 2, workers
+    # Under load the second worker may still be starting: connections made before it
+    # binds all go to the first, which says nothing about SO_REUSEPORT.
+    while not workers <= _listeners(server.port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers <= _listeners(server.port), (workers, _listeners(server.port))
     channels = [channel(server) for _ in range(24)]
     try:
         blobs = [rand(100 + i) for i in range(len(channels))]
