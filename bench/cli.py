@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from bench.common import BenchError
+from bench.context import Context
 from bench.loadgen import LoadGenerator
 from bench.report import BUSY_CORES, Outcome, TargetReport, fmt, print_table, to_json, write_json
-from bench.scenarios import CORE_SCENARIOS, SCENARIOS, Context, run_scenario
+from bench.scenarios import CORE_SCENARIOS, SCENARIOS, run_scenario
 from bench.targets import (
     CASBAH_VARIANTS,
     MANAGED,

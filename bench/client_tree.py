@@ -45,13 +45,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bench.common import BenchError, VerificationError
+from bench.context import Context, Metric, ScenarioResult
 from bench.targets import ROOT, buildgrid_bin, server_cpu_seconds
-
-if TYPE_CHECKING:  # bench.scenarios imports this module to register the scenario
-    from bench.scenarios import Context, ScenarioResult
 
 #: Files larger than this are included once, not in every copy of the library (libpython.a is 45 MB).
 BIG_FILE = 8 * 1024 * 1024
@@ -162,8 +159,6 @@ def _check_tree(out: Path, root: str, what: str) -> None:
 
 def client_tree(ctx: Context) -> ScenarioResult:
     """Commit/push/pull/checkout of a 10k-file tree with casbah's CLI vs `bgd cas upload-dir|download-dir`."""
-    from bench.scenarios import Metric, ScenarioResult
-
     nfiles = ctx.scaled(10_000, minimum=200)
     bgd = buildgrid_bin(install=True)
     clients = Clients(ctx, bgd)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import Dataset, VerificationError, slice_indices
+from bench.context import Metric, ScenarioResult
 from bench.jobs import BigReadJob, BigWriteJob, SmallReadJob, SmallWriteJob, _big_blob
 from bench.loadgen import JobResult, WorkerContext
 from bench.targets import server_cpu_seconds, start_target, stop_target
@@ -143,8 +144,6 @@ def _free_port() -> int:
 
 def http_cache(ctx):
     """HTTP vs gRPC on one casbah: 4 KiB writes/reads (blobs/s) and 256 MiB write/read (MB/s)."""
-    from bench.scenarios import Metric, ScenarioResult
-
     work = Path(tempfile.mkdtemp(prefix="casbah-http-"))
     http_address = f"127.0.0.1:{_free_port()}"
     server = start_target("casbah", work, casbah_args=["--http-listen", http_address], install=False)

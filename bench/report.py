@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench.scenarios import Metric, ScenarioResult
+from bench.context import Metric, ScenarioResult
 
 # Other programs using this many cores during a scenario make its figures suspect.
 BUSY_CORES = 0.25

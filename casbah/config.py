@@ -104,6 +104,24 @@ class OriginFetchConfig(_Model):
         return size
 
 
+class ChunkingConfig(_Model):
+    """FastCDC 2020 parameters an instance splits blobs with and advertises (docs/chunking.md)."""
+
+    #: Off: SplitBlob/SpliceBlob answer UNIMPLEMENTED and are not advertised.
+    enabled: bool = True
+    #: Average chunk size, a power of 2 from 1 KiB to 1 MiB; min is a quarter, max four times it.
+    avg_chunk_size: int | str = Field(default="512K", alias="avg-chunk-size")
+    seed: int = Field(default=0, ge=0, lt=1 << 32)  # uint32 on the wire
+
+    @field_validator("avg_chunk_size")
+    @classmethod
+    def _avg(cls, value: int | str) -> int:
+        size = parse_size(value)
+        if not 1024 <= size <= 1 << 20 or size & (size - 1):
+            raise ValueError(f"{size} must be a power of 2 from 1K to 1M")
+        return size
+
+
 class InstanceConfig(_Model):
     """One instance name: its CAS storage, its ActionCache, and what it serves."""
 
@@ -130,6 +148,11 @@ class InstanceConfig(_Model):
     digest_functions: list[str] = Field(
         default_factory=lambda: [f.value for f in DEFAULT_FUNCTIONS], alias="digest-functions", min_length=1
     )
+
+    #: Where split records of spliced and split blobs live (blob digest -> chunk list): a
+    #: storage node with `verify: false`; default the `splits` node (disk under data-dir).
+    split_index: str | dict[str, Any] | None = Field(default=None, alias="split-index")
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
 
     @field_validator("digest_functions")
     @classmethod
@@ -263,10 +286,16 @@ class ServerConfig(_Model):
             "opaque", {"kind": "disk", "path": str(data / "opaque"), "max-size": max(self.quota // 4, 1 << 20),
                        "verify": False}
         )
+        # Split records (SpliceBlob/SplitBlob): small, keyed by the blob digest, not its hash.
+        storages.setdefault(
+            "splits", {"kind": "disk", "path": str(data / "splits"), "max-size": "1G", "verify": False}
+        )
         instances = dict(self.instances) or {"": InstanceConfig()}
         for inst in instances.values():
             if inst.action_cache is None:
                 inst.action_cache = "action-cache"
+            if inst.split_index is None:
+                inst.split_index = "splits"
         return self.model_copy(update={"storages": storages, "instances": instances})
 
     def listeners(self) -> list[ListenerConfig]:

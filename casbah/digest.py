@@ -172,10 +172,6 @@ class Digest(NamedTuple):
             message_cls = remote_execution_pb2.Digest
         return message_cls(hash=self.hash, size_bytes=self.size)
 
-    @property
-    def is_empty(self) -> bool:
-        return self.size == 0
-
 
 def _parse_size(size: str, text: str) -> int:
     if not (size.isascii() and size.isdigit()):  # str.isdigit() also accepts '²', which int() refuses
@@ -199,10 +195,6 @@ def make_digest(hash_hex: str, size: int, function: DigestFunction = DigestFunct
 
 def from_proto(message, function: DigestFunction) -> Digest:
     return make_digest(message.hash, message.size_bytes, function)
-
-
-def empty_digest(function: DigestFunction = DigestFunction.SHA256) -> Digest:
-    return _EMPTY[function]
 
 
 _EMPTY = {f: Digest.of(b"", f) for f in DigestFunction}

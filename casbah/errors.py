@@ -107,6 +107,13 @@ class DataLoss(CasbahError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class AlreadyExists(CasbahError):
+    """The thing to create exists in another form (SpliceBlob of a blob the server
+    keeps with a different chunking)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unsupported(CasbahError):
     """The backend cannot do this operation at all (e.g. delete on a remote)."""
 
@@ -157,6 +164,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CasbahError]] = {
         Unavailable,
         DeadlineExceeded,
         Aborted,
+        AlreadyExists,
         DataLoss,
         Unsupported,
     )

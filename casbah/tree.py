@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,11 +113,17 @@ class Visit:
     digest: Digest
     path: str  # where the walk first met it ("" is a root)
     directory: re_pb2.Directory | None  # None: absent from CAS
-    size: int  # serialized bytes
+    data: bytes  # as stored (b"" when absent): the bytes its digest names
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 async def walk_levels(read_many: Callable[[list[Digest]], Awaitable[dict[Digest, bytes]]],
-                      roots: Iterable[tuple[Digest, str]]) -> AsyncIterator[list[Visit]]:
+                      roots: Iterable[tuple[Digest, str]],
+                      check: Callable[[re_pb2.Directory, str, str], None] | None = check_directory,
+                      ) -> AsyncIterator[list[Visit]]:
     """The Directory messages under `roots`, breadth-first, one level per item.
 
     One `read_many` per level keeps storage round trips at the tree's depth; each
@@ -128,6 +134,8 @@ async def walk_levels(read_many: Callable[[list[Digest]], Awaitable[dict[Digest,
     The empty Directory is never read (it exists without upload).  `read_many`
     is a storage's (or one that turns lost blobs into absent ones); taking the
     function keeps this module free of the storage package, which clients import.
+    `check` (path, digest text) is the per-Directory rule; a client that only
+    gathers a tree to check it later its own way (`materialise.plan_tree`) passes None.
     """
     level: list[tuple[Digest, str]] = []
     seen: set[Digest] = set()
@@ -141,19 +149,20 @@ async def walk_levels(read_many: Callable[[list[Digest]], Awaitable[dict[Digest,
         next_level: list[tuple[Digest, str]] = []
         for digest, path in level:
             if is_empty_blob(digest):
-                visits.append(Visit(digest, path, re_pb2.Directory(), 0))
+                visits.append(Visit(digest, path, re_pb2.Directory(), b""))
                 continue
             data = found.get(digest)
             if data is None:
-                visits.append(Visit(digest, path, None, 0))
+                visits.append(Visit(digest, path, None, b""))
                 continue
             try:
                 directory = re_pb2.Directory.FromString(data)
             except DecodeError:
                 where = f"at {echo(path)}" if path else "at the root"
                 raise InvalidTree(f"blob {digest} {where} is not a Directory message") from None
-            check_directory(directory, path, str(digest))
-            visits.append(Visit(digest, path, directory, len(data)))
+            if check is not None:
+                check(directory, path, str(digest))
+            visits.append(Visit(digest, path, directory, data))
             for node in directory.directories:
                 child = make_digest(node.digest.hash, node.digest.size_bytes, digest.function)
                 if child not in seen:
@@ -161,6 +170,20 @@ async def walk_levels(read_many: Callable[[list[Digest]], Awaitable[dict[Digest,
                     next_level.append((child, join(path, node.name)))
         yield visits
         level = next_level
+
+
+def first_missing_directory(root: Digest, directories: Mapping[Digest, bytes]) -> Digest | None:
+    """The root, or a subdirectory any of `directories` names, that `directories` lacks;
+    None when the tree is closed.  GetTree leaves out subtrees the server lacks, so a
+    client checks its answer with this before taking it for the whole tree."""
+    if root.size and root not in directories:
+        return root
+    for data in directories.values():
+        for node in re_pb2.Directory.FromString(data).directories:
+            child = Digest(node.digest.hash, node.digest.size_bytes, root.function)
+            if child.size and child not in directories:
+                return child
+    return None
 
 
 def check_tree_message(tree: re_pb2.Tree, tree_digest: Digest) -> None:

@@ -52,6 +52,7 @@ from google.protobuf.message import DecodeError
 from casbah.digest import Digest
 from casbah.errors import FailedPrecondition, InvalidArgument
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.tree_rules import name_problem
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -127,7 +128,7 @@ def _check_names(d: re_pb2.Directory, plan: TreePlan, index: int) -> None:
     for kind, nodes in (("file", d.files), ("directory", d.directories), ("symlink", d.symlinks)):
         for node in nodes:
             name = node.name
-            if not name or name == "." or name == ".." or "/" in name or "\0" in name:
+            if name_problem(name) is not None:
                 raise UnsafeTree(f"unsafe tree: {kind} {plan.path(index, name)!r} has an invalid name "
                                  "(a name is non-empty, has no '/' or NUL, and is not '.' or '..')")
             if name in seen:

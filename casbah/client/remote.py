@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, CasbahError
-from casbah.reapi import plan
+from casbah.reapi import chunked, plan
 from casbah.reapi.cas import CasClient
 from casbah.reapi.channel import RemoteSpec, open_channel
 from casbah.reapi.connection import AsyncRemote
@@ -130,7 +130,14 @@ class RemoteClient:
     def _stream_upload(self, digest: Digest, source: Source, progress: Progress | None) -> None:
         """One large blob, its progress reported chunk by chunk (a bar for one big file
         moves as it goes); a resumed write re-reads from the server's offset, and only
-        bytes beyond what was already reported count again."""
+        bytes beyond what was already reported count again.  When the server splices,
+        only the chunks it lacks are sent (`reapi/chunked.py`); the counter says so."""
+        sent = self.run(chunked.upload_chunked(self.client, digest, source))
+        if sent is not None:
+            self.uploaded.add(1, sent)
+            if progress:
+                progress(1, digest.size)
+            return
         reported = 0
 
         async def chunks(offset: int) -> AsyncIterator[bytes]:
@@ -157,17 +164,19 @@ class RemoteClient:
     # -- downloads -----------------------------------------------------------------
 
     def download(self, digests: Iterable[Digest], sink: Callable[[Digest, Iterator[bytes]], None],
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, chunks: chunked.ChunkStore | None = None) -> None:
         """Fetch blobs; `sink(digest, chunks)` stores each (from worker threads).
 
         Content is verified before it reaches the sink's last chunk: a corrupt
-        download raises DataLoss.  A missing blob raises BlobNotFound.
+        download raises DataLoss.  A missing blob raises BlobNotFound.  With a
+        `chunks` store (the local cache), a large blob the server can split is
+        fetched as the chunks the store lacks and assembled from it.
         """
         limit = self.batch_limit
         small, large = plan.split_by_size(dict.fromkeys(digests), limit, _itself)
         jobs = [self._pool.submit(self._batch_download, batch, sink, progress)
                 for batch in plan.pack_batches(small, limit, _itself)]
-        jobs += [self._pool.submit(self._stream_download, d, sink, progress) for d in large]
+        jobs += [self._pool.submit(self._stream_download, d, sink, progress, chunks) for d in large]
         for job in jobs:
             job.result()
 
@@ -182,8 +191,18 @@ class RemoteClient:
             sink(digest, iter((found[digest],)))
         self._done(self.downloaded, progress, len(digests), sum(d.size for d in digests))
 
-    def _stream_download(self, digest: Digest, sink: Callable, progress: Progress | None) -> None:
-        """One large blob, its progress reported chunk by chunk as the sink takes them."""
+    def _stream_download(self, digest: Digest, sink: Callable, progress: Progress | None,
+                         store: chunked.ChunkStore | None = None) -> None:
+        """One large blob, its progress reported chunk by chunk as the sink takes them; with
+        a chunk store and a server that splits, only the chunks the store lacks travel."""
+        parts = self.run(chunked.split(self.client, digest)) if store is not None else None
+        if parts is not None and store is not None:
+            received = self.run(chunked.fetch_chunks(self.client, parts, store))
+            sink(digest, chunked.assemble(digest, parts, store, self.spec.url))
+            self.downloaded.add(1, received)
+            if progress:
+                progress(1, digest.size)
+            return
         reported = 0
 
         def chunks() -> Iterator[bytes]:

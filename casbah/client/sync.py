@@ -25,6 +25,7 @@ from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.tree import first_missing_directory
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,11 @@ def push(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
         raise BlobNotFound(min(absent), f"{name}: {len(absent)} objects of the tree are missing from the local "
                                         f"cache {cache.root} (run `casbah cache fsck`)")
     sources = {d: cache.object_path(d) for d in missing}
+    before = client.uploaded.bytes
     with TransferBar(f"push {name}", sum(d.size for d in missing), show_progress) as bar:
         client.upload(sources, bar.advance)
     summary.blobs_sent = len(missing)
-    summary.bytes_sent = sum(d.size for d in missing)
+    summary.bytes_sent = client.uploaded.bytes - before  # chunked uploads send only missing chunks
     is_ref = name != str(root)
     if is_ref and publish != "none":
         try:
@@ -169,13 +171,11 @@ def fetch_directories(client: RemoteClient, root: Digest) -> dict[Digest, bytes]
     if not root.size:
         return {root: b""}
     directories = client.get_tree(root)
-    if root not in directories:
+    missing = first_missing_directory(root, directories)
+    if missing == root:
         raise BlobNotFound(root, f"tree root not on {client.spec.url}")
-    for data in directories.values():
-        for node in re_pb2.Directory.FromString(data).directories:
-            child = Digest(node.digest.hash, node.digest.size_bytes)
-            if child.size and child not in directories:
-                raise BlobNotFound(child, f"directory of the tree {root} is missing on {client.spec.url}")
+    if missing is not None:
+        raise BlobNotFound(missing, f"directory of the tree {root} is missing on {client.spec.url}")
     return directories
 
 
@@ -212,9 +212,12 @@ def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
             missing = cache.missing(sorted(_files_of(directories)))
             with TransferBar(f"pull {name}", sum(d.size for d in missing), show_progress) as bar:
                 # The client verifies every blob before its last chunk reaches the sink.
-                client.download(missing, lambda d, chunks: cache.add_stream(d, chunks, verify=False), bar.advance)
+                before = client.downloaded.bytes
+                # Large blobs come as the chunks the cache lacks, kept in it for the next version.
+                client.download(missing, lambda d, chunks: cache.add_stream(d, chunks, verify=False), bar.advance,
+                                chunks=cache)
             summary.blobs_sent = len(missing) + new_dirs
-            summary.bytes_sent = sum(d.size for d in missing)
+            summary.bytes_sent = client.downloaded.bytes - before
         summary.files, summary.total_bytes = _file_stats(cache, root)
         ref = local_ref if local_ref is not None else (name if not _is_digest(name) else None)
         if ref is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
+from casbah.cdc import DEFAULT_AVG, FastCdcParams
 from casbah.digest import Digest
 from casbah.errors import CasbahError, Unsupported
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
@@ -38,6 +39,11 @@ class RemoteCapabilities:
     max_batch_size: int = SAFE_BATCH_SIZE
     zstd: bool = False
     digest_functions: frozenset[int] = field(default_factory=frozenset)
+    #: SplitBlob / SpliceBlob, and the FastCDC 2020 parameters chunks are cut with
+    #: (None when the server advertises none, or ones outside the REAPI's range).
+    split: bool = False
+    splice: bool = False
+    cdc: FastCdcParams | None = None
 
 
 class AsyncRemote:
@@ -149,6 +155,7 @@ class AsyncRemote:
         caps.max_batch_size = plan.batch_limit(cache.max_batch_total_size_bytes, self.max_message)
         caps.zstd = re_pb2.Compressor.ZSTD in cache.supported_compressors
         caps.digest_functions = frozenset(cache.digest_functions)
+        caps.split, caps.splice, caps.cdc = cache.split_blob_support, cache.splice_blob_support, _cdc(cache)
         log.info("%s: batch limit %d bytes, zstd %s", self.describe(), caps.max_batch_size, caps.zstd)
         return caps, True
 
@@ -162,6 +169,19 @@ class AsyncRemote:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+def _cdc(cache: re_pb2.CacheCapabilities) -> FastCdcParams | None:
+    """The advertised FastCDC parameters; outside the REAPI's range the client ignores
+    chunking (the REAPI says so), unset means its default (512 KiB, seed 0)."""
+    if not (cache.split_blob_support or cache.splice_blob_support):
+        return None
+    params = cache.fast_cdc_2020_params
+    try:
+        return FastCdcParams(params.avg_chunk_size_bytes or DEFAULT_AVG, params.seed)
+    except ValueError as exc:
+        log.warning("ignoring the server's content-defined chunking: %s", exc)
+        return None
 
 
 def _mtime(path: str | None) -> int | None:

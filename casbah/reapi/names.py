@@ -18,6 +18,7 @@ from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.reapi.connection import AsyncRemote
+from casbah.tree import first_missing_directory, walk_levels
 
 
 def _proto(d: Digest) -> re_pb2.Digest:
@@ -58,27 +59,24 @@ class NameCalls:
             return await self._walk_tree(root)
         except NotFound:
             raise BlobNotFound(root, f"tree root not on {self.remote.describe()}") from None
-        if root.size and not _closed(root, directories):
+        if root.size and first_missing_directory(root, directories) is not None:
             return await self._walk_tree(root)
         return directories
 
     async def _walk_tree(self, root: Digest) -> dict[Digest, bytes]:
-        directories: dict[Digest, bytes] = {}
-        level = [root]
-        while level:
-            found, lost = await self.read_many(level)
+        async def read_many(digests: list[Digest]) -> dict[Digest, bytes]:
+            found, lost = await self.read_many(digests)
             if lost:
                 raise next(iter(lost.values()))
-            next_level = []
-            for digest in level:
-                if digest not in found:
-                    raise BlobNotFound(digest, f"not on {self.remote.describe()}")
-                directories[digest] = found[digest]
-                for node in re_pb2.Directory.FromString(found[digest]).directories:
-                    child = Digest(node.digest.hash, node.digest.size_bytes, root.function)
-                    if child not in directories:
-                        next_level.append(child)
-            level = list(dict.fromkeys(next_level))
+            return found
+
+        directories: dict[Digest, bytes] = {}
+        # Unchecked, as GetTree's answer is: the caller checks the whole tree (plan_tree).
+        async for visits in walk_levels(read_many, [(root, "")], check=None):
+            for visit in visits:
+                if visit.directory is None:
+                    raise BlobNotFound(visit.digest, f"not on {self.remote.describe()}")
+                directories[visit.digest] = visit.data
         return directories
 
     async def get_tree_pages(self, root: Digest) -> AsyncIterator[re_pb2.GetTreeResponse]:
@@ -188,18 +186,6 @@ class NameCalls:
     async def update_reference(self, keys: list[str], root: Digest) -> None:
         request = bst_pb2.UpdateReferenceRequest(instance_name=self.remote.instance, keys=keys, digest=_proto(root))
         await self.remote.unary(self.remote.stubs().references.UpdateReference, request, "UpdateReference")
-
-
-def _closed(root: Digest, directories: dict[Digest, bytes]) -> bool:
-    """Whether `directories` holds the root and every subdirectory any of them names."""
-    if root not in directories:
-        return False
-    for data in directories.values():
-        for node in re_pb2.Directory.FromString(data).directories:
-            if node.digest.size_bytes and Digest(node.digest.hash, node.digest.size_bytes, root.function) \
-                    not in directories:
-                return False
-    return True
 
 
 async def _collect(call) -> list:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -93,17 +92,3 @@ class RetryPolicy:
                          self.retries, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
-
-    def call_sync(self, fn: Callable[[], T], what: str, idempotent: bool = True) -> T:
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except (grpc.RpcError, CasbahError) as exc:
-                code, details = self._classify(exc) or (grpc.StatusCode.UNKNOWN, str(exc))
-                if attempt >= self.retries or not self.retryable(code, idempotent):
-                    raise self._final(exc, code, details, what) from None
-                delay = self.delay(attempt)
-                log.info("%s: %s; retry %d/%d in %.2fs", what, code.name, attempt + 1, self.retries, delay)
-                attempt += 1
-                time.sleep(delay)

@@ -15,7 +15,8 @@ import grpc
 from casbah import humanize
 from casbah.assets.index import IndexContext, build_asset_index
 from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
-from casbah.config import InstanceConfig, ListenerConfig, ServerConfig
+from casbah.cdc import FastCdcParams
+from casbah.config import ConfigError, InstanceConfig, ListenerConfig, ServerConfig
 from casbah.digest import DigestFunction
 from casbah.errors import StartupError
 from casbah.http.server import HttpFront
@@ -43,6 +44,7 @@ from casbah.server.upkeep import Reloader, TlsFiles, cancel, purge_assets
 from casbah.storage.action_cache import build_action_cache
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
+from casbah.storage.spliced import SplicedStorage
 
 log = logging.getLogger("casbah.server")
 
@@ -85,18 +87,29 @@ def build_instances(
     instances: dict[str, Instance] = {}
     for name, inst in config.instances.items():
         where = f"instances.{name!r}"
-        cas = loader.build(inst.storage, f"{where}.storage")
+        cas = SplicedStorage(loader.build(inst.storage, f"{where}.storage"),
+                             _split_index(loader, inst.split_index or "splits", f"{where}.split-index"))
         action_cache = build_action_cache(loader, inst.action_cache or "action-cache", f"{where}.action-cache")
         instances[name] = Instance(
             name=name, cas=cas, action_cache=action_cache, services=frozenset(inst.services),
             read_only=inst.read_only,
             digest_functions=tuple(DigestFunction(f) for f in inst.digest_functions),
+            chunking=FastCdcParams(int(inst.chunking.avg_chunk_size), inst.chunking.seed)
+            if inst.chunking.enabled else None,
+            spool_dir=Path(config.data_dir) / "split-tmp",
             extras={"check_action_results": inst.check_action_results,
                     "asset": _asset_settings(config, name, inst, where, cas)},
         )
     per_instance = {name: inst.anonymous for name, inst in config.instances.items() if inst.anonymous}
     authorizer = Authorizer(config.auth, per_instance)
     return Instances(instances, config.max_batch_size, config.max_message_size, authorizer, config.limits), loader
+
+
+def _split_index(loader: StorageLoader, node: str | dict, path: str) -> Storage:
+    index = loader.build(node, path)
+    if index.verify:
+        raise ConfigError(f"{path}: storage {index.name!r} verifies hashes; a split index needs 'verify: false'")
+    return index
 
 
 def _origin_tmp(root: Path) -> Path:

@@ -13,10 +13,12 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from casbah.cdc import FastCdcParams
 from casbah.config import AuthConfig, LimitsConfig
 from casbah.digest import DEFAULT_FUNCTIONS, Digest, DigestFunction, make_digest
 from casbah.errors import (
@@ -52,6 +54,11 @@ class Instance:
     extras: dict[str, object] = field(default_factory=dict)
     #: What this instance serves and advertises, in its config's order.
     digest_functions: tuple[DigestFunction, ...] = DEFAULT_FUNCTIONS
+    #: FastCDC 2020 parameters SplitBlob cuts with and Capabilities advertises (None:
+    #: chunking is off for this instance).
+    chunking: FastCdcParams | None = field(default_factory=FastCdcParams)
+    #: Where SplitBlob spools a blob it chunks (None: the system's temporary directory).
+    spool_dir: Path | None = None
 
     def check_writable(self, what: str) -> None:
         if self.read_only:

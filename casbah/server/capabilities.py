@@ -29,10 +29,13 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
             symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
             supported_compressors=[re_pb2.Compressor.ZSTD],
             supported_batch_update_compressors=[re_pb2.Compressor.ZSTD],
-            # Content-defined chunking is not served yet: SplitBlob/SpliceBlob answer UNIMPLEMENTED.
-            split_blob_support=False,
-            splice_blob_support=False,
         )
+        if instance.chunking is not None:
+            # Content-defined chunking (docs/chunking.md).  RepMaxCDC is not advertised:
+            # rep_max_cdc_params stays unset.
+            cache.split_blob_support = cache.splice_blob_support = True
+            cache.fast_cdc_2020_params.avg_chunk_size_bytes = instance.chunking.avg
+            cache.fast_cdc_2020_params.seed = instance.chunking.seed
         execution = re_pb2.ExecutionCapabilities(
             digest_function=_preferred(instance.digest_functions).proto_value, exec_enabled=False,
             digest_functions=functions

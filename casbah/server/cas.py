@@ -1,5 +1,5 @@
-"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree (SplitBlob and
-SpliceBlob answer UNIMPLEMENTED until content-defined chunking lands)."""
+"""ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree, and SplitBlob /
+SpliceBlob (content-defined chunking: storage/spliced.py and storage/splitting.py, docs/chunking.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from operator import attrgetter
 from google.rpc import code_pb2, status_pb2
 
 from casbah import compression
+from casbah.cdc import FastCdcParams
 from casbah.digest import INFERABLE_LENGTHS, Digest, DigestFunction, is_empty_blob, make_digest
 from casbah.errors import (
     InvalidArgument,
@@ -30,6 +31,8 @@ from casbah.server.audit import note_write_outcome
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
 from casbah.storage.base import Storage, read_many_partial
+from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC, SplicedStorage
+from casbah.storage.splitting import splice, split
 from casbah.tree import Visit, walk_levels
 from casbah.tree_rules import served
 
@@ -243,18 +246,42 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             page_bytes += visit.size + 8
         yield re_pb2.GetTreeResponse(directories=page, next_page_token="")
 
-    # Capabilities advertise split_blob_support and splice_blob_support false, so a
-    # client that checks them never calls these; one that does not gets UNIMPLEMENTED,
-    # after the same access check a working call would make.
     @rpc
     async def SplitBlob(self, request, context):
-        self._instance(request.instance_name, context, "SplitBlob")
-        raise Unsupported("SplitBlob is not implemented by this server (split_blob_support is false)")
+        instance = self._instance(request.instance_name, context, "SplitBlob")
+        blob = instance.digest(request.blob_digest, request.digest_function)
+        params = _chunking(instance)
+        chunks, chunking = await split(_spliced(instance), blob, params, instance.spool_dir)
+        return re_pb2.SplitBlobResponse(
+            chunk_digests=[re_pb2.Digest(hash=c.hash, size_bytes=c.size) for c in chunks], chunking_function=chunking
+        )
 
     @rpc
     async def SpliceBlob(self, request, context):
-        self._instance(request.instance_name, context, "SpliceBlob", write=True)
-        raise Unsupported("SpliceBlob is not implemented by this server (splice_blob_support is false)")
+        detail = digest_list([request.blob_digest])
+        instance = self._instance(request.instance_name, context, "SpliceBlob", write=True, detail=detail)
+        instance.check_writable("SpliceBlob")
+        _chunking(instance)
+        blob = instance.digest(request.blob_digest, request.digest_function)
+        chunks = digests_from(request.chunk_digests, blob.function)
+        if request.chunking_function not in (CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC):
+            raise InvalidArgument(f"chunking_function {request.chunking_function} is not a ChunkingFunction value")
+        await splice(_spliced(instance), blob, chunks, request.chunking_function)
+        return re_pb2.SpliceBlobResponse(blob_digest=request.blob_digest)
+
+
+def _chunking(instance) -> FastCdcParams:
+    if instance.chunking is None:
+        raise Unsupported(f"content-defined chunking is off on instance {instance.name!r} "
+                          "(split_blob_support and splice_blob_support are false)")
+    return instance.chunking
+
+
+def _spliced(instance) -> SplicedStorage:
+    """Every instance's CAS is a SplicedStorage (server/app.py builds it so)."""
+    if not isinstance(instance.cas, SplicedStorage):
+        raise Unsupported(f"instance {instance.name!r} keeps no split records")
+    return instance.cas
 
 
 async def _present(cas: Storage, root: Digest) -> AsyncIterator[Visit]:

@@ -94,11 +94,8 @@ class GrpcCollector:
                 for result, count in (("hit", window.total_a), ("miss", window.total_b)):
                     key = (cache, instance, result)
                     lookups[key] = lookups.get(key, 0) + count
-        family = CounterMetricFamily("casbah_grpc_requests", "gRPC calls handled, by final status code",
-                                     labels=["service", "method", "code", "instance"])
-        for key, count in sorted(requests.items()):
-            family.add_metric(key, count)
-        yield family
+        yield _counter("casbah_grpc_requests", "gRPC calls handled, by final status code",
+                       ["service", "method", "code", "instance"], requests)
         histogram = HistogramMetricFamily(
             "casbah_grpc_request_duration_seconds", "gRPC call duration, from the handler's start to its last message",
             labels=["service", "method", "instance"])
@@ -115,16 +112,18 @@ class GrpcCollector:
              received),
             ("casbah_grpc_sent_bytes", "Blob payload bytes sent (ByteStream.Read, BatchReadBlobs)", sent),
         ):
-            family = CounterMetricFamily(name, doc, labels=["service", "method", "instance"])
-            for key, count in sorted(values.items()):
-                family.add_metric(key, count)
-            yield family
-        family = CounterMetricFamily(
-            "casbah_cache_lookups", "Cache lookups: digests in FindMissingBlobs, ActionCache gets, asset fetches",
-            labels=["cache", "instance", "result"])
-        for key, count in sorted(lookups.items()):
-            family.add_metric(key, count)
-        yield family
+            yield _counter(name, doc, ["service", "method", "instance"], values)
+        yield _counter("casbah_cache_lookups",
+                       "Cache lookups: digests in FindMissingBlobs, ActionCache gets, asset fetches",
+                       ["cache", "instance", "result"], lookups)
+
+
+def _counter(name: str, doc: str, labels: list[str], values: dict[tuple, int]) -> CounterMetricFamily:
+    """One counter family from per-label-tuple totals, in a stable order."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, count in sorted(values.items()):
+        family.add_metric(key, count)
+    return family
 
 
 STORAGE_COLLECTOR = StorageCollector()

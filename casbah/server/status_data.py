@@ -16,6 +16,7 @@ from typing import Any
 
 from casbah.server.observability import CACHES, Observability
 from casbah.storage.base import Storage
+from casbah.storage.spliced import SplicedStorage
 
 log = logging.getLogger("casbah.observability")
 
@@ -36,6 +37,10 @@ def storage_nodes(instances: Iterable[Any]) -> list[Storage]:
 
     def visit(node: Storage) -> None:
         if id(node) in seen:
+            return
+        if isinstance(node, SplicedStorage):  # a layer, not a node: its CAS node and its split index are
+            visit(node.inner)
+            visit(node.index)
             return
         seen[id(node)] = node
         for child in node.children():
@@ -87,8 +92,8 @@ async def status_document(obs: Observability) -> dict[str, Any]:
             "services": sorted(inst.services),
             "read_only": inst.read_only,
             "describe": inst.cas.describe(),
-            "size": _summary(inst.cas, stats),
-            "storage": _tree(inst.cas, stats),
+            "size": _summary(_node(inst.cas), stats),
+            "storage": _tree(_node(inst.cas), stats),
             "action_cache": _tree(ac_storage, stats) if ac_storage is not None
             else {"kind": getattr(inst.action_cache, "kind", type(inst.action_cache).__name__), "children": []},
             "hit_rates": hit_rates,
@@ -99,6 +104,11 @@ async def status_document(obs: Observability) -> dict[str, Any]:
         "version": obs.version, "started": obs.started, "now": now, "uptime": now - obs.started,
         "listen": obs.listen, "shutting_down": obs.shutting_down, "instances": instances,
     }
+
+
+def _node(cas: Storage) -> Storage:
+    """An instance's configured CAS node, under the chunk-list layer every instance has."""
+    return cas.inner if isinstance(cas, SplicedStorage) else cas
 
 
 def _tree(node: Storage, stats: dict[int, dict[str, int]]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import abc
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
-from casbah.digest import Digest, is_empty_blob
+from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, InvalidArgument, OutOfRange
 from casbah.streams import (  # re-exported: the backends' names for them
     CHUNK_SIZE,
@@ -36,7 +36,7 @@ from casbah.streams import (  # re-exported: the backends' names for them
 )
 
 __all__ = ["CHUNK_SIZE", "BlobInfo", "BlobsLost", "ReadVerifier", "Storage", "Verifier", "check_range",
-           "empty_stream", "found_or_lost", "one_chunk", "read_many_partial", "verified_range"]
+           "empty_stream", "found_or_lost", "one_chunk", "read_many_partial", "read_one", "verified_range"]
 
 
 
@@ -201,6 +201,10 @@ async def read_many_partial(store: Storage, digests: Sequence[Digest]) -> tuple[
         return exc.found, exc.lost
 
 
-def without_empty(digests: Sequence[Digest]) -> list[Digest]:
-    """The empty blob always exists, so backends never need to look it up."""
-    return [d for d in digests if not is_empty_blob(d)]
+async def read_one(store: Storage, digest: Digest) -> bytes:
+    """`read_bytes` through the store's own `read_many`: for decorators whose read_many
+    carries the logic (filling a cache, repairing a replica), so one blob gets it too."""
+    found = await store.read_many([digest])
+    if digest not in found:
+        raise BlobNotFound(digest)
+    return found[digest]

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss
-from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
+from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial, read_one
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
 log = logging.getLogger(__name__)
@@ -114,10 +114,7 @@ class CacheStorage(Storage):
             await asyncio.gather(*list(self._fills), return_exceptions=True)
 
     async def read_bytes(self, digest: Digest) -> bytes:
-        found = await self.read_many([digest])
-        if digest not in found:
-            raise BlobNotFound(digest)
-        return found[digest]
+        return await read_one(self, digest)
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         if self.write_mode == "write-slow":

@@ -92,16 +92,6 @@ class MemoryStorage(Storage):
         verifier.finish()
         self._put(digest, data)
 
-    async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
-        results: list[Exception | None] = []
-        for digest, data in blobs:
-            try:
-                await self.write_bytes(digest, data)
-                results.append(None)
-            except Exception as exc:
-                results.append(exc)
-        return results
-
     def _check_fits(self, digest: Digest, size: int) -> None:
         """A blob larger than the whole store is refused: storing it would evict
         everything else and then the blob itself."""

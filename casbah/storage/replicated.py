@@ -25,7 +25,7 @@ from pydantic import Field
 
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch, Unavailable
-from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
+from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial, read_one
 from casbah.storage.cache import TeeStream, close_all, put_unless_done
 from casbah.storage.loader import NodeOptions, StorageLoader, register
 
@@ -139,10 +139,7 @@ class ReplicatedStorage(Storage):
         return found_or_lost(found, {d: e for d, e in lost.items() if d not in found})
 
     async def read_bytes(self, digest: Digest) -> bytes:
-        found = await self.read_many([digest])
-        if digest not in found:
-            raise BlobNotFound(digest)
-        return found[digest]
+        return await read_one(self, digest)
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
         """Fan one stream out to every replica; the slowest sets the pace (bounded queues).

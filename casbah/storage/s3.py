@@ -48,6 +48,7 @@ from casbah.storage.base import (
     verified_range,
 )
 from casbah.storage.loader import NodeOptions, register
+from casbah.streams import empty_stream
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class S3Storage(Storage):
         if count == 0:
             if not await self._exists(digest):
                 raise BlobNotFound(digest)
-            return _empty()
+            return empty_stream()
         get = {"Bucket": self.bucket, "Key": self._key(digest)}
         if not self.verify:
             get["Range"] = f"bytes={offset}-{offset + count - 1}"
@@ -323,11 +324,6 @@ class S3Storage(Storage):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False)
-
-
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield  # pragma: no cover
 
 
 class S3Options(NodeOptions):

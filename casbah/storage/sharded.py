@@ -14,41 +14,35 @@ each of which becomes a `remote` shard keyed by its URL, with `shard-defaults:`
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from casbah.config import ConfigError
 from casbah.digest import Digest
-from casbah.errors import CasbahError
-from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
-from casbah.storage.cache import close_all
+from casbah.storage.base import Storage
 from casbah.storage.loader import NodeOptions, StorageLoader, register
+from casbah.storage.partitioned import PartitionedStorage
 
 _MASK = (1 << 64) - 1
 
 
-class ShardedStorage(Storage):
+class ShardedStorage(PartitionedStorage):
     kind = "sharded"
 
     def __init__(self, shards: list[tuple[str, Storage, float]], **kwargs) -> None:
-        super().__init__(**kwargs)
         if not shards:
             raise ValueError("sharded storage needs at least one shard")
-        self.shards = [store for _, store, _ in shards]
+        super().__init__([store for _, store, _ in shards], **kwargs)
+        self.shards = self.parts
         self.weights = [weight for _, _, weight in shards]
         # A shard's identity is its key, not its position: reordering the list moves nothing.
         self.seeds = [int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") for key, _, _ in shards]
         self._equal = len(set(self.weights)) == 1
 
-    def children(self) -> Iterable[Storage]:
-        return self.shards
-
-    def shard_index(self, digest: Digest) -> int:
+    def part_index(self, digest: Digest) -> int:
         """The shard of `digest`: the highest score `-weight / ln(h)` (the argmax of h
         itself when all weights are equal, which is the same shard, without the logs).
         splitmix64 is inlined: this runs for every digest of every FindMissingBlobs."""
@@ -64,66 +58,6 @@ class ShardedStorage(Storage):
             if score > best_score:
                 best, best_score = i, score
         return best
-
-    def _group(self, digests: Sequence[Digest]) -> dict[int, list[Digest]]:
-        groups: dict[int, list[Digest]] = {}
-        for d in digests:
-            groups.setdefault(self.shard_index(d), []).append(d)
-        return groups
-
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        groups = self._group(digests)
-        results = await asyncio.gather(*(self.shards[i].find_missing(g) for i, g in groups.items()))
-        missing = {d for r in results for d in r}
-        return [d for d in digests if d in missing]
-
-    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
-        return await self.shards[self.shard_index(digest)].read(digest, offset, limit)
-
-    async def read_bytes(self, digest: Digest) -> bytes:
-        return await self.shards[self.shard_index(digest)].read_bytes(digest)
-
-    async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        groups = self._group(digests)
-        found: dict[Digest, bytes] = {}
-        lost: dict[Digest, CasbahError] = {}
-        for got, lost_here in await asyncio.gather(*(read_many_partial(self.shards[i], g)
-                                                     for i, g in groups.items())):
-            found.update(got)
-            lost.update(lost_here)
-        return found_or_lost(found, lost)
-
-    async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
-        await self.shards[self.shard_index(digest)].write(digest, chunks)
-
-    async def write_bytes(self, digest: Digest, data: bytes) -> None:
-        await self.shards[self.shard_index(digest)].write_bytes(digest, data)
-
-    async def write_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:
-        groups: dict[int, list[int]] = {}
-        for i, (d, _) in enumerate(blobs):
-            groups.setdefault(self.shard_index(d), []).append(i)
-        results: list[Exception | None] = [None] * len(blobs)
-
-        async def one(shard: int, indexes: list[int]) -> None:
-            errors = await self.shards[shard].write_many([blobs[i] for i in indexes])
-            for i, err in zip(indexes, errors, strict=True):
-                results[i] = err
-
-        await asyncio.gather(*(one(s, idx) for s, idx in groups.items()))
-        return results
-
-    async def delete(self, digests: Sequence[Digest]) -> int:
-        groups = self._group(digests)
-        return sum(await asyncio.gather(*(self.shards[i].delete(g) for i, g in groups.items())))
-
-    async def iterate(self) -> AsyncIterator[BlobInfo]:
-        for shard in self.shards:
-            async for info in shard.iterate():
-                yield info
-
-    async def close(self) -> None:
-        await close_all(self.shards)
 
 
 class ShardSpec(BaseModel):

@@ -42,3 +42,40 @@ def test_misses_are_the_not_found_family(server) -> None:
             client.read_bytes(absent)
         with pytest.raises(NotFound):
             client.run(client.client.fetch_blob(["https://example.com/nothing-here"]))
+
+
+def _directory_blob(function: DigestFunction, **children: Digest) -> tuple[Digest, bytes]:
+    from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+
+    message = re_pb2.Directory()
+    for name, child in sorted(children.items()):
+        message.directories.add(name=name, digest=re_pb2.Digest(hash=child.hash, size_bytes=child.size))
+    data = message.SerializeToString(deterministic=True)
+    return Digest.of(data, function), data
+
+
+@pytest.mark.parametrize("function", [DigestFunction.SHA256, DigestFunction.BLAKE3])
+def test_tree_fetch_names_the_missing_directory_and_keeps_the_function(server, function) -> None:
+    """A whole tree comes back in the root's digest function (the closure check used to
+    rebuild child digests as SHA-256, refusing every BLAKE3 tree with a subdirectory); a
+    tree whose GetTree answer is not closed is walked level by level, and the walk names
+    the directory the server lacks."""
+    from casbah.client.sync import fetch_directories
+
+    leaf, _ = _directory_blob(function)  # the empty Directory
+    middle, middle_data = _directory_blob(function, leaf=Digest.of(b"not a directory", function))
+    whole, whole_data = _directory_blob(function, a=_directory_blob(function, b=leaf)[0])
+    inner, inner_data = _directory_blob(function, b=leaf)
+    gone, _ = _directory_blob(function, x=middle)  # never uploaded
+    broken, broken_data = _directory_blob(function, ok=inner, gone=gone)
+    with RemoteClient(RemoteSpec(server.url)) as client:
+        client.upload({inner: inner_data, whole: whole_data, broken: broken_data, middle: middle_data})
+        got = fetch_directories(client, whole)
+        assert set(got) == {whole, inner, leaf} or set(got) == {whole, inner}
+        assert got[whole] == whole_data and got[inner] == inner_data
+        with pytest.raises(BlobNotFound) as caught:
+            client.get_tree(broken)
+        assert caught.value.digest == gone
+        with pytest.raises(BlobNotFound) as caught:
+            fetch_directories(client, broken)
+        assert caught.value.digest == gone

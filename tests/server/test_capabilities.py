@@ -34,11 +34,12 @@ def get(channel: grpc.Channel, instance: str = "") -> re_pb2.ServerCapabilities:
 
 def test_digest_functions_and_compressors(mchannel) -> None:
     """By default every function casbah computes but the legacy SHA1 and MD5; zstd for
-    ByteStream and for batch uploads; no content-defined chunking yet."""
+    ByteStream and for batch uploads; content-defined chunking at the REAPI's default FastCDC parameters."""
     cache = get(mchannel).cache_capabilities
     f = re_pb2.DigestFunction
     assert list(cache.digest_functions) == [SHA256, f.SHA384, f.SHA512, f.SHA256TREE, BLAKE3, f.GITSHA1]
-    assert not cache.split_blob_support and not cache.splice_blob_support
+    assert cache.split_blob_support and cache.splice_blob_support
+    assert (cache.fast_cdc_2020_params.avg_chunk_size_bytes, cache.fast_cdc_2020_params.seed) == (512 * 1024, 0)
     assert list(cache.supported_compressors) == [ZSTD]
     assert list(cache.supported_batch_update_compressors) == [ZSTD]
 

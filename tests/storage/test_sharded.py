@@ -41,7 +41,7 @@ def sharded(keys: list[str], weights: list[float] | None = None) -> ShardedStora
 
 def placement(storage: ShardedStorage, keys: list[str], digests: list[Digest]) -> list[str]:
     """The key of the shard each digest goes to."""
-    return [keys[storage.shard_index(d)] for d in digests]
+    return [keys[storage.part_index(d)] for d in digests]
 
 
 # --------------------------------------------------------------------------- sharded
@@ -97,10 +97,10 @@ def test_sharded_operations_land_on_the_placed_shard() -> None:
         assert await storage.write_many(blobs) == [None] * 60
         await storage.write(big_digest, pieces(big))
         for digest, _ in [*blobs, (big_digest, big)]:
-            owner = storage.shard_index(digest)
+            owner = storage.part_index(digest)
             for i, shard in enumerate(storage.shards):
                 assert (await shard.find_missing([digest]) == []) == (i == owner)
-        assert {storage.shard_index(d) for d, _ in blobs} == {0, 1, 2}
+        assert {storage.part_index(d) for d, _ in blobs} == {0, 1, 2}
         absent = blob(5)[0]
         assert await storage.find_missing([absent, *(d for d, _ in blobs)]) == [absent]
         assert await storage.read_many([d for d, _ in blobs]) == dict(blobs)

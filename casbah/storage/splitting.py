@@ -1,0 +1,141 @@
+"""SpliceBlob and SplitBlob over a `SplicedStorage` (the decorator every instance's CAS has).
+
+Both answer with the REAPI's statuses through `casbah.errors`:
+
+- splice: a missing chunk is NOT_FOUND naming it; chunks whose concatenation does not
+  hash to the blob's digest are INVALID_ARGUMENT and nothing is recorded; a blob the
+  server already keeps as a different, complete chunk list is ALREADY_EXISTS (the blob
+  is present: a client takes it as done).  Otherwise the record is written and the
+  blob is present, stored as its chunks, never copied.
+- split: a spliced blob answers its recorded list while every chunk is present; a blob
+  stored whole is cut with FastCDC 2020 at the instance's parameters, every chunk made
+  present in CAS, the split recorded and answered; a blob no larger than the minimum
+  chunk size is its own single chunk (what FastCDC yields), answered without a record;
+  an absent blob, or a spliced one that lost a chunk and is not stored whole, is NOT_FOUND.
+
+A split spools the blob to a temporary file and chunks an mmap of it in a thread, so a
+256 MiB blob is never in Python memory; chunks go back to storage one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from casbah.cdc import Cut, FastCdcParams, MappedFile, cut_buffer
+from casbah.digest import Digest, is_empty_blob
+from casbah.errors import AlreadyExists, BlobNotFound, DigestMismatch, InvalidArgument
+from casbah.storage.base import Verifier
+from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, SplicedStorage, SplitRecord
+
+#: Chunk bytes written back to storage per write_many call during a split.
+WRITE_GROUP = 8 << 20
+
+
+async def splice(store: SplicedStorage, blob: Digest, chunks: Sequence[Digest], chunking: int) -> None:
+    total = sum(c.size for c in chunks)
+    if total != blob.size:
+        raise InvalidArgument(f"the {len(chunks)} chunks total {total} bytes, not the {blob.size} of blob {blob}")
+    record = SplitRecord(chunking, tuple(chunks))
+    existing = await store.record(blob)
+    if existing is not None and existing.chunks != record.chunks:
+        _, complete = await store.complete([blob])
+        if blob in complete:
+            raise AlreadyExists(f"blob {blob} is already stored as another chunk list "
+                                f"({len(existing.chunks)} chunks, chunking function {existing.chunking})")
+    stored = [c for c in chunks if not is_empty_blob(c)]
+    gone = await store.inner.find_missing(list(dict.fromkeys(stored)))
+    if gone:
+        raise BlobNotFound(gone[0], f"chunk {gone[0]} of the splice of {blob} is missing "
+                                    f"({len(gone)} chunk(s) missing)")
+    if existing is not None and existing.chunks == record.chunks:
+        return  # verified when it was recorded
+    verifier = Verifier(blob)
+    try:
+        for chunk in stored:
+            async for piece in await store.inner.read(chunk):
+                verifier.update(piece)
+        verifier.finish()
+    except DigestMismatch as exc:
+        raise InvalidArgument(f"the concatenation of the {len(chunks)} chunks is not blob {blob}: {exc}") from None
+    except BlobNotFound as exc:
+        raise BlobNotFound(blob, f"a chunk of the splice vanished while it was verified: {exc}") from None
+    await store.put_record(blob, record)
+
+
+async def split(store: SplicedStorage, blob: Digest, params: FastCdcParams,
+                spool_dir: Path | None = None) -> tuple[list[Digest], int]:
+    """(chunk digests, chunking function) for SplitBlob."""
+    if blob.size == 0:
+        return [], FAST_CDC_2020
+    records, complete = await store.complete([blob])
+    record = records.get(blob)
+    whole = not await store.inner.find_missing([blob])
+    if record is not None and blob in complete and not (whole and _other_params(record, params)):
+        return list(record.chunks), record.chunking
+    if not whole:
+        if record is not None:
+            gone = await store.inner.find_missing(list(record.chunks))
+            raise BlobNotFound(blob, f"chunk {gone[0] if gone else '?'} of the split is gone and the blob "
+                                     "is not stored whole")
+        raise BlobNotFound(blob)
+    if blob.size <= params.min:
+        return [blob], FAST_CDC_2020  # FastCDC yields the blob itself; nothing to record
+    cuts = await _split_whole(store, blob, params, spool_dir)
+    chunks = [c.digest for c in cuts]
+    await store.put_record(blob, SplitRecord(FAST_CDC_2020, tuple(chunks), params.avg, params.seed))
+    return chunks, FAST_CDC_2020
+
+
+def _other_params(record: SplitRecord, params: FastCdcParams) -> bool:
+    """A server split at other FastCDC parameters (another instance sharing the index):
+    re-split a blob stored whole, so the answer matches what this instance advertises."""
+    return record.chunking == FAST_CDC_2020 and bool(record.avg) and (record.avg, record.seed) != (params.avg,
+                                                                                                   params.seed)
+
+
+async def _split_whole(store: SplicedStorage, blob: Digest, params: FastCdcParams,
+                       spool_dir: Path | None) -> list[Cut]:
+    if spool_dir is not None:
+        await asyncio.to_thread(spool_dir.mkdir, parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+        fd = spool.fileno()
+        async for piece in await store.inner.read(blob):
+            await asyncio.to_thread(_write_all, fd, piece)
+        if os.fstat(fd).st_size != blob.size:
+            raise BlobNotFound(blob, "the stored blob changed while it was split")
+        with MappedFile(fd) as mapped:
+            cuts = await asyncio.to_thread(cut_buffer, mapped.view, params, blob.function)
+            gone = set(await store.inner.find_missing([c.digest for c in cuts]))
+            group: list[tuple[Digest, bytes]] = []
+            held = 0
+            for cut in cuts:
+                if cut.digest not in gone:
+                    continue
+                gone.discard(cut.digest)  # a chunk twice in a blob is written once
+                group.append((cut.digest, bytes(mapped.view[cut.offset:cut.offset + cut.digest.size])))
+                held += cut.digest.size
+                if held >= WRITE_GROUP:
+                    await _write_group(store, group)
+                    group, held = [], 0
+            if group:
+                await _write_group(store, group)
+            return cuts
+
+
+async def _write_group(store: SplicedStorage, group: list[tuple[Digest, bytes]]) -> None:
+    for error in await store.inner.write_many(group):
+        if error is not None:
+            raise error
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+__all__ = ["CHUNKING_UNKNOWN", "FAST_CDC_2020", "splice", "split"]
