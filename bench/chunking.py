@@ -23,10 +23,10 @@ from pathlib import Path
 import grpc
 
 from casbah.cdc import FastCdcParams
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import pull, push
 from casbah.digest import Digest
+from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.reapi.channel import RemoteSpec

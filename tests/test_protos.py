@@ -22,6 +22,8 @@ MODULES = [
     "casbah.protos.google.bytestream.bytestream_pb2_grpc",
     "casbah.protos.buildstream.v2.buildstream_pb2",
     "casbah.protos.buildstream.v2.buildstream_pb2_grpc",
+    "casbah.protos.casbah.admin.v1.admin_pb2",
+    "casbah.protos.casbah.admin.v1.admin_pb2_grpc",
 ]
 
 

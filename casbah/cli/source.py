@@ -21,12 +21,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import DEFAULT_CACHE_DIR, CasbahCommand, external_links_option
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.client.source_cache import FETCH_POLICIES, PUSH_POLICIES, FetchSummary, RemotePolicy, SourceCache
 from casbah.client.sources import KINDS, Source, expand_aliases
 from casbah.config import ConfigError, expand_env, format_validation_error
 from casbah.errors import CasbahError, InvalidArgument
+from casbah.local import LocalCache
 from casbah.reapi.channel import RemoteSpec
 
 

@@ -132,11 +132,19 @@ class RemoteClient:
         moves as it goes); a resumed write re-reads from the server's offset, and only
         bytes beyond what was already reported count again.  When the server splices,
         only the chunks it lacks are sent (`reapi/chunked.py`); the counter says so."""
-        sent = self.run(chunked.upload_chunked(self.client, digest, source))
+        moved = 0
+
+        def advance(nbytes: int) -> None:
+            nonlocal moved
+            moved += nbytes
+            if progress:
+                progress(0, nbytes)
+
+        sent = self.run(chunked.upload_chunked(self.client, digest, source, advance))
         if sent is not None:
             self.uploaded.add(1, sent)
             if progress:
-                progress(1, digest.size)
+                progress(1, digest.size - moved)
             return
         reported = 0
 

@@ -39,13 +39,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from casbah.client.cache import LocalCache
 from casbah.client.materialise import plan_tree
 from casbah.client.remote import RemoteClient
 from casbah.client.sources import Source, SourceError, fetch_native
 from casbah.client.sync import pull, push
 from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, CasbahError, InvalidArgument, NotFound, Unavailable
+from casbah.local import LocalCache
 
 log = logging.getLogger(__name__)
 

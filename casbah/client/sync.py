@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from casbah import humanize
-from casbah.client.cache import LocalCache
 from casbah.client.materialise import Materialiser, copy_fd, plan_tree
 from casbah.client.remote import RemoteClient, Source
 from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
+from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.tree import first_missing_directory
 
@@ -222,6 +222,7 @@ def pull(cache: LocalCache, client: RemoteClient, name: str, publish: str = "ass
         ref = local_ref if local_ref is not None else (name if not _is_digest(name) else None)
         if ref is not None:
             cache.set_ref(ref, root)
+    cache.enforce_quota(root)  # outside the shared lock: prune takes it exclusively
     summary.seconds = time.monotonic() - started
     return summary
 

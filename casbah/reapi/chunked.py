@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +36,7 @@ log = logging.getLogger("casbah.reapi")
 
 FAST_CDC_2020 = re_pb2.ChunkingFunction.FAST_CDC_2020
 #: Chunk bytes sent per write_many call (several batches in flight at once).
-UPLOAD_GROUP = 32 << 20
+UPLOAD_GROUP = 8 << 20
 
 
 def worth_chunking(params: FastCdcParams | None, size: int) -> bool:
@@ -51,16 +51,19 @@ class ChunkStore(Protocol):
     def object_path(self, digest: Digest) -> Path: ...
 
 
-async def upload_chunked(client: CasClient, digest: Digest, source: bytes | Path) -> int | None:
+async def upload_chunked(client: CasClient, digest: Digest, source: bytes | Path,
+                         progress: Callable[[int], None] | None = None) -> int | None:
     """Upload `digest` as chunks + SpliceBlob; the bytes actually sent, or None when the
-    server does not take splices (the caller then streams the blob whole)."""
+    server does not take splices (the caller then streams the blob whole).  `progress(n)`
+    is told, group by group, how many more of the blob's bytes are on the server (sent
+    now or found there), so a bar for one large file moves as it goes."""
     caps = await client.capabilities()
     if not caps.splice or not worth_chunking(caps.cdc, digest.size) or caps.cdc is None:
         return None
     params = caps.cdc
     if isinstance(source, bytes):
         cuts = await asyncio.to_thread(cut_buffer, source, params, digest.function)
-        return await _send(client, digest, cuts, memoryview(source))
+        return await _send(client, digest, cuts, memoryview(source), progress)
     fd = await asyncio.to_thread(os.open, source, os.O_RDONLY)
     try:
         with MappedFile(fd) as mapped:
@@ -68,27 +71,34 @@ async def upload_chunked(client: CasClient, digest: Digest, source: bytes | Path
                 raise DataLoss(f"{source} changed size while it was uploaded ({len(mapped.view)} bytes, "
                                f"not {digest.size})")
             cuts = await asyncio.to_thread(cut_buffer, mapped.view, params, digest.function)
-            return await _send(client, digest, cuts, mapped.view)
+            return await _send(client, digest, cuts, mapped.view, progress)
     finally:
         os.close(fd)
 
 
-async def _send(client: CasClient, digest: Digest, cuts: list[Cut], data: memoryview) -> int | None:
+async def _send(client: CasClient, digest: Digest, cuts: list[Cut], data: memoryview,
+                progress: Callable[[int], None] | None = None) -> int | None:
     chunks = [c.digest for c in cuts]
     missing = set(await client.find_missing(chunks))
-    sent = 0
+    sent = covered = 0
     group: list[tuple[Digest, bytes]] = []
-    for cut in cuts:
-        if cut.digest not in missing:
-            continue
-        missing.discard(cut.digest)
-        group.append((cut.digest, bytes(data[cut.offset:cut.offset + cut.digest.size])))
-        sent += cut.digest.size
-        if sum(d.size for d, _ in group) >= UPLOAD_GROUP:
+
+    async def flush() -> None:
+        nonlocal group, covered
+        if group:
             await _write(client, group)
             group = []
-    if group:
-        await _write(client, group)
+        if progress is not None and cut.offset + cut.digest.size > covered:
+            progress(cut.offset + cut.digest.size - covered)
+            covered = cut.offset + cut.digest.size
+
+    for cut in cuts:
+        if cut.digest in missing:
+            missing.discard(cut.digest)
+            group.append((cut.digest, bytes(data[cut.offset:cut.offset + cut.digest.size])))
+            sent += cut.digest.size
+        if sum(d.size for d, _ in group) >= UPLOAD_GROUP or cut is cuts[-1]:
+            await flush()
     request = re_pb2.SpliceBlobRequest(
         instance_name=client.remote.instance, blob_digest=digest.to_proto(),
         digest_function=digest.function.proto_value, chunk_digests=[c.to_proto() for c in chunks],

@@ -23,8 +23,10 @@ from casbah.http.server import HttpFront
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
+from casbah.protos.casbah.admin.v1 import admin_pb2_grpc as admin_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
+from casbah.server.admin import AdminService
 from casbah.server.admission import Admission
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
@@ -196,6 +198,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     ra_grpc.add_FetchServicer_to_server(fetch, server)
     ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)
     bst_grpc.add_ReferenceStorageServicer_to_server(ReferenceStorageService(instances, fetch.trees), server)
+    admin_grpc.add_AdminServicer_to_server(AdminService(instances), server)
     await endpoints.add_health_and_reflection(server)
     result = Server(config, instances, server, observability=observability, endpoints=endpoints)
     for listener in config.listeners():

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
+from casbah.protos.casbah.admin.v1 import admin_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.server import status_page
 from casbah.server.auth import Authorizer
@@ -39,6 +40,7 @@ SERVED_SERVICES = (
     ra_pb2.DESCRIPTOR.services_by_name["Fetch"].full_name,
     ra_pb2.DESCRIPTOR.services_by_name["Push"].full_name,
     bst_pb2.DESCRIPTOR.services_by_name["ReferenceStorage"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
 
 

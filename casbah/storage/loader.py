@@ -26,7 +26,7 @@ STORAGE: Registry[Storage] = Registry(
     "storage",
     [
         f"casbah.storage.{m}" for m in (
-            "cache", "disk", "existence_cache", "memory", "remote", "replicated", "sharded", "size_routed",
+            "disk", "existence_cache", "memory", "read_through", "remote", "replicated", "sharded", "size_routed",
         )
     ],
     lazy={

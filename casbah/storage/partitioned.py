@@ -15,7 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from casbah.digest import Digest
 from casbah.errors import CasbahError
 from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial
-from casbah.storage.cache import close_all
+from casbah.storage.read_through import close_all
 
 
 class PartitionedStorage(Storage):

@@ -27,8 +27,8 @@ from pydantic import Field
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, CasbahError, DataLoss, DigestMismatch, Unavailable
 from casbah.storage.base import BlobInfo, Storage, found_or_lost, read_many_partial, read_one
-from casbah.storage.cache import TeeStream, close_all, put_unless_done
 from casbah.storage.loader import NodeOptions, StorageLoader, register
+from casbah.storage.read_through import TeeStream, close_all, put_unless_done
 
 log = logging.getLogger(__name__)
 _QUEUE = 4

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from client_helpers import assert_same_tree, cli, object_files, small_tree, start_module_server
 
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
+from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.reapi.channel import RemoteSpec
 
@@ -56,12 +56,12 @@ def test_commit_checkout_and_cache_dir_from_environment(tmp_path: Path, cache_di
     root = cli("cache", "commit", str(tree), "--ref", "a", env=env).stdout.strip()
     assert (cache_dir / "refs" / "a").read_text().strip() == root
     out = tmp_path / "out"
-    result = cli("cache", "checkout", "a", str(out), env=env)
+    result = cli("cache", "checkout", "--link", "a", str(out), env=env)
     assert "checked out 5 files" in result.stderr
-    assert_same_tree(tree, out, exact_modes=False)
-    # A checkout by digest works the same, and --copy gives ordinary writable files.
+    assert_same_tree(tree, out, exact_modes=False)  # --link: the cache's read-only objects
+    # A checkout by digest works the same, and by default gives ordinary writable files.
     copy = tmp_path / "copy"
-    cli("cache", "checkout", "--copy", root, str(copy), env=env)
+    cli("cache", "checkout", root, str(copy), env=env)
     assert_same_tree(tree, copy, exact_modes=True)
     (copy / "README").write_text("changed\n")  # writable, and the cache is unaffected
     assert LocalCache(cache_dir).fsck().clean
@@ -82,7 +82,7 @@ def test_commit_link_makes_files_the_objects(tmp_path: Path, cache_dir: Path) ->
     assert run_obj.stat().st_mode & 0o111 == 0
     assert os.access(tree / "run.sh", os.X_OK)
     out = tmp_path / "out"
-    cli("cache", "checkout", "--cache-dir", str(cache_dir), "l", str(out))
+    cli("cache", "checkout", "--cache-dir", str(cache_dir), "--link", "l", str(out))
     assert_same_tree(tree, out, exact_modes=False)
 
 
@@ -206,7 +206,7 @@ def test_prune_keeps_referenced_objects_only(tmp_path: Path, cache_dir: Path) ->
     assert cli("cache", "prune", "--cache-dir", str(cache_dir)).stdout.startswith("removed 0 objects")
     out_dir = tmp_path / "out"
     cli("cache", "checkout", "--cache-dir", str(cache_dir), "keep", str(out_dir))
-    assert_same_tree(keep, out_dir, exact_modes=False)
+    assert_same_tree(keep, out_dir, exact_modes=True)
 
 
 def test_gc_evicts_least_recently_used_refs(tmp_path: Path, cache_dir: Path) -> None:
@@ -268,7 +268,7 @@ def test_push_pull_and_errors_against_casbah(tmp_path: Path, cache_dir: Path, se
         assert pulled.stdout.strip() == root
     out = tmp_path / "out"
     cli("cache", "checkout", "--cache-dir", str(other), "rel/1.0", str(out))
-    assert_same_tree(tree, out, exact_modes=False)
+    assert_same_tree(tree, out, exact_modes=True)
 
     missing = cli("cache", "pull", "--cache-dir", str(other), *remote, "no/such/ref", expect=1)
     assert "has no ref 'no/such/ref'" in missing.stderr
@@ -302,7 +302,7 @@ def test_pull_with_checkout(tmp_path: Path, cache_dir: Path, server) -> None:
     result = cli("cache", "pull", "--cache-dir", str(other), "--remote", server.url, "pc", "--checkout", str(dest))
     assert result.stdout.strip() == root
     assert "checked out 4 files" in result.stderr
-    assert_same_tree(tree, dest, exact_modes=False)
+    assert_same_tree(tree, dest, exact_modes=True)
     # A non-empty target is refused before anything is downloaded.
     third = tmp_path / "third"
     refused = cli("cache", "pull", "--cache-dir", str(third), "--remote", server.url, "pc", "--checkout", str(dest),

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from client_helpers import ROOT, assert_same_tree
 
-from casbah.client.cache import LocalCache
+from casbah.local import LocalCache
 
 COMMITTER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from casbah.client.cache import LocalCache
+    from casbah.local import LocalCache
 
     cache_dir, work, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     cache = LocalCache(cache_dir)
@@ -52,7 +52,7 @@ COMMITTER = textwrap.dedent("""
 PRUNER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from casbah.client.cache import LocalCache
+    from casbah.local import LocalCache
 
     cache_dir, work = Path(sys.argv[1]), Path(sys.argv[2])
     cache = LocalCache(cache_dir)
@@ -93,7 +93,7 @@ def test_commit_and_prune_in_parallel_lose_nothing(tmp_path: Path) -> None:
     for ref, tree in expected.items():
         out_dir = tmp_path / "checkout" / ref
         cache.checkout(cache.resolve(ref), out_dir)
-        assert_same_tree(Path(tree), out_dir, exact_modes=False)
+        assert_same_tree(Path(tree), out_dir, exact_modes=True)
     # A last prune keeps exactly the four trees.
     cache.prune()
     assert cache.fsck().clean

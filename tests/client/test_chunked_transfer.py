@@ -9,10 +9,10 @@ import os
 import random
 from pathlib import Path
 
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import pull, push
 from casbah.digest import Digest
+from casbah.local import LocalCache
 from casbah.reapi.channel import RemoteSpec
 
 SIZE = 4 << 20  # with 16 KiB chunks: ~200 chunks, far above the 128 KiB threshold

@@ -202,7 +202,7 @@ def test_batchless_server_is_served_over_bytestream(batchless, tmp_path: Path) -
 
 def test_streamed_blob_reports_progress_per_chunk(server, tmp_path: Path) -> None:
     big = tmp_path / "big"
-    big.write_bytes(os.urandom(5 << 20))
+    big.write_bytes(os.urandom(40 << 20))  # chunked on upload (8 MiB groups), streamed on download
     digest = Digest.of(big.read_bytes())
     sent: list[tuple[int, int]] = []
     received: list[tuple[int, int]] = []

@@ -42,12 +42,12 @@ from bench.sources import (  # noqa: E402
     snapshot,
 )
 from casbah.cli import main  # noqa: E402
-from casbah.client.cache import LocalCache  # noqa: E402
 from casbah.client.remote import RemoteClient  # noqa: E402
 from casbah.client.source_cache import FETCH_POLICIES, PUSH_POLICIES, RemotePolicy, SourceCache  # noqa: E402
 from casbah.client.sources import Source, SourceError, fetch_native, sri_sha256  # noqa: E402
 from casbah.digest import Digest  # noqa: E402
 from casbah.errors import AssetNotFound, NotFound, Unavailable  # noqa: E402
+from casbah.local import LocalCache  # noqa: E402
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2  # noqa: E402
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc  # noqa: E402
 from casbah.reapi.channel import RemoteSpec  # noqa: E402

@@ -26,6 +26,8 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
+from casbah.protos.casbah.admin.v1 import admin_pb2
+from casbah.protos.casbah.admin.v1 import admin_pb2_grpc as admin_grpc
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.auth import parse_subject
@@ -177,6 +179,19 @@ def _reference_status(ch, inst, md):
                                                    timeout=10)
 
 
+def _admin_scrub(ch, inst, md):
+    return admin_grpc.AdminStub(ch).Scrub(admin_pb2.ScrubRequest(instance_name=inst, dry_run=True), metadata=md,
+                                          timeout=30)
+
+
+def _admin_stats(ch, inst, md):
+    return admin_grpc.AdminStub(ch).Stats(admin_pb2.StatsRequest(instance_name=inst), metadata=md, timeout=10)
+
+
+def _admin_gc(ch, inst, md):
+    return admin_grpc.AdminStub(ch).Gc(admin_pb2.GcRequest(instance_name=inst), metadata=md, timeout=30)
+
+
 @dataclass(frozen=True)
 class Rpc:
     name: str
@@ -207,6 +222,10 @@ RPCS = [
     Rpc("ReferenceStorage.GetReference", _get_reference, False, NOT_FOUND),
     Rpc("ReferenceStorage.UpdateReference", _update_reference, True),
     Rpc("ReferenceStorage.Status", _reference_status, False),
+    # Maintenance: every call needs the write scope (stats too: they reveal what others stored).
+    Rpc("Admin.Scrub", _admin_scrub, True),
+    Rpc("Admin.Stats", _admin_stats, True),
+    Rpc("Admin.Gc", _admin_gc, True),
 ]
 
 #: identity -> (token, what it may do: {instance: "read" | "write"})
@@ -274,6 +293,7 @@ def test_table_covers_every_rpc_of_every_service() -> None:
         "Fetch": ra_pb2.DESCRIPTOR.services_by_name["Fetch"],
         "Push": ra_pb2.DESCRIPTOR.services_by_name["Push"],
         "ReferenceStorage": bst_pb2.DESCRIPTOR.services_by_name["ReferenceStorage"],
+        "Admin": admin_pb2.DESCRIPTOR.services_by_name["Admin"],
     }
     served = {f"{short}.{m.name}" for short, service in services.items() for m in service.methods}
     assert served == {r.name for r in RPCS}

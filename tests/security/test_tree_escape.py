@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from casbah.cli import main
-from casbah.client.cache import LocalCache
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
+from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.reapi.channel import RemoteSpec

@@ -19,10 +19,10 @@ from remote_helpers import Counting, MiB, blob, build_node, pieces, read_all
 from casbah.config import ConfigError
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, ResourceExhausted, Unavailable
-from casbah.storage.cache import CacheStorage
 from casbah.storage.existence_cache import ExistenceCacheStorage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 from casbah.storage.memory import MemoryStorage
+from casbah.storage.read_through import ReadThroughStorage
 from casbah.storage.replicated import ReplicatedStorage
 from casbah.storage.sharded import ShardedStorage
 
@@ -193,7 +193,7 @@ def test_replicated_find_missing_fails_when_no_replica_answers() -> None:
 def test_cache_read_fills_the_fast_store_and_later_reads_stay_there() -> None:
     async def body() -> None:
         fast, slow = Counting(MemoryStorage()), Counting(MemoryStorage())
-        cache = CacheStorage(fast, slow)
+        cache = ReadThroughStorage(fast, slow)
         big_digest, big = blob(3 * MiB + 7)
         small_digest, small = blob(500)
         await slow.inner.write(big_digest, pieces(big))
@@ -229,7 +229,7 @@ def test_cache_write_modes() -> None:
     async def body() -> None:
         for mode, in_fast in (("write-through", True), ("write-slow", False)):
             fast, slow = MemoryStorage(), MemoryStorage()
-            cache = CacheStorage(fast, slow, mode)
+            cache = ReadThroughStorage(fast, slow, mode)
             big_digest, big = blob(2 * MiB)
             small_digest, small = blob(100)
             await cache.write(big_digest, pieces(big))
@@ -246,7 +246,7 @@ def test_cache_write_modes() -> None:
 def test_cache_find_missing_asks_the_slow_store_only_for_what_the_fast_one_lacks() -> None:
     async def body() -> None:
         fast, slow = MemoryStorage(), Counting(MemoryStorage())
-        cache = CacheStorage(fast, slow)
+        cache = ReadThroughStorage(fast, slow)
         (a, a_data), (b, b_data), (c, c_data), (d, _) = (blob(n) for n in (10, 20, 30, 40))
         await fast.write_many([(a, a_data), (b, b_data)])
         await slow.inner.write_bytes(c, c_data)
@@ -263,7 +263,7 @@ def test_cache_fast_store_failure_does_not_fail_reads_or_writes() -> None:
 
     async def body() -> None:
         fast, slow = MemoryStorage(max_bytes=1024), MemoryStorage()
-        cache = CacheStorage(fast, slow)
+        cache = ReadThroughStorage(fast, slow)
         digest, data = blob(2 * MiB)
         await cache.write(digest, pieces(data))
         assert await read_all(cache, digest) == data

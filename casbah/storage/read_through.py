@@ -35,7 +35,7 @@ _QUEUE = 4
 FILL_BUDGET = 64 * 1024 * 1024
 
 
-class CacheStorage(Storage):
+class ReadThroughStorage(Storage):
     kind = "cache"
 
     def __init__(self, fast: Storage, slow: Storage, write_mode: str = "write-through", **kwargs) -> None:
@@ -290,15 +290,15 @@ async def write_both(primary: Storage, secondary: Storage, digest: Digest, chunk
         log.warning("cache: could not fill %s with %s: %s", secondary.name, digest, exc)
 
 
-class CacheOptions(NodeOptions):
+class ReadThroughOptions(NodeOptions):
     fast: str | dict
     slow: str | dict
     write_mode: str = Field(default="write-through", alias="write-mode", pattern="^(write-through|write-slow)$")
 
 
-@register("cache", CacheOptions)
-def _build(options: CacheOptions, loader: StorageLoader, path: str) -> CacheStorage:
-    return CacheStorage(
+@register("cache", ReadThroughOptions)
+def _build(options: ReadThroughOptions, loader: StorageLoader, path: str) -> ReadThroughStorage:
+    return ReadThroughStorage(
         loader.build(options.fast, f"{path}.fast"), loader.build(options.slow, f"{path}.slow"),
         options.write_mode, name=path,
     )
