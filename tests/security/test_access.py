@@ -208,8 +208,8 @@ RPCS = [
     Rpc("CAS.BatchReadBlobs", _batch_read, False),
     Rpc("CAS.GetTree", _get_tree, False),
     # Not implemented yet: an authorized caller gets UNIMPLEMENTED, anyone else the access status.
-    Rpc("CAS.SplitBlob", _split_blob, False, grpc.StatusCode.UNIMPLEMENTED),
-    Rpc("CAS.SpliceBlob", _splice_blob, True, grpc.StatusCode.UNIMPLEMENTED),
+    Rpc("CAS.SplitBlob", _split_blob, False),  # the empty blob: no chunks
+    Rpc("CAS.SpliceBlob", _splice_blob, True),  # the empty blob from no chunks
     Rpc("ByteStream.Read", _bytestream_read, False),
     Rpc("ByteStream.Write", _bytestream_write, True),
     Rpc("ByteStream.QueryWriteStatus", _query_write_status, False, NOT_FOUND),
