@@ -17,6 +17,7 @@ from typing import Any
 import click
 import grpc
 
+from casbah.cli.options import apply_options, credential_options
 from casbah.config import ServerConfig
 from casbah.reapi.channel import RemoteSpec, open_channel
 from casbah.server.workers import disk_paths
@@ -27,18 +28,12 @@ OPEN_LOCK = "open.lock"
 
 def remote_admin_options(fn: Any) -> Any:
     """`--remote` and the credentials for it: run the command inside that server."""
-    options = [
+    return apply_options(fn, [
         click.option("--remote", envvar="CASBAH_REMOTE", metavar="URL",
                      help="Run it inside this running server: grpc://HOST:PORT, grpcs://… or unix:PATH "
                           "(needs the write scope when the server has auth)."),
-        click.option("--server-cert", type=click.Path(exists=True), help="CA certificate for grpcs://."),
-        click.option("--client-key", type=click.Path(exists=True), help="Client key for mTLS."),
-        click.option("--client-cert", type=click.Path(exists=True), help="Client certificate for mTLS."),
-        click.option("--token-file", type=click.Path(exists=True), help="File holding a bearer token."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+        *credential_options(),
+    ])
 
 
 def remote_spec(kwargs: dict[str, Any]) -> RemoteSpec | None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from casbah.cli.options import apply_options, credential_options
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import CasbahError, NotFound
@@ -23,18 +24,12 @@ def remote_options(fn=None, *, required: bool = True):
     """The options every command that talks to a server takes."""
     if fn is None:
         return lambda f: remote_options(f, required=required)
-    options = [
+    return apply_options(fn, [
         click.option("--remote", envvar="CASBAH_REMOTE", required=required, metavar="URL",
                      help="grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH (env CASBAH_REMOTE)."),
         click.option("--instance", default="", help="Remote instance name."),
-        click.option("--server-cert", type=click.Path(exists=True), help="CA certificate for grpcs://."),
-        click.option("--client-key", type=click.Path(exists=True), help="Client key for mTLS."),
-        click.option("--client-cert", type=click.Path(exists=True), help="Client certificate for mTLS."),
-        click.option("--token-file", type=click.Path(exists=True), help="File holding a bearer token."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+        *credential_options(),
+    ])
 
 
 def spec_from(kwargs: dict) -> RemoteSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from casbah.cli.options import apply_options, credential_options
 from casbah.client.config import config_path, load_client_config
 from casbah.reapi.channel import RemoteSpec
 
@@ -12,19 +13,13 @@ from casbah.reapi.channel import RemoteSpec
 def remotes_options(fn):
     """`--remote` repeatable; the TLS and token options apply to every `--remote` given
     (remotes that differ go in the config file, each with its own)."""
-    options = [
+    return apply_options(fn, [
         click.option("--remote", "remotes", multiple=True, envvar="CASBAH_REMOTE", metavar="URL",
                      help="grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH (repeatable; env CASBAH_REMOTE). "
                           "Default: the remotes of the client config file."),
         click.option("--instance", default="", help="Remote instance name (for every --remote)."),
-        click.option("--server-cert", type=click.Path(exists=True), help="CA certificate for grpcs://."),
-        click.option("--client-key", type=click.Path(exists=True), help="Client key for mTLS."),
-        click.option("--client-cert", type=click.Path(exists=True), help="Client certificate for mTLS."),
-        click.option("--token-file", type=click.Path(exists=True), help="File holding a bearer token."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+        *credential_options(),
+    ])
 
 
 def specs_from(kwargs: dict, for_push: bool) -> list[RemoteSpec]:
