@@ -33,11 +33,13 @@ from server_test_helpers import (
     upload,
 )
 
+from casbah.digest import Digest
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
+from casbah.storage.engine import Engine
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 REQUEST_METADATA = "build.bazel.remote.execution.v2.requestmetadata-bin"
@@ -499,9 +501,9 @@ def test_evicted_blob_and_reference_make_blob_a_miss(tiny_server, open_channel) 
 
 
 def test_deleted_object_after_restart_is_a_miss(start_server, open_channel) -> None:
-    """Disk storage: a file object removed behind the server's back (then a restart, so
-    the storage index forgets it) makes the directory asset a miss; the SQLite asset
-    index survives the restart and still serves the intact asset."""
+    """Disk storage: a blob removed behind the server's back (through the engine while the
+    server is stopped) makes the directory asset a miss after the restart; the SQLite
+    asset index survives the restart and still serves the intact asset."""
     server = start_server()
     ch = open_channel(server)
     damaged, intact = make_tree(), make_tree()
@@ -512,9 +514,11 @@ def test_deleted_object_after_restart_is_a_miss(start_server, open_channel) -> N
     push_dir(ch, [intact_uri], intact.root)
     victim = damaged.files[2]  # sub/b.txt, two levels down
     server.stop()
-    objects = list((server.data_dir / "cas").rglob(f"{victim.hash}-{victim.size_bytes}"))
-    assert len(objects) == 1, list((server.data_dir / "cas").rglob("*"))[:20]
-    objects[0].unlink()
+    store = Engine(str(server.data_dir / "cas"))
+    try:
+        assert store.drop([Digest(victim.hash, victim.size_bytes)]) == 1
+    finally:
+        store.close()
     server.start()
     ch = open_channel(server)
     assert missing(ch, [victim]) == {key(victim)}

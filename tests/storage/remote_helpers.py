@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import subprocess
@@ -151,6 +152,9 @@ class DropRead:
     offsets: list[int] = field(default_factory=list)
 
     def __call__(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if inspect.iscoroutinefunction(handler.unary_stream):  # casbah writes with context.write()
+            return self._around_writes(handler)
+
         async def read(request, context):
             self.offsets.append(request.read_offset)
             first = len(self.offsets) == 1
@@ -164,6 +168,41 @@ class DropRead:
                     return
                 sent += len(response.data)
                 yield response
+
+        return grpc.unary_stream_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
+
+    def _around_writes(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The same cut for a handler that writes with `context.write`: its writes pass through
+        a stand-in context, and the cut stops the handler with an exception no servicer catches."""
+        drop = self
+
+        class Cut(BaseException):
+            pass
+
+        class Writes:
+            def __init__(self, context) -> None:
+                self.context, self.sent = context, 0
+
+            def __getattr__(self, name: str):
+                return getattr(self.context, name)
+
+            async def write(self, response) -> None:
+                if self.sent + len(response.data) >= drop.after:
+                    await self.context.write(response.__class__(data=response.data[: drop.after - self.sent]))
+                    raise Cut
+                self.sent += len(response.data)
+                await self.context.write(response)
+
+        async def read(request, context) -> None:
+            self.offsets.append(request.read_offset)
+            if len(self.offsets) > 1:
+                return await handler.unary_stream(request, context)
+            try:
+                await handler.unary_stream(request, Writes(context))
+            except Cut:
+                if self.how == "abort":
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "injected connection loss")
 
         return grpc.unary_stream_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
                                                     response_serializer=handler.response_serializer)
