@@ -145,11 +145,14 @@ def test_documented_server_configs_validate(monkeypatch) -> None:
 
 
 def _click_command(words: list[str]):
+    """Through click's `get_command`: the subcommand groups are loaded on lookup."""
+    import click
+
     from casbah.cli import main
 
     command = main
     for word in words:
-        sub = getattr(command, "commands", {}).get(word)
+        sub = command.get_command(click.Context(command), word) if isinstance(command, click.Group) else None
         if sub is None:
             break
         command = sub

@@ -22,7 +22,12 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     setup_logging(level, fmt)
 
 
-@click.group(cls=CasbahGroup, context_settings={"help_option_names": ["-h", "--help"]})
+#: The subcommand groups, imported only when named (see `CasbahGroup.lazy_commands`).
+SUBCOMMANDS = {name: f"casbah.cli.{name}:{name}" for name in ("admin", "asset", "cache", "cas", "source")}
+
+
+@click.group(cls=CasbahGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             lazy_commands=SUBCOMMANDS)
 @click.version_option(package_name="casbah")
 @click.option("--debug", is_flag=True, envvar="CASBAH_DEBUG",
               help="Print the traceback of a failure (env CASBAH_DEBUG=1).")
@@ -112,19 +117,6 @@ def _apply_instance_flags(config, names: tuple[str, ...], services: str | None):
         instances = {n: i.model_copy(update={"services": wanted}) for n, i in instances.items()}
     return config.model_copy(update={"instances": instances})
 
-
-def _register_subcommands() -> None:
-    from casbah.cli.admin import admin
-    from casbah.cli.asset import asset
-    from casbah.cli.cache import cache
-    from casbah.cli.cas import cas
-    from casbah.cli.source import source
-
-    for group in (admin, asset, cache, cas, source):
-        main.add_command(group)
-
-
-_register_subcommands()
 
 if __name__ == "__main__":
     main()

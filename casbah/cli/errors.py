@@ -23,6 +23,7 @@ Exit status:
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 
@@ -97,6 +98,22 @@ class CasbahGroup(click.Group):
 
     #: Set by the root group's callback (`--debug`) or `CASBAH_DEBUG=1`.
     debug: bool = False
+
+    def __init__(self, *args, lazy_commands: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        #: name -> "module:attribute", imported when the command is looked up.  Why: the client
+        #: commands pull in rich, the local cache and the REAPI client, which `casbah serve` never
+        #: uses; importing them all up front cost serve a fifth of its startup.
+        self.lazy_commands: dict[str, str] = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            module, _, attribute = self.lazy_commands[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context):
         try:
