@@ -9,6 +9,7 @@ import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -19,7 +20,6 @@ from casbah.cdc import FastCdcParams
 from casbah.config import ConfigError, InstanceConfig, ListenerConfig, ServerConfig
 from casbah.digest import DigestFunction
 from casbah.errors import StartupError
-from casbah.http.server import HttpFront
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
@@ -45,6 +45,9 @@ from casbah.storage.action_cache import build_action_cache
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 from casbah.storage.spliced import SplicedStorage
+
+if TYPE_CHECKING:
+    from casbah.http.server import HttpFront
 
 log = logging.getLogger("casbah.server")
 
@@ -205,6 +208,8 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
         result.ports.append(_listen(server, listener, result.tls, reuse_port))
     observability.listen = list(result.ports)
     if config.http_listen:
+        from casbah.http.server import HttpFront  # aiohttp: only with an HTTP front (startup time)
+
         result.http = HttpFront(config, instances, loader)  # builds the opaque stores: before closers
     result.closers.insert(0, endpoints.close)  # the status page reads storage: stop it first
     result.closers.append(bytestream.close)

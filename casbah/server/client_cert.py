@@ -9,6 +9,10 @@ TLS handshake) and compare the attribute values as the certificate spells them.
 A subject with NUL or any other control character is refused outright: no
 legitimate name has one, and it could only serve to confuse a comparison or a
 log line.
+
+cryptography is imported on the first certificate, not with the module: every server
+imports this one through `casbah.server.auth`, most never see a client certificate,
+and cryptography.x509 costs about 20 ms of startup.
 """
 
 from __future__ import annotations
@@ -16,31 +20,37 @@ from __future__ import annotations
 import functools
 import unicodedata
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from casbah.errors import Unauthenticated
 
-#: OpenSSL's short names for attributes `rfc4514_attribute_name` spells as a dotted
-#: OID, so a configured DN written as `openssl x509 -subject` prints it still matches.
-_OPENSSL_NAMES = {
-    NameOID.EMAIL_ADDRESS: "emailAddress",
-    NameOID.SERIAL_NUMBER: "serialNumber",
-    NameOID.SURNAME: "SN",
-    NameOID.GIVEN_NAME: "GN",
-    NameOID.TITLE: "title",
-    NameOID.INITIALS: "initials",
-    NameOID.PSEUDONYM: "pseudonym",
-    NameOID.GENERATION_QUALIFIER: "generationQualifier",
-    NameOID.DN_QUALIFIER: "dnQualifier",
-    NameOID.BUSINESS_CATEGORY: "businessCategory",
-    NameOID.POSTAL_CODE: "postalCode",
-    NameOID.JURISDICTION_COUNTRY_NAME: "jurisdictionC",
-    NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME: "jurisdictionST",
-    NameOID.JURISDICTION_LOCALITY_NAME: "jurisdictionL",
-    NameOID.ORGANIZATION_IDENTIFIER: "organizationIdentifier",
-}
+if TYPE_CHECKING:
+    from cryptography import x509
+
+
+@functools.cache
+def _openssl_names() -> dict:
+    """OpenSSL's short names for attributes `rfc4514_attribute_name` spells as a dotted
+    OID, so a configured DN written as `openssl x509 -subject` prints it still matches."""
+    from cryptography.x509.oid import NameOID
+
+    return {
+        NameOID.EMAIL_ADDRESS: "emailAddress",
+        NameOID.SERIAL_NUMBER: "serialNumber",
+        NameOID.SURNAME: "SN",
+        NameOID.GIVEN_NAME: "GN",
+        NameOID.TITLE: "title",
+        NameOID.INITIALS: "initials",
+        NameOID.PSEUDONYM: "pseudonym",
+        NameOID.GENERATION_QUALIFIER: "generationQualifier",
+        NameOID.DN_QUALIFIER: "dnQualifier",
+        NameOID.BUSINESS_CATEGORY: "businessCategory",
+        NameOID.POSTAL_CODE: "postalCode",
+        NameOID.JURISDICTION_COUNTRY_NAME: "jurisdictionC",
+        NameOID.JURISDICTION_STATE_OR_PROVINCE_NAME: "jurisdictionST",
+        NameOID.JURISDICTION_LOCALITY_NAME: "jurisdictionL",
+        NameOID.ORGANIZATION_IDENTIFIER: "organizationIdentifier",
+    }
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ def has_control_character(text: str) -> bool:
 
 
 def _attribute_name(attribute: x509.NameAttribute) -> str:
-    name = _OPENSSL_NAMES.get(attribute.oid) or attribute.rfc4514_attribute_name
+    name = _openssl_names().get(attribute.oid) or attribute.rfc4514_attribute_name
     return name.upper()
 
 
@@ -67,6 +77,9 @@ def certificate_subject(pem: bytes) -> CertificateSubject:
 
     Cached by the certificate's bytes: a client sends the same certificate on every call.
     """
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         certificate = x509.load_pem_x509_certificate(pem)
         subject = certificate.subject

@@ -1,5 +1,7 @@
 """A server's operational endpoints: gRPC health and reflection, and the HTTP side
-(`/metrics`, `/healthz`, the status page) served by aiohttp in the server's own event loop.
+(`/metrics`, `/healthz`, the status page; `casbah.server.http_site`) served by aiohttp in
+the server's own event loop.  aiohttp and prometheus_client are imported only when that
+side starts (`--metrics-listen`): they are a fifth of a default server's startup.
 
 Health lets load balancers and Kubernetes probes ask over gRPC instead of guessing
 from an open port; reflection lets grpcurl and grpc_cli call the server without
@@ -14,22 +16,20 @@ HTTP routes (the status page adds its own, see `casbah.server.status_page`):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.buildstream.v2 import buildstream_pb2 as bst_pb2
 from casbah.protos.casbah.admin.v1 import admin_pb2
 from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
-from casbah.server import status_page
 from casbah.server.auth import Authorizer
-from casbah.server.collectors import refresh_storage_snapshot
-from casbah.server.http_auth import access_middleware, add_login_routes
 from casbah.server.observability import Observability
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 #: Every gRPC service casbah registers (health and reflection list these).
 SERVED_SERVICES = (
@@ -75,6 +75,8 @@ class Endpoints:
 
     async def start_http(self, address: str, worker: int | None = None) -> str:
         """Serve /metrics, /healthz and the status page; returns the URL (port 0 resolved)."""
+        from casbah.server.http_site import start_http_server
+
         self.http, url = await start_http_server(self.obs, address, worker, self.authorizer)
         return url
 
@@ -82,54 +84,3 @@ class Endpoints:
         if self.http is not None:
             runner, self.http = self.http, None
             await runner.cleanup()
-
-
-_OBS = status_page.OBSERVABILITY
-
-
-def create_app(obs: Observability, authorizer: Authorizer | None = None) -> web.Application:
-    """With auth configured, every route but /healthz needs what gRPC would need (`http_auth`)."""
-    guard = authorizer if authorizer is not None and not authorizer.open else None
-    names = [inst.name for inst in obs.instances]
-    app = web.Application(middlewares=[access_middleware(guard, lambda: names)] if guard is not None else [])
-    if guard is not None:
-        add_login_routes(app, guard)
-    app[_OBS] = obs
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/healthz", _healthz)
-    status_page.add_routes(app)
-    return app
-
-
-async def start_http_server(obs: Observability, address: str, worker: int | None = None,
-                            authorizer: Authorizer | None = None) -> tuple[web.AppRunner, str]:
-    """Bind `HOST:PORT` (the port plus the worker index under `--workers`: each worker
-    process has its own counters, so each needs its own scrape target)."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"metrics-listen {address!r}: want HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    port = int(port_text) + (worker or 0) if int(port_text) else 0
-    runner = web.AppRunner(create_app(obs, authorizer), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    bound = runner.addresses[0][1] if runner.addresses else port
-    shown = f"[{host}]" if ":" in host else host
-    return runner, f"http://{shown}:{bound}"
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    await refresh_storage_snapshot(request.app[_OBS])
-    body = generate_latest(REGISTRY)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    if request.app[_OBS].shutting_down:
-        return web.Response(status=503, text="shutting down\n")
-    return web.Response(text="ok\n")
