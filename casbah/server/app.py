@@ -15,7 +15,6 @@ import grpc
 
 from casbah import humanize
 from casbah.assets.index import IndexContext, build_asset_index
-from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher
 from casbah.cdc import FastCdcParams
 from casbah.config import ConfigError, InstanceConfig, ListenerConfig, ServerConfig
 from casbah.digest import DigestFunction
@@ -47,6 +46,7 @@ from casbah.storage.loader import StorageLoader, load_builtin_kinds
 from casbah.storage.spliced import SplicedStorage
 
 if TYPE_CHECKING:
+    from casbah.assets.origin import OriginFetcher
     from casbah.http.server import HttpFront
 
 log = logging.getLogger("casbah.server")
@@ -137,8 +137,10 @@ def _alive(pid: int) -> bool:
 def _asset_settings(config: ServerConfig, name: str, inst: InstanceConfig, where: str,
                     cas: Storage) -> AssetSettings:
     index = build_asset_index(inst.asset_index, IndexContext(name, Path(config.data_dir), f"{where}.asset-index"))
-    origin = None
+    origin: OriginFetcher | None = None
     if inst.origin_fetch is not None:
+        from casbah.assets.origin import DEFAULT_MAX_SIZE, OriginFetcher  # only with origin fetch (startup time)
+
         max_size = inst.origin_fetch.max_size
         if max_size is None:
             quota = store_quota(cas)

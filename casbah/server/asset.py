@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from google.rpc import code_pb2, status_pb2
 
 from casbah.assets.index import AssetIndex, AssetKind, AssetRecord
-from casbah.assets.origin import OriginFetcher, git_scheme
 from casbah.digest import Digest, is_empty_blob, make_digest
 from casbah.errors import (
     CasbahError,
@@ -39,6 +39,9 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 a
 from casbah.server.base import Instance, Instances, rpc
 from casbah.tree import CompleteTrees
 from casbah.tree_rules import served
+
+if TYPE_CHECKING:
+    from casbah.assets.origin import OriginFetcher
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,8 @@ class FetchService(ra_grpc.FetchServicer):
         settings = _settings(instance)
         if settings.origin is None:
             return None, ""
+        from casbah.assets.origin import git_scheme  # only servers with an origin load it (startup time)
+
         uris, qualifiers = validate(request.uris, request.qualifiers)
         allowed = [u for u in uris if settings.origin.allowed(u)]
         if kind is AssetKind.BLOB:
