@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 #: Seconds between flushes of last-use updates.
 TOUCH_INTERVAL = 2.0
+#: FindMissingBlobs batches of at least this many digests look up in a thread: a lookup
+#: whose index page is not in the page cache blocks on the disk (py-lmdb releases the GIL
+#: in it), so the event loop keeps serving and several batches have faults in flight;
+#: smaller batches stay in the loop, where the thread hop would cost more than the
+#: lookups (measured: docs/storage-engine.md).
+FMB_THREAD_MIN = 200
 
 
 class DiskStorage(Storage):
@@ -64,6 +70,8 @@ class DiskStorage(Storage):
         except BaseException:
             os.close(self._lock_fd)
             raise
+        if not maintenance:
+            self.engine.warm_index()  # a server: read the index into the page cache in the background
         _share_lock(self._lock_fd)
         self.root = self.engine.root
         self._flusher: asyncio.Task | None = None
@@ -71,7 +79,10 @@ class DiskStorage(Storage):
     # -- existence -----------------------------------------------------------------
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        missing = self.engine.missing(digests)
+        if len(digests) >= FMB_THREAD_MIN:
+            missing = await asyncio.to_thread(self.engine.missing, digests)
+        else:
+            missing = self.engine.missing(digests)
         self._touched()
         return missing
 
@@ -124,6 +135,7 @@ class DiskStorage(Storage):
 
     async def _read_inline(self, digest: Digest) -> bytes:
         found, corrupt, _files = self.engine.get_inline([digest])
+        self._touched()
         if corrupt:
             await asyncio.to_thread(self.engine.drop, corrupt)
             raise corrupt_error(digest, self.name)
@@ -222,7 +234,7 @@ class DiskStorage(Storage):
 
     def _touched(self) -> None:
         engine = self.engine
-        if not engine.touched or self._flusher is not None:
+        if not (engine.touched or engine.dangling) or self._flusher is not None:
             return
         try:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())

@@ -41,7 +41,7 @@ async def stream(data: bytes, piece: int = 256 * KiB) -> AsyncIterator[bytes]:
 def flip_inline(storage: DiskStorage, digest: Digest) -> None:
     """Bit rot in an inline blob: its last byte changes, in place in the `order` database."""
     env = storage.engine.env
-    with env.env.begin(write=True) as txn:
+    with env.begin(write=True) as txn:
         where = seq_key(Record.unpack(txn.get(key_of(digest), db=env.meta)).seq)
         value = bytearray(txn.get(where, db=env.order))
         value[-1] ^= 0xFF
