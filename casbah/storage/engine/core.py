@@ -97,29 +97,6 @@ class Engine(Upkeep):
 
             upgrade(self)
 
-    def warm_index(self, wait: bool = False) -> None:
-        """Ask the kernel to read the `meta` environment into the page cache (readahead
-        in the kernel: no CPU here), so FindMissingBlobs does not fault page by page
-        after a restart.  In a thread unless `wait`: a large file takes seconds."""
-        path = self.root / "meta" / "data.mdb"
-
-        def advise() -> None:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError as exc:  # a filesystem without it: only slower lookups
-                log.debug("disk storage %s: no readahead of %s: %s", self.name, path, exc)
-            finally:
-                os.close(fd)
-
-        if wait:
-            advise()
-        else:
-            threading.Thread(target=advise, name="casbah-warm-index", daemon=True).start()
-
     def close(self) -> None:
         """Flush last uses and let go of the environment (idempotent)."""
         if self._closed:
