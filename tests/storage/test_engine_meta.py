@@ -18,10 +18,10 @@ import lmdb
 import pytest
 
 from casbah.digest import Digest
-from casbah.errors import BlobNotFound
+from casbah.errors import BlobNotFound, ResourceExhausted
 from casbah.storage.disk import DiskStorage
 from casbah.storage.engine import Engine
-from casbah.storage.engine.index import Record, key_of, order_value, seq_key
+from casbah.storage.engine.index import Record, key_of, map_error, order_value, seq_key
 
 _LE64 = struct.Struct("<Q")
 
@@ -225,3 +225,40 @@ def test_a_large_find_missing_after_a_fault_runs_beside_the_event_loop(tmp_path:
         await storage.close()
 
     asyncio.run(main())
+
+
+def test_gc_removes_files_no_record_names_once_they_are_old(tmp_path: Path) -> None:
+    """A crash between a file's rename into `files/` and the commit that indexes it
+    leaves a file no record names: gc (and scrub) remove it once it is a minute old,
+    and leave younger ones (a write may be committing) and indexed files alone."""
+    engine = Engine(tmp_path)
+    (kept, kept_data), (old, old_data), (young, young_data) = blobs(3, 40_000)
+    engine.put_many([(kept, kept_data)])
+    for digest, data, age in ((old, old_data, 120), (young, young_data, 0)):
+        path = Path(engine.area.path(digest))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, (path.stat().st_atime - age, path.stat().st_mtime - age))
+    engine.gc()
+    assert not Path(engine.area.path(old)).exists()
+    assert Path(engine.area.path(young)).exists()
+    assert Path(engine.area.path(kept)).exists()
+    assert engine.missing([kept]) == []
+    os.utime(engine.area.path(young), (0, 0))
+    assert engine.scrub() == (1, len(kept_data), [])
+    assert not Path(engine.area.path(young)).exists()
+    engine.close()
+
+
+def test_a_full_map_is_resource_exhausted_with_lmdbs_error_as_its_cause(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path), map_size=64 * 1024)
+    try:
+        with pytest.raises(lmdb.MapFullError) as caught, env.begin(write=True) as txn:
+            for i in range(10_000):
+                txn.put(b"%d" % i, b"x" * 100)
+    finally:
+        env.close()
+    error = map_error(caught.value, "disk storage cas")
+    assert isinstance(error, ResourceExhausted)
+    assert "disk storage cas" in str(error) and "map-size" in str(error)
+    assert error.__cause__ is caught.value

@@ -271,12 +271,24 @@ class Txn:
 
 
 def map_error(exc: Exception, what: str) -> Exception:
-    """A full map or filesystem under LMDB is RESOURCE_EXHAUSTED; anything else stays."""
+    """A full map or filesystem under LMDB is RESOURCE_EXHAUSTED naming its cause (the
+    LMDB error, or the OS error LMDB got, as `__cause__` and in the message); anything
+    else stays."""
     if isinstance(exc, lmdb.MapFullError):
-        return ResourceExhausted(f"{what} is full (its map size is reached)")
-    if isinstance(exc, lmdb.DiskError | lmdb.Error) and _is_no_space(exc):
-        return from_os_error(OSError(errno.ENOSPC, str(exc)), what)
+        err = ResourceExhausted(f"{what} is full: its LMDB map size is reached (the `map-size` option "
+                                "sets it; deleting blobs frees pages)")
+        err.__cause__ = exc
+        return err
+    code = getattr(exc, "code", 0)
+    if isinstance(exc, lmdb.Error) and (code in _NO_SPACE or _is_no_space(exc)):
+        cause = OSError(code if code in _NO_SPACE else errno.ENOSPC,
+                        os.strerror(code if code in _NO_SPACE else errno.ENOSPC))
+        cause.__cause__ = exc
+        return from_os_error(cause, what)
     return exc
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _is_no_space(exc: Exception) -> bool:

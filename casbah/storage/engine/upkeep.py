@@ -17,12 +17,15 @@ from casbah.digest import Digest
 from casbah.errors import ResourceExhausted
 from casbah.storage.engine.index import INLINE, Record, Txn, digest_of, key_of, seq_key, seq_of, split_order_value
 from casbah.storage.engine.quota import evict, remove_entry
+from casbah.storage.keys import parse_key
 
 if TYPE_CHECKING:
     from casbah.storage.engine.core import Engine
 
 log = logging.getLogger(__name__)
 
+#: Files no record names are removed by `sweep_files` once older than this (seconds).
+ORPHAN_AGE = 60.0
 #: Bytes per readahead request when warming the index (`Upkeep.warm_index`).
 WARM_CHUNK = 8 << 20
 
@@ -149,8 +152,49 @@ class Upkeep:
         return removed
 
     def gc(self: Engine) -> int:
-        """Evict down to the quota (after it was lowered); returns blobs removed."""
-        return self.evict_to(self.max_bytes) if self.max_bytes else 0
+        """Evict down to the quota (after it was lowered), and remove files no record
+        names (`sweep_files`); returns blobs evicted."""
+        removed = self.evict_to(self.max_bytes) if self.max_bytes else 0
+        self.sweep_files()
+        return removed
+
+    def sweep_files(self: Engine, min_age: float = ORPHAN_AGE) -> int:
+        """Remove files under `files/` that no record names and that are older than
+        `min_age` seconds: left by a crash between a file's rename and the commit that
+        indexes it.  O(files), so only in `gc` and `scrub`.  Each prefix directory's
+        candidates are re-checked and unlinked inside a write transaction, which no
+        writer can be half-way through (renames happen inside theirs)."""
+        removed = 0
+        now = time.time()
+        try:
+            prefixes = sorted(e.path for e in os.scandir(self.area.files) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return 0
+        for prefix in prefixes:
+            candidates: list[tuple[str, bytes]] = []
+            with self.env.meta_env.begin(db=self.env.meta) as txn:
+                for entry in os.scandir(prefix):
+                    digest = parse_key(entry.name)
+                    if digest is None or not entry.is_file(follow_symlinks=False):
+                        continue
+                    key = key_of(digest)
+                    if txn.get(key) is None and now - entry.stat(follow_symlinks=False).st_mtime > min_age:
+                        candidates.append((entry.path, key))
+            if candidates:
+                removed += self._write(lambda txn, unlinks, c=candidates: self._orphan_files(txn, unlinks, c),
+                                       "removing orphaned files")
+        if removed:
+            log.warning("disk storage %s: removed %d files no index entry named (an interrupted write)",
+                        self.name, removed)
+        return removed
+
+    def _orphan_files(self: Engine, txn: Txn, unlinks: list[str], candidates: list[tuple[str, bytes]]) -> int:
+        count = 0
+        for path, key in candidates:
+            if txn.get(key, db=self.env.meta) is None:
+                unlinks.append(path)  # unlinked before the commit, under the write lock
+                count += 1
+        return count
 
     # -- bulk, iteration, stats -----------------------------------------------------
 
@@ -212,6 +256,7 @@ class Upkeep:
         their `order` entry, and `order` entries no record points at (both left by a
         crash between the two commits of a write), are removed too."""
         self.sweep_orphans()
+        self.sweep_files()
         if not self.verify:
             return 0, 0, []
         checked = done = 0
