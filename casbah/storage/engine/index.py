@@ -135,11 +135,12 @@ class Env:
     def __init__(self, root: Path, map_size: int, durable: bool) -> None:
         self.path = root
         self.refs = 0
-        # Both read at random (B+tree lookups, reads of single blobs): kernel readahead
-        # around each fault would only read pages nobody asked for (measured: docs/storage-engine.md).
+        # `index` is read one blob at a time, at random: readahead around a fault would read
+        # pages nobody asked for.  `meta` is small and all of it is wanted in the page cache:
+        # readahead brings it in with a few faults (measured: docs/storage-engine.md).
         self.data_env = _open_env(root / "index", map_size, durable, readahead=False)
         try:
-            self.meta_env = _open_env(root / "meta", map_size, durable, readahead=False)
+            self.meta_env = _open_env(root / "meta", map_size, durable, readahead=True)
         except BaseException:
             self.data_env.close()
             raise
