@@ -43,7 +43,7 @@ def rot_inline(store: Path, digest: re_pb2.Digest) -> None:
     engine = Engine(store)
     env = engine.env
     try:
-        with env.env.begin(write=True) as txn:
+        with env.begin(write=True) as txn:
             record = Record.unpack(txn.get(key_of(Digest(digest.hash, digest.size_bytes)), db=env.meta))
             value = bytearray(txn.get(seq_key(record.seq), db=env.order))
             value[-1] ^= 0xFF

@@ -39,7 +39,7 @@ def stored(data_dir: Path, digest: re_pb2.Digest) -> bytes | None:
     """Whether the stopped server's store still has a blob (its record, or None)."""
     engine = Engine(data_dir / "cas")
     try:
-        with engine.env.env.begin(db=engine.env.meta) as txn:
+        with engine.env.meta_env.begin(db=engine.env.meta) as txn:
             return txn.get(key_of(Digest(digest.hash, digest.size_bytes)))
     finally:
         engine.close()
@@ -50,7 +50,7 @@ def flip_byte(data_dir: Path, digest: re_pb2.Digest) -> None:
     engine = Engine(data_dir / "cas")
     env = engine.env
     try:
-        with env.env.begin(write=True) as txn:
+        with env.begin(write=True) as txn:
             where = seq_key(Record.unpack(txn.get(key_of(Digest(digest.hash, digest.size_bytes)), db=env.meta)).seq)
             value = bytearray(txn.get(where, db=env.order))
             value[-1] ^= 0xFF

@@ -7,6 +7,7 @@ on one store for the multi-process case.  Each test states the promise it checks
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ async def stream(data: bytes, piece: int = 256 * KiB) -> AsyncIterator[bytes]:
 def flip_inline(storage: DiskStorage, digest: Digest) -> None:
     """Bit rot in an inline blob: its last byte changes, in place in the `order` database."""
     env = storage.engine.env
-    with env.env.begin(write=True) as txn:
+    with env.begin(write=True) as txn:
         where = seq_key(Record.unpack(txn.get(key_of(digest), db=env.meta)).seq)
         value = bytearray(txn.get(where, db=env.order))
         value[-1] ^= 0xFF
@@ -220,6 +221,8 @@ def test_a_full_filesystem_is_resource_exhausted_on_every_write_path(small_tmpfs
                 inline_errors.append(result)
                 break
         assert inline_errors and isinstance(inline_errors[0], ResourceExhausted), inline_errors
+        assert isinstance(inline_errors[0].__cause__, OSError)  # the OS's reason, under LMDB's error
+        assert inline_errors[0].__cause__.errno == errno.ENOSPC
         assert await storage.read_many([d for d, _ in kept]) == dict(kept)
         assert os.listdir(small_tmpfs / "cas" / "tmp") == []
         filler.unlink()

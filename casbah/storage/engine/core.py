@@ -34,6 +34,7 @@ from casbah.storage.engine.index import (
     LAYOUT,
     Env,
     Record,
+    Txn,
     digest_of,
     key_of,
     map_error,
@@ -74,10 +75,13 @@ class Engine(Upkeep):
         self.verify = verify
         self.durable = durable
         self.area = FileArea(self.root, durable)
-        self.env = Env.acquire(self.root / "index", map_size or MAP_SIZE, durable)
+        self.env = Env.acquire(self.root, map_size or MAP_SIZE, durable)
         self._lock = threading.Lock()
         self._pins: Counter[bytes] = Counter()
         self.touched: set[bytes] = set()
+        #: Inline records found without their `order` entry (a crash between the two
+        #: commits, or an eviction racing the read): dropped by the next flush.
+        self.dangling: set[bytes] = set()
         self.evictions = 0
         self._closed = False
         self._synced = time.monotonic()
@@ -86,12 +90,12 @@ class Engine(Upkeep):
         self._check_layout()
 
     def _check_layout(self) -> None:
-        with self.env.env.begin() as txn:
+        with self.env.begin() as txn:
             layout = self.env.counter(txn, b"layout")
         if layout != LAYOUT:
-            from casbah.storage.engine.migrate import migrate
+            from casbah.storage.engine.migrate import upgrade
 
-            migrate(self)
+            upgrade(self)
 
     def close(self) -> None:
         """Flush last uses and let go of the environment (idempotent)."""
@@ -100,7 +104,7 @@ class Engine(Upkeep):
         self._closed = True
         self.flush_touches()
         if not self.durable:
-            self.env.env.sync(True)
+            self.env.sync()
         self.env.release()
 
     # -- keys and pins ---------------------------------------------------------------
@@ -124,12 +128,13 @@ class Engine(Upkeep):
         """The absent ones, in order; the present ones are touched."""
         out = []
         present = []
-        with self.env.env.begin(db=self.env.meta) as txn:
+        meta = self.env.meta
+        with self.env.begin() as txn:
             boundary = self._boundary(txn)
-            get = txn.get
+            get = txn.meta_txn.get
             for digest in digests:
                 key = key_of(digest)
-                value = get(key)
+                value = get(key, None, meta)
                 if value is None:
                     out.append(digest)
                 elif _seq_in(value, 8)[0] <= boundary:  # only blobs about to be evicted need a refresh
@@ -140,7 +145,7 @@ class Engine(Upkeep):
 
     def find_by_hash(self, hash_hex: str, function: DigestFunction) -> Digest | None:
         prefix = key_of(Digest(hash_hex, 0, function))[:-8]
-        with self.env.env.begin(db=self.env.meta) as txn:
+        with self.env.meta_env.begin(db=self.env.meta) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(prefix) or not cursor.key().startswith(prefix):
                 return None
@@ -148,7 +153,7 @@ class Engine(Upkeep):
 
     def lookup(self, digest: Digest) -> Record | None:
         key = key_of(digest)
-        with self.env.env.begin(db=self.env.meta) as txn:
+        with self.env.meta_env.begin(db=self.env.meta) as txn:
             value = txn.get(key)
         if value is None:
             return None
@@ -156,12 +161,14 @@ class Engine(Upkeep):
         return Record.unpack(value)
 
     def get_inline(self, digests: Sequence[Digest]) -> tuple[dict[Digest, bytes], list[Digest], list[Digest]]:
-        """Inline blobs verified (when this store verifies): (found, corrupt, stored as files)."""
+        """Inline blobs verified (when this store verifies): (found, corrupt, stored as files).
+        A record whose `order` entry is gone is missing (not corrupt: no bytes were read)
+        and goes to `dangling`, for the next flush to drop."""
         found: dict[Digest, bytes] = {}
         corrupt: list[Digest] = []
         files: list[Digest] = []
         env = self.env
-        with env.env.begin() as txn:
+        with env.begin() as txn:
             for digest in digests:
                 key = key_of(digest)
                 value = txn.get(key, db=env.meta)
@@ -172,13 +179,17 @@ class Engine(Upkeep):
                     files.append(digest)
                     continue
                 data = self._inline_data(txn, key, Record.unpack(value))
-                if data is None or (self.verify and not matches(digest, data)):
+                if data is None:
+                    self.dangling.add(key)
+                    continue
+                if self.verify and not matches(digest, data):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
         return found, corrupt, files
 
-    def _inline_data(self, txn: lmdb.Transaction, key: bytes, record: Record) -> bytes | None:
+    def _inline_data(self, txn: Txn, key: bytes, record: Record) -> bytes | None:
+        """The bytes the record points at, or None when its `order` entry is gone."""
         value = txn.get(seq_key(record.seq), db=self.env.order)
         if value is None:
             return None
@@ -193,7 +204,7 @@ class Engine(Upkeep):
 
     # -- writes --------------------------------------------------------------------
 
-    def _write(self, body: Callable[[lmdb.Transaction, list[str]], _T], what: str) -> _T:
+    def _write(self, body: Callable[[Txn, list[str]], _T], what: str) -> _T:
         """Run `body` in one write transaction.  The files it released are unlinked, and
         new files renamed in, while the transaction holds LMDB's write lock (one writer
         across processes), so an eviction's unlink and a re-upload's rename of the same
@@ -201,12 +212,12 @@ class Engine(Upkeep):
         the commit leaves an entry without its file: read as missing, and dropped."""
         unlinks: list[str] = []
         try:
-            with self.env.env.begin(write=True) as txn:
+            with self.env.begin(write=True) as txn:
                 result = body(txn, unlinks)
                 self.area.unlink_all(unlinks)
             if not self.durable and time.monotonic() - self._synced > SYNC_INTERVAL:
                 self._synced = time.monotonic()
-                self.env.env.sync(True)
+                self.env.sync()
         except lmdb.Error as exc:
             raise map_error(exc, f"disk storage {self.name} ({what})")  # noqa: B904 - keeps the OSError cause
         return result
@@ -252,17 +263,17 @@ class Engine(Upkeep):
             results[pos] = error
         return results
 
-    def _add(self, txn: lmdb.Transaction, unlinks: list[str], entries: list[Entry],
+    def _add(self, txn: Txn, unlinks: list[str], entries: list[Entry],
              lengths: list[int]) -> dict[int, Exception]:
         env = self.env
-        self._apply_touches(txn)  # before evicting: what was used since is not the oldest
+        self._apply_touches(txn, unlinks)  # before evicting: what was used since is not the oldest
         charged = env.counter(txn, b"charged")
         objects = env.counter(txn, b"objects")
         batch = {entry[1] for entry in entries}
         errors: dict[int, Exception] = {}
         # LMDB needs free pages even to delete (copy-on-write): stop inline writes short of
         # the map's end, so eviction and deletes can always run and free space again.
-        room = int(self.env.env.info()["map_size"] * MAP_HEADROOM) - env.page_bytes(txn)
+        room = int(env.map_size() * MAP_HEADROOM) - env.page_bytes(txn, (env.order, env.seqs))
         for pos, key, data, blocks, tmp in entries:
             if data is not None:
                 room -= len(data) + len(key) * 3
@@ -328,7 +339,7 @@ class Engine(Upkeep):
         """Remove entries (and their data); returns how many were present."""
         keys = [key_of(d) for d in digests]
 
-        def body(txn: lmdb.Transaction, unlinks: list[str]) -> int:
+        def body(txn: Txn, unlinks: list[str]) -> int:
             env = self.env
             charged = env.counter(txn, b"charged")
             objects = env.counter(txn, b"objects")
@@ -348,7 +359,7 @@ class Engine(Upkeep):
 
         return self._write(body, "removing blobs")
 
-    def _append(self, txn: lmdb.Transaction, key: bytes, data: bytes | None) -> int:
+    def _append(self, txn: Txn, key: bytes, data: bytes | None) -> int:
         seq = self.env.counter(txn, b"seq") + 1
         self.env.set_counter(txn, b"seq", seq)
         txn.put(seq_key(seq), order_value(key, data), db=self.env.order, append=True)

@@ -1,17 +1,31 @@
-"""The engine's on-disk index: one LMDB environment, its named databases, record formats.
+"""The engine's on-disk index: two LMDB environments, their databases, record formats.
 
-Databases (all in `<path>/index/data.mdb`):
+`<path>/meta/` (small, read by every FindMissingBlobs; kept apart so its pages stay
+in the page cache instead of being evicted with the data pages, docs/storage-engine.md):
 
 - `meta`: key -> record (stored length, position in `order`, bytes charged to the
-  quota, where the data is).  Small, so FindMissingBlobs touches only these pages.
+  quota, where the data is).
+- `info`: named counters updated in the same transactions as the records
+  (`charged`, `objects`, `layout`).
+
+`<path>/index/` (the bulk: inline blob data):
+
 - `order`: position (8 bytes, big-endian, from a counter) -> key length, key, and the
   bytes of a small blob (a large blob's entry holds only its key).  Always appended
   at the end (LMDB's append mode: pages filled completely, written sequentially),
   evicted from the start: the oldest entries go first, whole pages at a time.  A blob
   used while in the oldest quarter is copied to the end (Buildbarn's "refresh"), so
   what is used stays; the order is LRU-like without a write per use.
-- `info`: named counters updated in the same transactions as the entries
-  (`charged`, `seq`, `objects`, `layout`).
+- `info`: `seq`, the last position handed out (kept with `order`, so a crash between
+  the two commits can never hand out a position twice).
+
+A transaction spans both environments (`Txn`).  Writes lock `order` first, then
+`meta`
+(always in that order: no deadlock between processes), and commit `order` first, then
+`meta`: the `meta` commit makes a write visible.  Reads begin on `meta`, then `order`.
+So a crash between the commits leaves at worst an `order` entry no record points at (an
+orphan: eviction and scrub delete it) or a record whose `order` entry is gone (dangling:
+read as missing and dropped), never a record pointing at the wrong bytes.
 
 Keys are `function byte (the REAPI enum value) + raw hash + size (8 bytes)`: 41 bytes
 for SHA-256.  The size is part of the key because a `verify: false` store (the
@@ -19,9 +33,8 @@ ActionCache) is keyed by an action digest, whose hash says nothing of the bytes.
 
 LMDB refuses to open one environment twice in a process (its locks are per
 process), so environments are shared by path with a reference count: two stores on
-one directory in one process (tests, an admin command) share it.
+one directory in one process (tests, an admin command) share them.
 """
-
 from __future__ import annotations
 
 import errno
@@ -44,7 +57,11 @@ _U64 = struct.Struct(">Q")
 _LE64 = struct.Struct("<Q")
 
 #: Bumped when the layout changes; a store without it is migrated from the old layout.
-LAYOUT = 3
+LAYOUT = 4
+
+
+def layout_mark() -> bytes:
+    return _LE64.pack(LAYOUT)
 
 
 _PREFIX = {function: bytes((function.proto_value,)) for function in DigestFunction}
@@ -95,33 +112,46 @@ def split_order_value(value: bytes | memoryview) -> tuple[bytes, bytes]:
     return bytes(value[1:1 + n]), bytes(value[1 + n:])
 
 
+def _open_env(path: Path, map_size: int, durable: bool, readahead: bool) -> lmdb.Environment:
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return lmdb.open(
+            str(path), map_size=map_size, max_dbs=8, max_readers=1024, subdir=True,
+            # Durable: every commit synced (data, then meta).  Fast (default): commits
+            # are not synced; the engine syncs at most SYNC_INTERVAL after a commit
+            # (docs/storage-engine.md says what a power failure can cost).
+            sync=durable, metasync=durable, readahead=readahead, lock=True,
+        )
+    except lmdb.Error as exc:
+        raise map_error(exc, f"the index in {path}")  # noqa: B904 - keeps the OSError cause
+
+
 class Env:
-    """One open LMDB environment and its databases (shared within a process)."""
+    """The two open LMDB environments of a store and their databases (shared within a process)."""
 
     _open: dict[str, Env] = {}
     _lock = threading.Lock()
 
-    def __init__(self, path: Path, map_size: int, durable: bool) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path
+    def __init__(self, root: Path, map_size: int, durable: bool) -> None:
+        self.path = root
         self.refs = 0
+        # `index` is read one blob at a time, at random: readahead around a fault would read
+        # pages nobody asked for.  `meta` is small and all of it is wanted in the page cache:
+        # readahead brings it in with a few faults (measured: docs/storage-engine.md).
+        self.data_env = _open_env(root / "index", map_size, durable, readahead=False)
         try:
-            self.env = lmdb.open(
-                str(path), map_size=map_size, max_dbs=8, max_readers=1024, subdir=True,
-                # Durable: every commit synced (data, then meta).  Fast (default): commits
-                # are not synced; the engine syncs at most SYNC_INTERVAL after a commit
-                # (docs/storage-engine.md says what a power failure can cost).
-                sync=durable, metasync=durable, readahead=False, lock=True,
-            )
-        except lmdb.Error as exc:
-            raise map_error(exc, f"the index in {path}")  # noqa: B904 - keeps the OSError cause
-        self.meta = self.env.open_db(b"meta")
-        self.order = self.env.open_db(b"order")
-        self.info = self.env.open_db(b"info")
+            self.meta_env = _open_env(root / "meta", map_size, durable, readahead=True)
+        except BaseException:
+            self.data_env.close()
+            raise
+        self.order = self.data_env.open_db(b"order")
+        self.seqs = self.data_env.open_db(b"info")
+        self.meta = self.meta_env.open_db(b"meta")
+        self.info = self.meta_env.open_db(b"info")
 
     @classmethod
-    def acquire(cls, path: Path, map_size: int, durable: bool) -> Env:
-        real = os.path.realpath(path)
+    def acquire(cls, root: Path, map_size: int, durable: bool) -> Env:
+        real = os.path.realpath(root)
         with cls._lock:
             env = cls._open.get(real)
             if env is None:
@@ -134,31 +164,132 @@ class Env:
             self.refs -= 1
             if self.refs == 0:
                 del self._open[str(self.path)]
-                self.env.close()
+                self.data_env.close()
+                self.meta_env.close()
 
-    def counter(self, txn: lmdb.Transaction, name: bytes) -> int:
-        value = txn.get(name, db=self.info)
+    def begin(self, write: bool = False) -> Txn:
+        return Txn(self, write)
+
+    def sync(self) -> None:
+        self.data_env.sync(True)
+        self.meta_env.sync(True)
+
+    def counter(self, txn: Txn, name: bytes) -> int:
+        value = txn.get(name, db=self.seqs if name == b"seq" else self.info)
         return _LE64.unpack(value)[0] if value is not None else 0
 
-    def set_counter(self, txn: lmdb.Transaction, name: bytes, value: int) -> None:
-        txn.put(name, _LE64.pack(max(value, 0)), db=self.info)
+    def set_counter(self, txn: Txn, name: bytes, value: int) -> None:
+        txn.put(name, _LE64.pack(max(value, 0)), db=self.seqs if name == b"seq" else self.info)
 
-    def page_bytes(self, txn: lmdb.Transaction) -> int:
-        """Bytes of pages the four databases occupy now (not the file's high-water mark)."""
+    def page_bytes(self, txn: Txn, dbs: tuple = ()) -> int:
+        """Bytes of pages the databases occupy now (not the files' high-water marks)."""
         total = 0
-        for db in (self.meta, self.order, self.info):
+        for db in dbs or (self.meta, self.info, self.order, self.seqs):
             s = txn.stat(db)
             total += (s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]) * s["psize"]
         return total
 
+    def file_bytes(self) -> int:
+        return sum((e.info()["last_pgno"] + 1) * 4096 for e in (self.data_env, self.meta_env))
+
+    def map_size(self) -> int:
+        return self.data_env.info()["map_size"]
+
+
+class Txn:
+    """One transaction over both environments, routed by database handle, so the
+    engine's code reads as if there were one environment.
+
+    Write: `order`'s write lock first, then `meta`'s; commit `order` first, then `meta`
+    (the `meta` commit is the moment a write becomes visible).  Read: `meta` first; the
+    `order` snapshot, taken later and only when needed, is at least as new, so an entry
+    a record points at is there unless it was deleted since (then: missing)."""
+
+    __slots__ = ("_data", "_env", "_meta", "_write")
+
+    def __init__(self, env: Env, write: bool) -> None:
+        self._env = env
+        self._write = write
+        self._data: lmdb.Transaction | None = None
+        if write:
+            self._data = env.data_env.begin(write=True)
+            try:
+                self._meta = env.meta_env.begin(write=True)
+            except BaseException:
+                self._data.abort()
+                raise
+        else:
+            self._meta = env.meta_env.begin()
+
+    def _txn(self, db: lmdb._Database) -> lmdb.Transaction:
+        if db is self._env.meta or db is self._env.info:
+            return self._meta
+        if self._data is None:
+            self._data = self._env.data_env.begin()
+        return self._data
+
+    @property
+    def meta_txn(self) -> lmdb.Transaction:
+        return self._meta
+
+    def get(self, key: bytes, db: lmdb._Database) -> bytes | None:
+        return self._txn(db).get(key, db=db)
+
+    def put(self, key: bytes, value: bytes | memoryview, db: lmdb._Database, append: bool = False) -> bool:
+        return self._txn(db).put(key, value, db=db, append=append)
+
+    def delete(self, key: bytes, db: lmdb._Database) -> bool:
+        return self._txn(db).delete(key, db=db)
+
+    def cursor(self, db: lmdb._Database) -> lmdb.Cursor:
+        return self._txn(db).cursor(db=db)
+
+    def stat(self, db: lmdb._Database) -> dict:
+        return self._txn(db).stat(db)
+
+    def commit(self) -> None:
+        try:
+            if self._data is not None:
+                self._data.commit()
+        except BaseException:
+            self._meta.abort()
+            raise
+        self._meta.commit()
+
+    def abort(self) -> None:
+        if self._data is not None:
+            self._data.abort()
+        self._meta.abort()
+
+    def __enter__(self) -> Txn:
+        return self
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        if kind is None and self._write:
+            self.commit()
+        else:
+            self.abort()
+
 
 def map_error(exc: Exception, what: str) -> Exception:
-    """A full map or filesystem under LMDB is RESOURCE_EXHAUSTED; anything else stays."""
+    """A full map or filesystem under LMDB is RESOURCE_EXHAUSTED naming its cause (the
+    LMDB error, or the OS error LMDB got, as `__cause__` and in the message); anything
+    else stays."""
     if isinstance(exc, lmdb.MapFullError):
-        return ResourceExhausted(f"{what} is full (its map size is reached)")
-    if isinstance(exc, lmdb.DiskError | lmdb.Error) and _is_no_space(exc):
-        return from_os_error(OSError(errno.ENOSPC, str(exc)), what)
+        err = ResourceExhausted(f"{what} is full: its LMDB map size is reached (the `map-size` option "
+                                "sets it; deleting blobs frees pages)")
+        err.__cause__ = exc
+        return err
+    code = getattr(exc, "code", 0)
+    if isinstance(exc, lmdb.Error) and (code in _NO_SPACE or _is_no_space(exc)):
+        cause = OSError(code if code in _NO_SPACE else errno.ENOSPC,
+                        os.strerror(code if code in _NO_SPACE else errno.ENOSPC))
+        cause.__cause__ = exc
+        return from_os_error(cause, what)
     return exc
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _is_no_space(exc: Exception) -> bool:

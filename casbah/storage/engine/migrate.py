@@ -1,4 +1,9 @@
-"""Importing the old file-per-blob layout (`<path>/objects/<2 hex>/<key>`) into the engine.
+"""Upgrading older stores: the file-per-blob layout, and layout 3 (one LMDB environment).
+
+Layout 3 kept the `meta` records in `<path>/index/` beside the inline data; layout 4
+moves them (and the quota counters) into `<path>/meta/` (`move_meta`).
+
+Importing the old file-per-blob layout (`<path>/objects/<2 hex>/<key>`):
 
 Runs on the first open of a directory whose index has no layout mark (a new store
 too: then there is nothing to import), or explicitly by `casbah admin migrate`.
@@ -22,15 +27,94 @@ import shutil
 import time
 from typing import TYPE_CHECKING
 
-from casbah.storage.engine.index import LAYOUT, key_of
+import lmdb
+
+from casbah.storage.engine.index import LAYOUT, key_of, layout_mark
 from casbah.storage.keys import parse_key
 
 if TYPE_CHECKING:
     from casbah.storage.engine.core import Engine, Entry
+    from casbah.storage.engine.index import Env, Txn
 
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+#: Records copied per `meta` transaction when moving layout 3's records.
+MOVE_BATCH = 50_000
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the store at `engine.root` to the current layout (called on open when the
+    `meta` environment has no current layout mark)."""
+    with engine.env.data_env.begin() as txn:
+        old = txn.get(b"layout", db=engine.env.seqs)
+    if old is not None and int.from_bytes(old, "little") >= 3:
+        move_meta(engine)
+    else:
+        migrate(engine)
+
+
+def move_meta(engine: Engine) -> int:
+    """Layout 3 -> 4: copy `index/meta` and the counters into the `meta` environment.
+
+    Runs inside a write transaction of the `index` environment, whose writer lock is
+    cross-process: a second process opening the store meanwhile waits, then finds the
+    work done.  The copy commits in batches; then the old `meta` database is dropped
+    and `index` marked layout 4 in the outer transaction; the `meta` environment's
+    layout mark is written last.  A crash before the outer commit leaves layout 3
+    intact and the next open copies again from the start (clearing the partial copy);
+    a crash after it leaves a complete copy that only needs its mark.  Returns the
+    records copied."""
+    env = engine.env
+    started = time.monotonic()
+    copied = 0
+    with env.data_env.begin(write=True) as outer:
+        mark = outer.get(b"layout", db=env.seqs)
+        if mark is not None and int.from_bytes(mark, "little") == 3:
+            with env.meta_env.begin(write=True) as txn:
+                txn.drop(env.meta, delete=False)
+                txn.drop(env.info, delete=False)
+            try:
+                old = env.data_env.open_db(b"meta", txn=outer, create=False)
+            except lmdb.NotFoundError:
+                old = None
+            if old is not None:
+                copied = _copy(env, outer, old)
+                outer.drop(old, delete=True)
+            with env.meta_env.begin(write=True) as txn:
+                for name in (b"charged", b"objects"):
+                    value = outer.get(name, db=env.seqs)
+                    if value is not None:
+                        txn.put(name, value, db=env.info)
+            for name in (b"charged", b"objects"):
+                outer.delete(name, db=env.seqs)
+            outer.put(b"layout", layout_mark(), db=env.seqs)
+    with env.meta_env.begin(write=True) as txn:
+        txn.put(b"layout", layout_mark(), db=env.info)
+    if copied:
+        log.info("disk storage %s: moved %d index records into %s in %.1fs", engine.name, copied,
+                 engine.root / "meta", time.monotonic() - started)
+    return copied
+
+
+def _copy(env: Env, outer: lmdb.Transaction, old: lmdb._Database) -> int:
+    """Every record of `old` (read in `outer`) into `meta`, in key order (appended:
+    full pages), `MOVE_BATCH` per transaction."""
+    copied = 0
+    cursor = outer.cursor(db=old)
+    ok = cursor.first()
+    while ok:
+        with env.meta_env.begin(write=True) as txn:
+            put = txn.put
+            meta = env.meta
+            n = 0
+            while ok and n < MOVE_BATCH:
+                put(cursor.key(), cursor.value(), db=meta, append=True)
+                n += 1
+                ok = cursor.next()
+        copied += n
+    cursor.close()
+    return copied
 
 
 def migrate(engine: Engine) -> int:
@@ -65,7 +149,11 @@ def migrate(engine: Engine) -> int:
             os.unlink(engine.root / stale)
         except FileNotFoundError:
             pass
-    engine._write(lambda txn, _u: engine.env.set_counter(txn, b"layout", LAYOUT), "marking the layout")
+    def mark(txn: Txn, _unlinks: list[str]) -> None:
+        txn.put(b"layout", layout_mark(), db=engine.env.seqs)
+        engine.env.set_counter(txn, b"layout", LAYOUT)  # in `meta`: committed last
+
+    engine._write(mark, "marking the layout")
     return imported
 
 

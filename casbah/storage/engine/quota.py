@@ -22,9 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import lmdb
-
-from casbah.storage.engine.index import FILE, Env, Record, seq_key, seq_of, split_order_value
+from casbah.storage.engine.index import FILE, Env, Record, Txn, seq_key, seq_of, split_order_value
 
 PAGE = 4096
 #: LMDB keeps values up to about half a page in the leaf itself; larger ones take overflow pages.
@@ -54,7 +52,7 @@ def charge_file(key_len: int, blocks: int) -> int:
     return int(_meta(key_len) + (8 + 1 + key_len + _NODE) / _FILL_ORDER) + 1 + blocks
 
 
-def remove_entry(env: Env, txn: lmdb.Transaction, key: bytes, record: Record,
+def remove_entry(env: Env, txn: Txn, key: bytes, record: Record,
                  file_path: Callable[[bytes], str], unlinks: list[str]) -> None:
     """Delete one entry's records in `txn`; a file's path goes to `unlinks` (removed after commit)."""
     txn.delete(key, db=env.meta)
@@ -63,7 +61,7 @@ def remove_entry(env: Env, txn: lmdb.Transaction, key: bytes, record: Record,
         unlinks.append(file_path(key))
 
 
-def evict(env: Env, txn: lmdb.Transaction, charged: int, target: int, protected: Callable[[bytes], bool],
+def evict(env: Env, txn: Txn, charged: int, target: int, protected: Callable[[bytes], bool],
           file_path: Callable[[bytes], str], unlinks: list[str]) -> tuple[int, int]:
     """Delete the oldest entries until `charged <= target`, skipping those `protected`
     says are being read or written; nothing when even that would not make room.
