@@ -43,6 +43,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import lmdb
 
@@ -233,7 +234,7 @@ class Txn:
         return self._meta
 
     def get(self, key: bytes, db: lmdb._Database) -> bytes | None:
-        return self._txn(db).get(key, db=db)
+        return cast("bytes | None", self._txn(db).get(key, db=db))  # no `buffers=True`: always bytes
 
     def put(self, key: bytes, value: bytes | memoryview, db: lmdb._Database, append: bool = False) -> bool:
         return self._txn(db).put(key, value, db=db, append=append)
@@ -245,7 +246,7 @@ class Txn:
         return self._txn(db).cursor(db=db)
 
     def stat(self, db: lmdb._Database) -> dict:
-        return self._txn(db).stat(db)
+        return dict(self._txn(db).stat(db))
 
     def commit(self) -> None:
         try:

@@ -299,10 +299,10 @@ class Upkeep:
                 if ok and after and cursor.key() == after:
                     ok = cursor.next()
                 while ok and seen < page:
-                    skey = cursor.key()
+                    skey = bytes(cursor.key())
                     after = skey
                     seen += 1
-                    if not self._points_at(txn, skey, cursor.value()[:256]):
+                    if not self._points_at(txn, skey, bytes(cursor.value()[:256])):
                         candidates.append(skey)
                     ok = cursor.next()
             if candidates:
