@@ -121,6 +121,14 @@ class Storage(abc.ABC):
                 results.append(exc)
         return results
 
+    async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
+        """Optional capability: when this store would fetch `digest` from an upstream that
+        can split it (SplitBlob), the upstream's chunk list, so the layer above
+        (`SplicedStorage`) fetches only the chunks its local side lacks and keeps them.
+        None, the default: no such upstream, the blob is held here, or not worth it.
+        A capability rather than an import, so `storage/` never depends on a client."""
+        return None
+
     async def stats(self) -> dict[str, int]:
         """Size/object counts for metrics and the status page; cheap or empty."""
         return {}

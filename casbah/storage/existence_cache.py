@@ -98,6 +98,13 @@ class ExistenceCacheStorage(Storage):
         self._remember(d for (d, _), err in zip(blobs, results, strict=True) if err is None)
         return results
 
+    async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
+        try:
+            return await self.inner.upstream_chunks(digest)
+        except BlobNotFound:
+            self._forget([digest])
+            raise
+
     async def delete(self, digests: Sequence[Digest]) -> int:
         self._forget(digests)
         return await self.inner.delete(digests)
