@@ -129,6 +129,14 @@ class Storage(abc.ABC):
         A capability rather than an import, so `storage/` never depends on a client."""
         return None
 
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        """Optional capability: a SpliceBlob accepted here (the chunks verified, all held
+        by this store) made known to the upstream this store writes to, so the blob is
+        present there too and not only in the splicing layer's record.  True: the upstream
+        spliced it; False: there is an upstream that cannot splice (the caller writes the
+        blob through whole); None, the default: no upstream, nothing to do."""
+        return None
+
     async def stats(self) -> dict[str, int]:
         """Size/object counts for metrics and the status page; cheap or empty."""
         return {}

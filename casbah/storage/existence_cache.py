@@ -105,6 +105,12 @@ class ExistenceCacheStorage(Storage):
             self._forget([digest])
             raise
 
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        done = await self.inner.splice_upstream(digest, chunks)
+        if done:
+            self._remember([digest])
+        return done
+
     async def delete(self, digests: Sequence[Digest]) -> int:
         self._forget(digests)
         return await self.inner.delete(digests)

@@ -142,6 +142,9 @@ class MetricsStorage(Storage):
     async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
         return await self.inner.upstream_chunks(digest)
 
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        return await self.inner.splice_upstream(digest, chunks)
+
     async def stats(self) -> dict[str, int]:
         return await self.inner.stats()
 

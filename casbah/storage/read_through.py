@@ -75,6 +75,11 @@ class ReadThroughStorage(Storage):
             return None
         return await self.slow.upstream_chunks(digest)
 
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        """The slow store is the truth for writes: a splice goes to it (its chunks went
+        there as they were written)."""
+        return await self.slow.splice_upstream(digest, chunks)
+
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         found, _ = await read_many_partial(self.fast, digests)  # a lost fast copy is a miss
         rest = [d for d in digests if d not in found]

@@ -123,6 +123,9 @@ class RemoteStorage(Storage):
     async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
         return await chunked.split(self.client, digest)
 
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        return await chunked.splice(self.client, digest, chunks)
+
     async def write_bytes(self, digest: Digest, data: bytes) -> None:
         results = await self.write_many([(digest, data)])
         if results[0] is not None:

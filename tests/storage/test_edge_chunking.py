@@ -25,7 +25,8 @@ from casbah.cdc import FastCdcParams, cut_buffer
 from casbah.digest import Digest
 from casbah.errors import DataLoss, DigestMismatch
 from casbah.storage.base import Storage
-from casbah.storage.spliced import SplicedStorage
+from casbah.storage.spliced import FAST_CDC_2020, SplicedStorage
+from casbah.storage.splitting import splice
 
 SIZE = 4 << 20
 CHANGED = 64 * 1024
@@ -254,6 +255,35 @@ def test_a_corrupt_chunk_from_the_upstream_is_data_loss_and_nothing_is_stored() 
                 assert await store.record(v2) is None
                 assert await fast_side(store).find_missing([new[0], v2]) == [new[0], v2]
             finally:
+                await store.close()
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["upstream-splices", "upstream-without-splice"])
+def test_a_splice_at_the_edge_makes_the_blob_present_upstream(chunking: bool) -> None:
+    """A client (Bazel with chunking) splices at the edge: its chunks went up as they were
+    written, and the upstream gets the splice too (or, without SpliceBlob, the blob whole),
+    so other edges and the upstream's own clients see the blob, not only this edge."""
+    (v1, d1), _ = versions()
+    cuts = cut_buffer(d1, PARAMS, v1.function)
+    chunks = [c.digest for c in cuts]
+
+    async def body() -> None:
+        wire = Wire()
+        async with casbah_in_process(wire.faults, config=upstream_config(chunking)) as address:
+            store = edge(address)
+            direct = build_node({"kind": "remote", "url": f"grpc://{address}"})
+            try:
+                results = await store.write_many([(c.digest, d1[c.offset:c.offset + c.digest.size]) for c in cuts])
+                assert not any(results)
+                await splice(store, v1, chunks, FAST_CDC_2020)
+                assert wire.faults.count("SpliceBlob") == (1 if chunking else 0)
+                assert wire.faults.count("Write") == (0 if chunking else 1)
+                assert await direct.find_missing([v1]) == []
+                assert await read_all(direct, v1) == d1
+            finally:
+                await direct.close()
                 await store.close()
 
     asyncio.run(body())
