@@ -7,7 +7,8 @@ Both answer with the REAPI's statuses through `casbah.errors`:
   server already keeps as a different, complete chunk list is ALREADY_EXISTS (the blob
   is present: a client takes it as done).  Otherwise the record is written and the
   blob is present, stored as its chunks, never copied.
-- split: a spliced blob answers its recorded list while every chunk is present; a blob
+- split: a spliced blob answers its recorded list while every chunk is present; on an
+  edge lacking the blob, the upstream's list (not fetching the blob whole); a blob
   stored whole is cut with FastCDC 2020 at the instance's parameters, every chunk made
   present in CAS, the split recorded and answered; a blob no larger than the minimum
   chunk size is its own single chunk (what FastCDC yields), answered without a record;
@@ -98,6 +99,10 @@ async def split(store: SplicedStorage, blob: Digest, params: FastCdcParams,
     whole = not await store.inner.find_missing([blob])
     if record is not None and blob in complete and not (whole and _other_params(record, params)):
         return list(record.chunks), record.chunking
+    if record is None:
+        upstream = await store.inner.upstream_chunks(blob)  # an edge lacking the blob: the upstream's split
+        if upstream is not None:
+            return upstream, FAST_CDC_2020  # recorded once a read through the edge verified it
     if not whole:
         if record is not None:
             gone = await store.inner.find_missing(list(record.chunks))

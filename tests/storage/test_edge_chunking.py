@@ -26,7 +26,7 @@ from casbah.digest import Digest
 from casbah.errors import DataLoss, DigestMismatch
 from casbah.storage.base import Storage
 from casbah.storage.spliced import FAST_CDC_2020, SplicedStorage
-from casbah.storage.splitting import splice
+from casbah.storage.splitting import splice, split
 
 SIZE = 4 << 20
 CHANGED = 64 * 1024
@@ -284,6 +284,27 @@ def test_a_splice_at_the_edge_makes_the_blob_present_upstream(chunking: bool) ->
                 assert await read_all(direct, v1) == d1
             finally:
                 await direct.close()
+                await store.close()
+
+    asyncio.run(body())
+
+
+def test_split_blob_at_an_edge_lacking_the_blob_answers_the_upstreams_list() -> None:
+    """A chunking client asks the edge for a split: the edge does not fetch the blob whole
+    to cut it, it answers the upstream's list (and the client then reads the chunks)."""
+    (v1, d1), _ = versions()
+
+    async def body() -> None:
+        wire = Wire()
+        async with casbah_in_process(wire.faults, config=upstream_config()) as address:
+            await put_upstream(address, (v1, d1))
+            store = edge(address)
+            try:
+                wire.reset()
+                chunks, _ = await split(store, v1, PARAMS)
+                assert chunks == [c.digest for c in cut_buffer(d1, PARAMS, v1.function)]
+                assert wire.sent_down == 0 and wire.faults.count("SplitBlob") == 1
+            finally:
                 await store.close()
 
     asyncio.run(body())
