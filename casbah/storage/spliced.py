@@ -19,7 +19,7 @@ whatever the backend (disk, memory, S3, remote, the new engine…):
   through the backend, so those the local side holds are served locally and only the
   others cross the network (and are kept, so the next version shares them); the
   whole is verified as it streams, and the split is recorded here only once it did,
-  so later reads and FindMissingBlobs need neither the whole blob nor the upstream.
+  so later reads are assembled from local chunks, without the upstream.
 
 The REAPI calls themselves (`splice`, `split`) are in `casbah/storage/splitting.py`.
 """
