@@ -6,6 +6,9 @@ transfer moved, the server's disk use after one and after two versions, SplitBlo
 blob uploaded whole (wall time and the server's CPU time from /proc), and FastCDC's
 throughput against SHA-256 on one core.  A real `casbah serve` on disk storage, the
 REAPI's default parameters (512 KiB average).
+
+Then through an edge (`bench.chunking_edge`): an upstream and edges as real processes
+(`examples/edge-cache.yaml`), bytes counted at the upstream (its storage byte metrics).
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ def main() -> None:
     print(f"SplitBlob of a {args.size_mib} MiB blob uploaded whole: {split_s:.2f} s wall, {split_cpu:.2f} s "
           f"server CPU, {len(response.chunk_digests)} chunks")
     print(f"one core: FastCDC {cdc_mbs:.0f} MB/s, sha256 {sha_mbs:.0f} MB/s")
+    from bench.chunking_edge import run as run_edge
+
+    run_edge(args.size_mib, args.port + 1)
 
 
 async def _chunks(path: Path, offset: int):

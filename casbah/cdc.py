@@ -97,14 +97,59 @@ class MappedFile:
         self.close()
 
 
+#: Bytes of a file mapped at once while it is chunked.
+WINDOW = 64 << 20
+
+
+def cut_fd(fd: int, params: FastCdcParams, function: DigestFunction, window: int = WINDOW) -> list[Cut]:
+    """Chunk an open file (blocking) through a sliding mmap of at most `window` bytes:
+    the same cuts as `cut_buffer` over the whole file (FastCDC starts afresh at every
+    cut, so a window that starts at a cut and drops its last, possibly truncated, chunk
+    cuts exactly where the whole would), while a 1 GiB file never becomes 1 GiB of
+    the process's resident memory (mapped pages count there until unmapped)."""
+    size = os.fstat(fd).st_size
+    window = max(window, 2 * params.max + mmap.ALLOCATIONGRANULARITY)
+    cuts: list[Cut] = []
+    position = 0
+    while position < size:
+        base = position - position % mmap.ALLOCATIONGRANULARITY
+        length = min(size - base, window)
+        final = base + length >= size
+        mapped = mmap.mmap(fd, length, offset=base, access=mmap.ACCESS_READ)
+        view = memoryview(mapped)
+        try:
+            part = cut_buffer(view[position - base:], params, function)
+        finally:
+            try:
+                view.release()
+                mapped.close()
+            except BufferError:
+                pass  # a chunk view still refers to it: the mapping goes with the last reference
+        if not final:
+            part = part[:-1]  # the window's end is no cut: that chunk is cut again from its start
+        cuts.extend(Cut(position + c.offset, c.digest) for c in part)
+        position = cuts[-1].offset + cuts[-1].digest.size
+    return cuts
+
+
 def cut_file(path: str | os.PathLike, params: FastCdcParams, function: DigestFunction) -> list[Cut]:
-    """Chunk a file through an mmap (blocking)."""
+    """Chunk a file (blocking), through a sliding mmap window."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        with MappedFile(fd) as mapped:
-            return cut_buffer(mapped.view, params, function)
+        return cut_fd(fd, params, function)
     finally:
         os.close(fd)
+
+
+def read_at(fd: int, offset: int, size: int) -> bytes:
+    """`size` bytes of an open file from `offset` (blocking; a chunk's bytes to send)."""
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise EOFError(f"the file ends {size - len(data)} bytes short of a chunk at offset {offset}")
+        data += more
+    return data
 
 
 def spans(cuts: list[Cut]) -> Iterator[tuple[int, int, Digest]]:

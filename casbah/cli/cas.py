@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -14,10 +13,12 @@ from google.protobuf.message import DecodeError
 from casbah import humanize
 from casbah.cli.asset import remote_options, spec_from
 from casbah.cli.cache import CasbahCommand, external_links_option
+from casbah.client.download import download_file
 from casbah.client.remote import RemoteClient
 from casbah.client.sync import TransferBar, download_tree
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import CasbahError
+from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.tree import build_tree, hash_file
 
@@ -71,25 +72,23 @@ def _is_directory(client: RemoteClient, digest: Digest) -> bool:
 @click.argument("digest")
 @click.option("-o", "--output", required=True, type=click.Path(), help="File (blob) or directory (tree) to write.")
 @click.option("--tree/--blob", "as_tree", default=None, help="Force how DIGEST is treated (default: detect).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="A local cache whose objects a large blob's chunks are taken from (and kept in).")
 @external_links_option
-def download(digest: str, output: str, as_tree: bool | None, allow_external_symlinks: bool, **kwargs) -> None:
-    """Download a blob to a file, or a Directory digest as a whole tree."""
+def download(digest: str, output: str, as_tree: bool | None, cache_dir: str | None, allow_external_symlinks: bool,
+             **kwargs) -> None:
+    """Download a blob to a file, or a Directory digest as a whole tree.
+
+    A large blob on a server that splits blobs reuses the chunks of the file already at
+    OUTPUT (an older version) and of --cache, and fetches only the others."""
     d = Digest.parse(digest)
     with RemoteClient(spec_from(kwargs)) as client:
         tree = _is_directory(client, d) if as_tree is None else as_tree
         if not tree:
-            tmp = f"{output}.casbah-tmp"
-            try:
-                with open(tmp, "wb") as f, TransferBar(f"download {d.hash[:12]}…", d.size, sys.stderr.isatty()) as bar:
-                    for chunk in client.read_stream(d):
-                        f.write(chunk)
-                        bar.advance(0, len(chunk))
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
-            os.replace(tmp, output)
-            click.echo(f"{d} -> {output} ({humanize.size(d.size)})", err=True)
+            cache = LocalCache(os.path.expanduser(cache_dir)) if cache_dir else None
+            with TransferBar(f"download {d.hash[:12]}…", d.size, sys.stderr.isatty()) as bar:
+                received = download_file(client, d, output, cache, lambda n: bar.advance(0, n))
+            click.echo(f"{d} -> {output} ({humanize.size(d.size)}, {humanize.size(received)} received)", err=True)
             return
         summary = download_tree(client, d, output, show_progress=sys.stderr.isatty(),
                                 allow_external_symlinks=allow_external_symlinks)

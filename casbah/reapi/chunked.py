@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from casbah.cdc import Cut, FastCdcParams, MappedFile, cut_buffer
+from casbah.cdc import Cut, FastCdcParams, cut_buffer, cut_fd, read_at
 from casbah.digest import Digest
 from casbah.errors import AlreadyExists, BlobNotFound, CasbahError, DataLoss, Unsupported
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -63,20 +63,28 @@ async def upload_chunked(client: CasClient, digest: Digest, source: bytes | Path
     params = caps.cdc
     if isinstance(source, bytes):
         cuts = await asyncio.to_thread(cut_buffer, source, params, digest.function)
-        return await _send(client, digest, cuts, memoryview(source), progress)
+        view = memoryview(source)
+
+        async def from_memory(offset: int, size: int) -> bytes:
+            return bytes(view[offset:offset + size])
+
+        return await _send(client, digest, cuts, from_memory, progress)
     fd = await asyncio.to_thread(os.open, source, os.O_RDONLY)
     try:
-        with MappedFile(fd) as mapped:
-            if len(mapped.view) != digest.size:
-                raise DataLoss(f"{source} changed size while it was uploaded ({len(mapped.view)} bytes, "
-                               f"not {digest.size})")
-            cuts = await asyncio.to_thread(cut_buffer, mapped.view, params, digest.function)
-            return await _send(client, digest, cuts, mapped.view, progress)
+        size = os.fstat(fd).st_size
+        if size != digest.size:
+            raise DataLoss(f"{source} changed size while it was uploaded ({size} bytes, not {digest.size})")
+        cuts = await asyncio.to_thread(cut_fd, fd, params, digest.function)
+
+        async def from_file(offset: int, size: int) -> bytes:
+            return await asyncio.to_thread(read_at, fd, offset, size)
+
+        return await _send(client, digest, cuts, from_file, progress)
     finally:
         os.close(fd)
 
 
-async def _send(client: CasClient, digest: Digest, cuts: list[Cut], data: memoryview,
+async def _send(client: CasClient, digest: Digest, cuts: list[Cut], read: Callable[[int, int], Awaitable[bytes]],
                 progress: Callable[[int], None] | None = None) -> int | None:
     chunks = [c.digest for c in cuts]
     missing = set(await client.find_missing(chunks))
@@ -95,10 +103,19 @@ async def _send(client: CasClient, digest: Digest, cuts: list[Cut], data: memory
     for cut in cuts:
         if cut.digest in missing:
             missing.discard(cut.digest)
-            group.append((cut.digest, bytes(data[cut.offset:cut.offset + cut.digest.size])))
+            group.append((cut.digest, await read(cut.offset, cut.digest.size)))
             sent += cut.digest.size
         if sum(d.size for d, _ in group) >= UPLOAD_GROUP or cut is cuts[-1]:
             await flush()
+    if not await splice(client, digest, chunks):
+        return None
+    return sent
+
+
+async def splice(client: CasClient, digest: Digest, chunks: Sequence[Digest]) -> bool:
+    """SpliceBlob of chunks the server holds; False when it does not take splices."""
+    if not (await client.capabilities()).splice:
+        return False
     request = re_pb2.SpliceBlobRequest(
         instance_name=client.remote.instance, blob_digest=digest.to_proto(),
         digest_function=digest.function.proto_value, chunk_digests=[c.to_proto() for c in chunks],
@@ -109,8 +126,8 @@ async def _send(client: CasClient, digest: Digest, cuts: list[Cut], data: memory
     except AlreadyExists:
         pass  # the server keeps the blob as another chunk list: it is present
     except Unsupported:
-        return None
-    return sent
+        return False
+    return True
 
 
 async def _write(client: CasClient, group: list[tuple[Digest, bytes]]) -> None:
@@ -174,4 +191,5 @@ def assemble(digest: Digest, chunks: list[Digest], store: ChunkStore, source: st
         yield held
 
 
-__all__ = ["CasbahError", "ChunkStore", "assemble", "fetch_chunks", "split", "upload_chunked", "worth_chunking"]
+__all__ = ["CasbahError", "ChunkStore", "assemble", "fetch_chunks", "splice", "split", "upload_chunked",
+           "worth_chunking"]

@@ -121,6 +121,22 @@ class Storage(abc.ABC):
                 results.append(exc)
         return results
 
+    async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
+        """Optional capability: when this store would fetch `digest` from an upstream that
+        can split it (SplitBlob), the upstream's chunk list, so the layer above
+        (`SplicedStorage`) fetches only the chunks its local side lacks and keeps them.
+        None, the default: no such upstream, the blob is held here, or not worth it.
+        A capability rather than an import, so `storage/` never depends on a client."""
+        return None
+
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        """Optional capability: a SpliceBlob accepted here (the chunks verified, all held
+        by this store) made known to the upstream this store writes to, so the blob is
+        present there too and not only in the splicing layer's record.  True: the upstream
+        spliced it; False: there is an upstream that cannot splice (the caller writes the
+        blob through whole); None, the default: no upstream, nothing to do."""
+        return None
+
     async def stats(self) -> dict[str, int]:
         """Size/object counts for metrics and the status page; cheap or empty."""
         return {}

@@ -98,6 +98,19 @@ class ExistenceCacheStorage(Storage):
         self._remember(d for (d, _), err in zip(blobs, results, strict=True) if err is None)
         return results
 
+    async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
+        try:
+            return await self.inner.upstream_chunks(digest)
+        except BlobNotFound:
+            self._forget([digest])
+            raise
+
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        done = await self.inner.splice_upstream(digest, chunks)
+        if done:
+            self._remember([digest])
+        return done
+
     async def delete(self, digests: Sequence[Digest]) -> int:
         self._forget(digests)
         return await self.inner.delete(digests)

@@ -139,6 +139,12 @@ class MetricsStorage(Storage):
     def iterate(self) -> AsyncIterator[BlobInfo]:
         return self.inner.iterate()
 
+    async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
+        return await self.inner.upstream_chunks(digest)
+
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        return await self.inner.splice_upstream(digest, chunks)
+
     async def stats(self) -> dict[str, int]:
         return await self.inner.stats()
 

@@ -67,6 +67,19 @@ class ReadThroughStorage(Storage):
         stream = await self.slow.read(digest)
         return TeeStream(self.fast, digest, stream)
 
+    async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
+        """The slow side's chunk list of a blob the fast side lacks (an edge in front of a
+        splitting upstream): the spliced layer then reads the chunks through this cache, so
+        those the fast side holds are served locally and the others fetched and kept."""
+        if await self.fast.has(digest):
+            return None
+        return await self.slow.upstream_chunks(digest)
+
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        """The slow store is the truth for writes: a splice goes to it (its chunks went
+        there as they were written)."""
+        return await self.slow.splice_upstream(digest, chunks)
+
     async def read_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         found, _ = await read_many_partial(self.fast, digests)  # a lost fast copy is a miss
         rest = [d for d in digests if d not in found]

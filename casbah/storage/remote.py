@@ -11,7 +11,12 @@ the rules below are the client's.
   read that loses its connection, stalls, or ends short resumes from the offset
   already delivered;
 - zstd on the wire when the remote advertises it (`compression: auto`);
-- delete and iterate are not part of REAPI: they raise Unsupported.
+- delete and iterate are not part of REAPI: they raise Unsupported;
+- content-defined chunking (`casbah.reapi.chunked`) when the remote advertises it: a
+  large write is spooled to a temporary file (verified as it arrives, never held in
+  memory), cut with the remote's FastCDC parameters, and only the chunks the remote
+  lacks are sent before a SpliceBlob; `upstream_chunks` answers the remote's SplitBlob,
+  so an edge's spliced layer fetches only the chunks its local side lacks.
 
 Every blob read from the upstream is verified before it is passed on (unless the
 node is `verify: false`): a batch hashes each blob, and one that fails is lost
@@ -34,14 +39,18 @@ cannot hold a request forever).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from pathlib import Path
 
 from pydantic import Field
 
 from casbah.config import ConfigError
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, InvalidArgument, Unsupported
+from casbah.reapi import chunked
 from casbah.reapi.cas import CasClient
 from casbah.reapi.channel import RemoteSpec
 from casbah.reapi.connection import AsyncRemote
@@ -54,10 +63,13 @@ from casbah.storage.loader import NodeOptions, register
 class RemoteStorage(Storage):
     kind = "remote"
 
-    def __init__(self, remote: AsyncRemote, compression_mode: str = "auto", **kwargs) -> None:
+    def __init__(self, remote: AsyncRemote, compression_mode: str = "auto", spool_dir: str | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.remote = remote
         self.client = CasClient(remote, compression_mode)
+        #: Where a large write is spooled before it is chunked (None: the system's temp dir).
+        self.spool_dir = spool_dir
 
     def describe(self) -> str:
         return f"remote({self.remote.describe()})"
@@ -82,7 +94,37 @@ class RemoteStorage(Storage):
         return found_or_lost(found, lost)
 
     async def write(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        caps = await self.client.capabilities()
+        if self.verify and caps.splice and chunked.worth_chunking(caps.cdc, digest.size):
+            await self._write_chunked(digest, chunks)
+            return
         await self.client.write(digest, chunks, self.verifier(digest))
+
+    async def _write_chunked(self, digest: Digest, chunks: AsyncIterable[bytes]) -> None:
+        """Spool (verified), then only the chunks the remote lacks + SpliceBlob; a remote
+        that refuses the splice gets the spooled file over ByteStream, which, unlike a
+        one-shot stream, can resume after a transient failure."""
+        if self.spool_dir is not None:
+            await asyncio.to_thread(os.makedirs, self.spool_dir, exist_ok=True)
+        spool = await asyncio.to_thread(tempfile.NamedTemporaryFile, "w+b", dir=self.spool_dir,
+                                        prefix="casbah-splice-")
+        try:
+            verifier = self.verifier(digest)
+            async for piece in chunks:
+                verifier.update(piece)
+                await asyncio.to_thread(_write_all, spool.fileno(), piece)
+            verifier.finish()  # a wrong upload is refused before anything reaches the remote
+            path = Path(spool.name)
+            if await chunked.upload_chunked(self.client, digest, path) is None:
+                await self.client.write_reopenable(digest, lambda offset: _file_chunks(path, offset))
+        finally:
+            await asyncio.to_thread(spool.close)
+
+    async def upstream_chunks(self, digest: Digest) -> list[Digest] | None:
+        return await chunked.split(self.client, digest)
+
+    async def splice_upstream(self, digest: Digest, chunks: Sequence[Digest]) -> bool | None:
+        return await chunked.splice(self.client, digest, chunks)
 
     async def write_bytes(self, digest: Digest, data: bytes) -> None:
         results = await self.write_many([(digest, data)])
@@ -103,6 +145,22 @@ class RemoteStorage(Storage):
         await self.client.close()
 
 
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def _file_chunks(path: Path, offset: int) -> AsyncIterator[bytes]:
+    f = await asyncio.to_thread(open, path, "rb", buffering=0)
+    try:
+        f.seek(offset)
+        while piece := await asyncio.to_thread(f.read, 1 << 20):
+            yield piece
+    finally:
+        f.close()
+
+
 class RemoteConnectionOptions(KindOptions):
     """How to reach an upstream: shared by the storage, ActionCache and asset-index `remote` kinds."""
 
@@ -120,6 +178,7 @@ class RemoteConnectionOptions(KindOptions):
 
 class RemoteOptions(RemoteConnectionOptions, NodeOptions):
     compression: str = Field(default="auto", pattern="^(auto|zstd|identity)$")
+    spool_dir: str | None = Field(default=None, alias="spool-dir")
 
 
 def remote_from_options(options: RemoteConnectionOptions, where: str = "remote") -> AsyncRemote:
@@ -144,4 +203,5 @@ def remote_from_options(options: RemoteConnectionOptions, where: str = "remote")
 
 @register("remote", RemoteOptions)
 def _build(options: RemoteOptions, loader: object, path: str) -> RemoteStorage:
-    return RemoteStorage(remote_from_options(options, path), options.compression, name=path, verify=options.verify)
+    return RemoteStorage(remote_from_options(options, path), options.compression, options.spool_dir, name=path,
+                         verify=options.verify)

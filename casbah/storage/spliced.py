@@ -12,7 +12,14 @@ whatever the backend (disk, memory, S3, remote, the new engine…):
   their lifetime): an evicted or scrubbed chunk makes the blob missing at once;
 - `read` of a blob stored only as chunks streams it chunk by chunk, verifying the
   whole digest as it passes (a record that lies is DATA_LOSS, never served);
-- `read_many` (BatchReadBlobs, GetTree of a spliced Directory) assembles small ones.
+- `read_many` (BatchReadBlobs, GetTree of a spliced Directory) assembles small ones;
+- a whole read of a large blob the backend would fetch from an upstream that splits
+  (an edge: `cache` of a local store in front of a `remote`; the backend answers
+  `upstream_chunks`) goes by the upstream's chunk list instead: each chunk is read
+  through the backend, so those the local side holds are served locally and only the
+  others cross the network (and are kept, so the next version shares them); the
+  whole is verified as it streams, and the split is recorded here only once it did,
+  so later reads are assembled from local chunks, without the upstream.
 
 The REAPI calls themselves (`splice`, `split`) are in `casbah/storage/splitting.py`.
 """
@@ -29,6 +36,11 @@ from casbah.storage.base import BlobInfo, ReadVerifier, Storage, check_range, fo
 
 #: Values of build.bazel.remote.execution.v2.ChunkingFunction.Value.
 CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC = 0, 1, 2
+#: Whole reads of blobs above this size look for a split record (or an upstream's split)
+#: first, so a blob kept as chunks is served from them; smaller ones (rarely chunked: at
+#: the default parameters clients chunk from 4 MiB) read the backend first and spare the
+#: index lookup on the hot path, as before.
+ASSEMBLE_FIRST = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +119,10 @@ class SplicedStorage(Storage):
         return [d for d in missing if d not in assembled] if assembled else missing
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        if not offset and not limit and digest.size > ASSEMBLE_FIRST:
+            assembled = await self._read_by_chunks(digest)
+            if assembled is not None:
+                return assembled
         try:
             return await self.inner.read(digest, offset, limit)
         except BlobNotFound:
@@ -119,6 +135,37 @@ class SplicedStorage(Storage):
         count = check_range(digest, digest.size, offset, limit)
         verifier = ReadVerifier(digest, f"{self.describe()} (assembled from {len(record.chunks)} chunks)")
         return verified_range(self._concatenation(digest, record.chunks), verifier, offset, count)
+
+    async def _read_by_chunks(self, digest: Digest) -> AsyncIterator[bytes] | None:
+        """A large blob from its chunks when it has a complete record, or when the backend
+        would otherwise fetch it whole from an upstream that can split it; None: read it
+        as before (whole from the backend)."""
+        record = await self.record(digest)
+        if record is not None:
+            if await self.inner.find_missing(record.chunks):
+                return None  # a chunk is gone; the blob may still be stored whole
+            verifier = ReadVerifier(digest, f"{self.describe()} (assembled from {len(record.chunks)} chunks)")
+            return verified_range(self._concatenation(digest, record.chunks), verifier, 0, digest.size)
+        chunks = await self.inner.upstream_chunks(digest)
+        if chunks is None:
+            return None
+        return self._fetched(digest, chunks)
+
+    async def _fetched(self, digest: Digest, chunks: list[Digest]) -> AsyncIterator[bytes]:
+        """The upstream's chunks in order, verified against the blob, the split recorded
+        before the last piece is passed on (a lying chunk list or chunk is DATA_LOSS, and
+        nothing is recorded)."""
+        verifier = ReadVerifier(digest, f"{self.describe()} (the upstream's {len(chunks)} chunks)")
+        held: bytes | None = None
+        async for piece in self._concatenation(digest, chunks):
+            verifier.update(piece)
+            if held is not None:
+                yield held
+            held = piece
+        verifier.finish()
+        await self.put_record(digest, SplitRecord(FAST_CDC_2020, tuple(chunks)))
+        if held is not None:
+            yield held
 
     async def _concatenation(self, digest: Digest, chunks: Sequence[Digest]) -> AsyncIterator[bytes]:
         """The chunks' bytes in order, one chunk open at a time."""
