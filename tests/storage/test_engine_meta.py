@@ -262,3 +262,42 @@ def test_a_full_map_is_resource_exhausted_with_lmdbs_error_as_its_cause(tmp_path
     assert isinstance(error, ResourceExhausted)
     assert "disk storage cas" in str(error) and "map-size" in str(error)
     assert error.__cause__ is caught.value
+
+
+def test_a_blob_rewritten_or_refreshed_while_read_never_reads_as_missing(tmp_path: Path) -> None:
+    """A re-upload (two clients uploading the same blob) and a refresh both move a blob to
+    a new `order` position.  Its old entry is deleted only after `meta` shows the new one:
+    a reader whose `meta` snapshot still holds the old position must find it.  Before,
+    readers racing the rewrites saw gaps and reported present blobs missing."""
+    import threading
+
+    engine = Engine(tmp_path / "cas")
+    stored = blobs(50)
+    engine.put_many(stored)
+    digests = [d for d, _ in stored]
+    stop = threading.Event()
+    rewrites = 0
+
+    def rewrite() -> None:
+        nonlocal rewrites
+        while not stop.is_set():
+            engine.put_many(stored)  # every blob present: each one replaced
+            engine.touched.update(key_of(d) for d in digests)
+            engine.flush_touches()  # the oldest quarter refreshed
+            rewrites += 1
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        for _ in range(400):
+            found, corrupt, files = engine.get_inline(digests)
+            assert not corrupt and not files
+            assert len(found) == len(digests), f"{len(digests) - len(found)} present blobs read as missing"
+            assert not engine.dangling
+    finally:
+        stop.set()
+        writer.join()
+    assert rewrites > 5
+    engine.sweep_orphans()
+    assert engine.stats()["objects"] == 50
+    engine.close()

@@ -167,7 +167,17 @@ class Engine(Upkeep):
         found: dict[Digest, bytes] = {}
         corrupt: list[Digest] = []
         files: list[Digest] = []
+        gaps = self._get_inline(digests, found, corrupt, files)
+        if gaps:  # moved since our `meta` snapshot (its old entry retired): look again, once
+            for digest in self._get_inline(gaps, found, corrupt, files):
+                self.dangling.add(key_of(digest))
+        return found, corrupt, files
+
+    def _get_inline(self, digests: Sequence[Digest], found: dict[Digest, bytes], corrupt: list[Digest],
+                    files: list[Digest]) -> list[Digest]:
+        """One snapshot's pass of `get_inline`; returns the records whose entry it did not find."""
         env = self.env
+        gaps: list[Digest] = []
         with env.begin() as txn:
             for digest in digests:
                 key = key_of(digest)
@@ -180,13 +190,13 @@ class Engine(Upkeep):
                     continue
                 data = self._inline_data(txn, key, Record.unpack(value))
                 if data is None:
-                    self.dangling.add(key)
+                    gaps.append(digest)
                     continue
                 if self.verify and not matches(digest, data):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
-        return found, corrupt, files
+        return gaps
 
     def _inline_data(self, txn: Txn, key: bytes, record: Record) -> bytes | None:
         """The bytes the record points at, or None when its `order` entry is gone."""
@@ -285,7 +295,8 @@ class Engine(Upkeep):
             if old is not None:
                 record = Record.unpack(old)
                 keep_file = record.where == FILE and data is None
-                remove_entry(env, txn, key, record, self.file_path_of_key, [] if keep_file else unlinks)
+                remove_entry(env, txn, key, record, self.file_path_of_key, [] if keep_file else unlinks,
+                             replaced=True)
                 charged -= record.charge
                 objects -= 1
             if data is not None:

@@ -206,12 +206,13 @@ class Txn:
     `order` snapshot, taken later and only when needed, is at least as new, so an entry
     a record points at is there unless it was deleted since (then: missing)."""
 
-    __slots__ = ("_data", "_env", "_meta", "_write")
+    __slots__ = ("_data", "_env", "_meta", "_retired", "_write")
 
     def __init__(self, env: Env, write: bool) -> None:
         self._env = env
         self._write = write
         self._data: lmdb.Transaction | None = None
+        self._retired: list[bytes] = []
         if write:
             self._data = env.data_env.begin(write=True)
             try:
@@ -248,6 +249,13 @@ class Txn:
     def stat(self, db: lmdb._Database) -> dict:
         return dict(self._txn(db).stat(db))
 
+    def retire(self, skey: bytes) -> None:
+        """Delete an `order` entry a record is moving away from (a refresh, a re-upload)
+        only after `meta` committed the record's new position: a reader whose `meta`
+        snapshot still holds the old position finds the old entry, never a gap that
+        would read as missing."""
+        self._retired.append(skey)
+
     def commit(self) -> None:
         try:
             if self._data is not None:
@@ -256,6 +264,20 @@ class Txn:
             self._meta.abort()
             raise
         self._meta.commit()
+        if self._retired:
+            self._delete_retired()
+
+    def _delete_retired(self) -> None:
+        """A second, short `order` transaction.  If it fails (a full disk) or the process
+        dies first, the entries stay as orphans: no record points at them, so eviction
+        and scrub remove them (`sweep_orphans`)."""
+        retired, self._retired = self._retired, []
+        try:
+            with self._env.data_env.begin(write=True, db=self._env.order) as txn:
+                for skey in retired:
+                    txn.delete(skey)
+        except lmdb.Error:
+            pass
 
     def abort(self) -> None:
         if self._data is not None:

@@ -53,10 +53,15 @@ def charge_file(key_len: int, blocks: int) -> int:
 
 
 def remove_entry(env: Env, txn: Txn, key: bytes, record: Record,
-                 file_path: Callable[[bytes], str], unlinks: list[str]) -> None:
-    """Delete one entry's records in `txn`; a file's path goes to `unlinks` (removed after commit)."""
+                 file_path: Callable[[bytes], str], unlinks: list[str], replaced: bool = False) -> None:
+    """Delete one entry's records in `txn`; a file's path goes to `unlinks` (removed after commit).
+    An entry being `replaced` (a re-upload) keeps its `order` entry until the new record is
+    visible (`Txn.retire`)."""
     txn.delete(key, db=env.meta)
-    txn.delete(seq_key(record.seq), db=env.order)
+    if replaced:
+        txn.retire(seq_key(record.seq))
+    else:
+        txn.delete(seq_key(record.seq), db=env.order)
     if record.where == FILE:
         unlinks.append(file_path(key))
 

@@ -98,7 +98,7 @@ class Upkeep:
             entry = txn.get(old, db=env.order)
             if entry is None:
                 continue
-            txn.delete(old, db=env.order)
+            txn.retire(old)  # after the record's new position is visible
             record.seq = self._append_raw(txn, entry)
             txn.put(key, record.pack(), db=env.meta)
             moved += 1
