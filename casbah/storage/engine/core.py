@@ -150,9 +150,10 @@ class Engine(Upkeep):
         key = key_of(digest)
         with self.env.env.begin(db=self.env.meta) as txn:
             value = txn.get(key)
-        if value is None:
-            return None
-        self.touched.add(key)
+            if value is None:
+                return None
+            if _seq_in(value, 8)[0] <= self._boundary(txn):
+                self.touched.add(key)
         return Record.unpack(value)
 
     def get_inline(self, digests: Sequence[Digest]) -> tuple[dict[Digest, bytes], list[Digest], list[Digest]]:
@@ -161,13 +162,16 @@ class Engine(Upkeep):
         corrupt: list[Digest] = []
         files: list[Digest] = []
         env = self.env
+        old: list[bytes] = []
         with env.env.begin() as txn:
+            boundary = self._boundary(txn)
             for digest in digests:
                 key = key_of(digest)
                 value = txn.get(key, db=env.meta)
                 if value is None:
                     continue
-                self.touched.add(key)
+                if _seq_in(value, 8)[0] <= boundary:  # only blobs about to be evicted need a refresh
+                    old.append(key)
                 if value[-1] != INLINE:
                     files.append(digest)
                     continue
@@ -176,6 +180,8 @@ class Engine(Upkeep):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
+        if old:
+            self.touched.update(old)
         return found, corrupt, files
 
     def _inline_data(self, txn: lmdb.Transaction, key: bytes, record: Record) -> bytes | None:
