@@ -31,6 +31,7 @@ from casbah.server.admission import Admission
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances, MalformedRequests
+from casbah.server.batch_wire import add_cas_servicer
 from casbah.server.binding import check_bind, check_tls
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
@@ -191,7 +192,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
                              interceptors=[MalformedRequests(), MetricsInterceptor(observability, admission)])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
-    re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
+    add_cas_servicer(CasService(instances), server)  # BatchReadBlobs answers pre-encoded bytes
     re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(instances), server)
     bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
     fetch = FetchService(instances)

@@ -1,0 +1,67 @@
+"""The hand-encoded BatchReadBlobsResponse (server/batch_wire.py) is byte for byte what
+protobuf serializes for the same response, and decodes to it: every field shape a
+response can take (served, compressed, empty blob, NOT_FOUND, DATA_LOSS with a
+message, multi-byte lengths, other digest functions).  The server path itself is
+covered over gRPC by test_cas.py and tests/storage/test_verify_on_read.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from google.rpc import code_pb2, status_pb2
+
+from casbah.digest import Digest, DigestFunction
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.server.batch_wire import encode_batch_read
+from casbah.server.interceptor import _batch_read_bytes
+
+ZSTD = re_pb2.Compressor.ZSTD
+
+
+def digest(data: bytes, function: DigestFunction = DigestFunction.SHA256) -> Digest:
+    hasher = hashlib.sha512 if function is DigestFunction.SHA512 else hashlib.sha256
+    return Digest(hasher(data).hexdigest(), len(data), function)
+
+
+def expected(digests, found, statuses) -> re_pb2.BatchReadBlobsResponse:
+    response = re_pb2.BatchReadBlobsResponse()
+    for d in digests:
+        entry = response.responses.add()
+        entry.digest.hash = d.hash
+        entry.digest.size_bytes = d.size
+        if d in found:
+            entry.data, entry.compressor = found[d]
+        else:
+            entry.status.CopyFrom(statuses.get(d, status_pb2.Status(code=code_pb2.NOT_FOUND)))
+    return response
+
+
+def test_every_entry_shape_encodes_as_protobuf_does() -> None:
+    small, mid, big = os.urandom(100), os.urandom(200), os.urandom(70_000)
+    wide = os.urandom(20)
+    packed = b"\x28\xb5\x2f\xfd" + os.urandom(300)  # stands for zstd bytes: the encoder does not look
+    empty = digest(b"")
+    lost, absent = digest(os.urandom(10)), digest(os.urandom(11))
+    digests = [digest(small), absent, empty, digest(mid), lost, digest(big),
+               digest(wide, DigestFunction.SHA512), digest(packed + b"x")]
+    found = {digests[0]: (small, 0), empty: (b"", 0), digests[3]: (mid, 0), digests[5]: (big, 0),
+             digests[6]: (wide, 0), digests[7]: (packed, ZSTD)}
+    statuses = {lost: status_pb2.Status(code=code_pb2.DATA_LOSS, message="blob é " + "x" * 300)}
+    encoded = encode_batch_read(digests, found, statuses)
+    want = expected(digests, found, statuses)
+    assert encoded.wire == want.SerializeToString()
+    decoded = encoded.decode()
+    assert decoded == want
+    assert [r.status.code for r in decoded.responses] == [
+        code_pb2.OK, code_pb2.NOT_FOUND, code_pb2.OK, code_pb2.OK, code_pb2.DATA_LOSS, code_pb2.OK, code_pb2.OK,
+        code_pb2.OK]
+    assert decoded.responses[4].status.message.startswith("blob é")
+    assert encoded.payload_bytes == sum(len(data) for data, _ in found.values())
+    assert _batch_read_bytes(encoded) == _batch_read_bytes(want)  # metrics count the same bytes
+
+
+def test_an_empty_batch_is_an_empty_message() -> None:
+    encoded = encode_batch_read([], {}, {})
+    assert encoded.wire == b"" and encoded.payload_bytes == 0
+    assert not encoded.decode().responses
