@@ -24,14 +24,12 @@ from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as r
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.casbah.admin.v1 import admin_pb2_grpc as admin_grpc
-from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
 from casbah.server.admin import AdminService
 from casbah.server.admission import Admission
 from casbah.server.asset import AssetSettings, FetchService, PushService
 from casbah.server.auth import Authorizer
 from casbah.server.base import Instance, Instances, MalformedRequests
-from casbah.server.batch_wire import add_cas_servicer
 from casbah.server.binding import check_bind, check_tls
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
@@ -42,6 +40,7 @@ from casbah.server.interceptor import MetricsInterceptor
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
 from casbah.server.upkeep import Reloader, TlsFiles, cancel, purge_assets
+from casbah.server.wire import add_bytestream_servicer, add_cas_servicer
 from casbah.storage.action_cache import build_action_cache
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
@@ -194,7 +193,7 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
     add_cas_servicer(CasService(instances), server)  # BatchReadBlobs answers pre-encoded bytes
     re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(instances), server)
-    bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+    add_bytestream_servicer(bytestream, server)  # Read answers pre-encoded bytes
     fetch = FetchService(instances)
     ra_grpc.add_FetchServicer_to_server(fetch, server)
     ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)

@@ -28,6 +28,7 @@ from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.base import ByteBudget, Instances, next_message, rpc
 from casbah.server.resource_names import ResourceName, parse_read, parse_write
+from casbah.server.wire import encode_read
 from casbah.storage.base import Storage
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,14 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             stream = compression.compress_stream(stream)
         try:
             async for chunk in stream:
+                if not chunk:
+                    continue
+                if len(chunk) <= READ_MESSAGE:
+                    await _send(context, encode_read(chunk), idle, digest)
+                    continue
+                view = memoryview(chunk)  # slices of a view: the encoding is the one copy
                 for start in range(0, len(chunk), READ_MESSAGE):
-                    await _send(context, bs_pb2.ReadResponse(data=chunk[start:start + READ_MESSAGE]), idle, digest)
+                    await _send(context, encode_read(view[start:start + READ_MESSAGE]), idle, digest)
         finally:
             close = getattr(stream, "aclose", None)
             if close is not None:

@@ -30,7 +30,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.server.audit import note_write_outcome
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
-from casbah.server.batch_wire import encode_batch_read
+from casbah.server.wire import encode_batch_read
 from casbah.storage.base import Storage, read_many_partial
 from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC, SplicedStorage
 from casbah.storage.splitting import splice, split

@@ -1,14 +1,15 @@
-"""BatchReadBlobsResponse in protobuf wire form, built with one join, and the CAS
-service registered so that gRPC sends those bytes as they are.
+"""The responses that carry blob bytes (BatchReadBlobsResponse, ByteStream's
+ReadResponse) in protobuf wire form, and the services registered so that gRPC sends
+those bytes as they are.
 
-Building the response as protobuf objects costs a Python-to-upb call per field and
+Building a response as protobuf objects costs a Python-to-upb call per field and
 copies every blob twice (into the message, then into the serialized bytes): measured
 as the largest part of the server's CPU in BatchReadBlobs of small blobs.  Here each
 blob is copied once, by the join.  The encoding is the canonical one (fields in number
 order, defaults omitted), so a client decodes exactly what protobuf would have sent:
 responses = 1 (Response: digest = 1 {hash = 1, size_bytes = 2}, data = 2,
-status = 3 {code = 1, message = 2}, compressor = 4).  tests/server/test_batch_wire.py
-compares it with protobuf's own serialization.
+status = 3 {code = 1, message = 2}, compressor = 4); ReadResponse: data = 10.
+tests/server/test_wire.py compares them with protobuf's own serialization.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import grpc
 from google.rpc import status_pb2
 
 from casbah.digest import Digest
-from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.reapi.wire import varint
 
 #: Varints of the small values (lengths of hashes and short fields), looked up, not built.
@@ -33,8 +34,8 @@ def _len(n: int) -> bytes:
     return _SMALL[n] if n < 0x80 else varint(n)
 
 
-class EncodedBatchRead:
-    """A serialized BatchReadBlobsResponse and the blob bytes it carries (for metrics)."""
+class Encoded:
+    """A serialized response message and the blob bytes it carries (for metrics)."""
 
     __slots__ = ("payload_bytes", "wire")
 
@@ -42,13 +43,10 @@ class EncodedBatchRead:
         self.wire = wire
         self.payload_bytes = payload_bytes
 
-    def decode(self) -> Any:
-        """The message itself (tests, and anything that must look inside)."""
-        return re_pb2.BatchReadBlobsResponse.FromString(self.wire)
 
 
 def encode_batch_read(digests: Sequence[Digest], found: Mapping[Digest, tuple[bytes, int]],
-                      statuses: Mapping[Digest, status_pb2.Status]) -> EncodedBatchRead:
+                      statuses: Mapping[Digest, status_pb2.Status]) -> Encoded:
     """One Response per digest, in request order: (data, compressor) for those in
     `found`, else the status in `statuses`, else NOT_FOUND."""
     parts: list[bytes] = []
@@ -78,11 +76,18 @@ def encode_batch_read(digests: Sequence[Digest], found: Mapping[Digest, tuple[by
             payload += n
         if tail:
             append(tail)
-    return EncodedBatchRead(b"".join(parts), payload)
+    return Encoded(b"".join(parts), payload)
 
 
-def _serialize_batch_read(response: Any) -> bytes:
-    if isinstance(response, EncodedBatchRead):
+def encode_read(data: bytes | memoryview) -> Encoded:
+    """A ByteStream ReadResponse (data = 10) of `data`, which may be a view of a larger
+    chunk: the concatenation is its one copy."""
+    n = len(data)
+    return Encoded(b"\x52" + varint(n) + data if n else b"", n)
+
+
+def _serialize(response: Any) -> bytes:
+    if isinstance(response, Encoded):
         return response.wire
     return response.SerializeToString()
 
@@ -101,15 +106,25 @@ class _Collected:
         self.service, self.handlers = service, handlers
 
 
-def add_cas_servicer(servicer: Any, server: Any) -> None:
-    """`add_ContentAddressableStorageServicer_to_server`, with BatchReadBlobs answering
-    pre-encoded bytes (an `EncodedBatchRead`) as well as a message."""
+def _register(add: Any, servicer: Any, server: Any, pre_encoded: str) -> None:
+    """Run the generated `add_..._to_server` against a stand-in, let the method
+    `pre_encoded` answer `Encoded` responses too, and register the handlers."""
     collected = _Collected()
-    re_grpc.add_ContentAddressableStorageServicer_to_server(servicer, collected)
+    add(servicer, collected)
     handlers = dict(collected.handlers)
-    generated = handlers["BatchReadBlobs"]
-    handlers["BatchReadBlobs"] = grpc.unary_unary_rpc_method_handler(
-        servicer.BatchReadBlobs, request_deserializer=generated.request_deserializer,
-        response_serializer=_serialize_batch_read)
+    generated = handlers[pre_encoded]
+    make = grpc.unary_stream_rpc_method_handler if generated.response_streaming else grpc.unary_unary_rpc_method_handler
+    handlers[pre_encoded] = make(getattr(servicer, pre_encoded), request_deserializer=generated.request_deserializer,
+                                 response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.service, handlers),))
     server.add_registered_method_handlers(collected.service, handlers)
+
+
+def add_cas_servicer(servicer: Any, server: Any) -> None:
+    """`add_ContentAddressableStorageServicer_to_server`, BatchReadBlobs pre-encoded."""
+    _register(re_grpc.add_ContentAddressableStorageServicer_to_server, servicer, server, "BatchReadBlobs")
+
+
+def add_bytestream_servicer(servicer: Any, server: Any) -> None:
+    """`add_ByteStreamServicer_to_server`, Read pre-encoded."""
+    _register(bs_grpc.add_ByteStreamServicer_to_server, servicer, server, "Read")

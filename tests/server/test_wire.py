@@ -1,4 +1,4 @@
-"""The hand-encoded BatchReadBlobsResponse (server/batch_wire.py) is byte for byte what
+"""The hand-encoded BatchReadBlobsResponse and ReadResponse (server/wire.py) are byte for byte what
 protobuf serializes for the same response, and decodes to it: every field shape a
 response can take (served, compressed, empty blob, NOT_FOUND, DATA_LOSS with a
 message, multi-byte lengths, other digest functions).  The server path itself is
@@ -13,8 +13,8 @@ from google.rpc import code_pb2, status_pb2
 
 from casbah.digest import Digest, DigestFunction
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from casbah.server.batch_wire import encode_batch_read
 from casbah.server.interceptor import _batch_read_bytes
+from casbah.server.wire import encode_batch_read, encode_read
 
 ZSTD = re_pb2.Compressor.ZSTD
 
@@ -51,7 +51,7 @@ def test_every_entry_shape_encodes_as_protobuf_does() -> None:
     encoded = encode_batch_read(digests, found, statuses)
     want = expected(digests, found, statuses)
     assert encoded.wire == want.SerializeToString()
-    decoded = encoded.decode()
+    decoded = re_pb2.BatchReadBlobsResponse.FromString(encoded.wire)
     assert decoded == want
     assert [r.status.code for r in decoded.responses] == [
         code_pb2.OK, code_pb2.NOT_FOUND, code_pb2.OK, code_pb2.OK, code_pb2.DATA_LOSS, code_pb2.OK, code_pb2.OK,
@@ -64,4 +64,16 @@ def test_every_entry_shape_encodes_as_protobuf_does() -> None:
 def test_an_empty_batch_is_an_empty_message() -> None:
     encoded = encode_batch_read([], {}, {})
     assert encoded.wire == b"" and encoded.payload_bytes == 0
-    assert not encoded.decode().responses
+    assert not re_pb2.BatchReadBlobsResponse.FromString(encoded.wire).responses
+
+
+def test_read_responses_encode_as_protobuf_does_from_bytes_and_views() -> None:
+    from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
+
+    chunk = os.urandom(300_000)
+    for piece in (chunk[:1], chunk[:127], chunk[:128], memoryview(chunk)[1000:263_144], chunk):
+        encoded = encode_read(piece)
+        assert encoded.wire == bs_pb2.ReadResponse(data=bytes(piece)).SerializeToString()
+        assert bs_pb2.ReadResponse.FromString(encoded.wire).data == bytes(piece)
+        assert encoded.payload_bytes == len(piece)
+    assert encode_read(b"").wire == b""
