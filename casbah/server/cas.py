@@ -194,24 +194,19 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         function = instance.digest_function(request.digest_function, _first_hash(request.digests))
         digests = digests_from(request.digests, function)
         self._check_batch_size(sum(d.size for d in digests), "BatchReadBlobs request")
-        zstd = _ZSTD in request.acceptable_compressors
         stored = [d for d in digests if not is_empty_blob(d)]
         # Blobs that failed verification (an upstream or a store that lies) answer
         # DATA_LOSS alone; the others of the batch are served.
         found, lost = await read_many_partial(cas, stored) if stored else ({}, {})
-        served: dict[Digest, tuple[bytes, int]] = {}
-        for digest in digests:
-            data = b"" if is_empty_blob(digest) else found.get(digest)
-            if data is None:
-                continue
-            compressor = _IDENTITY
-            if zstd and len(data) >= 256:
-                packed = compression.compress(data)
-                if len(packed) < len(data):
-                    data, compressor = packed, _ZSTD
-            served[digest] = (data, compressor)
+        if len(stored) < len(digests):  # the empty blob is served whether stored or not
+            found = {**found, **{d: b"" for d in digests if is_empty_blob(d)}}
+        packed: dict[Digest, bytes] = {}
+        if _ZSTD in request.acceptable_compressors:
+            for digest, data in found.items():
+                if len(data) >= 256 and len(smaller := compression.compress(data)) < len(data):
+                    packed[digest] = smaller
         statuses = {digest: error_status(error) for digest, error in lost.items()} if lost else {}
-        return encode_batch_read(digests, served, statuses)
+        return encode_batch_read(digests, found, statuses, packed)
 
     @rpc_stream
     async def GetTree(self, request, context) -> AsyncIterator:

@@ -28,10 +28,18 @@ from casbah.reapi.wire import varint
 #: Varints of the small values (lengths of hashes and short fields), looked up, not built.
 _SMALL = [bytes([n]) for n in range(0x80)]
 _NOT_FOUND = status_pb2.Status(code=5).SerializeToString()  # google.rpc.Code.NOT_FOUND
+_ZSTD_FIELD = b"\x20\x01"  # compressor = Compressor.ZSTD (1)
 
 
 def _len(n: int) -> bytes:
-    return _SMALL[n] if n < 0x80 else varint(n)
+    """A varint, without a loop for the lengths a batch of small blobs has (< 2 MiB)."""
+    if n < 0x80:
+        return _SMALL[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 0x200000:
+        return bytes((n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, n >> 14))
+    return varint(n)
 
 
 class Encoded:
@@ -45,35 +53,38 @@ class Encoded:
 
 
 
-def encode_batch_read(digests: Sequence[Digest], found: Mapping[Digest, tuple[bytes, int]],
-                      statuses: Mapping[Digest, status_pb2.Status]) -> Encoded:
-    """One Response per digest, in request order: (data, compressor) for those in
-    `found`, else the status in `statuses`, else NOT_FOUND."""
+def encode_batch_read(digests: Sequence[Digest], found: Mapping[Digest, bytes],
+                      statuses: Mapping[Digest, status_pb2.Status],
+                      packed: Mapping[Digest, bytes] | None = None) -> Encoded:
+    """One Response per digest, in request order: the blob for those in `found` (its
+    zstd form instead when in `packed`), else the status in `statuses`, else NOT_FOUND."""
     parts: list[bytes] = []
     append = parts.append
     payload = 0
     for digest in digests:
         hash_bytes = digest.hash.encode()
-        body = b"\x0a" + _len(len(hash_bytes)) + hash_bytes
-        if digest.size:
-            body += b"\x10" + varint(digest.size)
-        head = b"\x0a" + _len(len(body)) + body
-        entry = found.get(digest)
-        if entry is None:
+        size = digest.size
+        body = (b"\x0a%b%b\x10%b" % (_len(len(hash_bytes)), hash_bytes, _len(size)) if size
+                else b"\x0a%b%b" % (_len(len(hash_bytes)), hash_bytes))
+        data = found.get(digest)
+        if data is None:
             status = statuses.get(digest)
             encoded = _NOT_FOUND if status is None else status.SerializeToString()
-            head += b"\x1a" + _len(len(encoded)) + encoded
-            append(b"\x0a" + _len(len(head)) + head)
+            head = b"\x0a%b%b\x1a%b%b" % (_len(len(body)), body, _len(len(encoded)), encoded)
+            append(b"\x0a%b%b" % (_len(len(head)), head))
             continue
-        data, compressor = entry
+        tail = b""
+        if packed and (smaller := packed.get(digest)) is not None:
+            data, tail = smaller, _ZSTD_FIELD
         n = len(data)
-        tail = b"\x20" + varint(compressor) if compressor else b""
-        if n:
-            head += b"\x12" + varint(n)
-        append(b"\x0a" + varint(len(head) + n + len(tail)) + head)
-        if n:
-            append(data)
-            payload += n
+        if not n:  # the empty blob: no data field
+            head = b"\x0a%b%b%b" % (_len(len(body)), body, tail)
+            append(b"\x0a%b%b" % (_len(len(head)), head))
+            continue
+        head = b"\x0a%b%b\x12%b" % (_len(len(body)), body, _len(n))
+        append(b"\x0a%b%b" % (_len(len(head) + n + len(tail)), head))
+        append(data)
+        payload += n
         if tail:
             append(tail)
     return Encoded(b"".join(parts), payload)

@@ -24,14 +24,16 @@ def digest(data: bytes, function: DigestFunction = DigestFunction.SHA256) -> Dig
     return Digest(hasher(data).hexdigest(), len(data), function)
 
 
-def expected(digests, found, statuses) -> re_pb2.BatchReadBlobsResponse:
+def expected(digests, found, statuses, packed) -> re_pb2.BatchReadBlobsResponse:
     response = re_pb2.BatchReadBlobsResponse()
     for d in digests:
         entry = response.responses.add()
         entry.digest.hash = d.hash
         entry.digest.size_bytes = d.size
-        if d in found:
-            entry.data, entry.compressor = found[d]
+        if d in packed:
+            entry.data, entry.compressor = packed[d], ZSTD
+        elif d in found:
+            entry.data = found[d]
         else:
             entry.status.CopyFrom(statuses.get(d, status_pb2.Status(code=code_pb2.NOT_FOUND)))
     return response
@@ -43,21 +45,25 @@ def test_every_entry_shape_encodes_as_protobuf_does() -> None:
     packed = b"\x28\xb5\x2f\xfd" + os.urandom(300)  # stands for zstd bytes: the encoder does not look
     empty = digest(b"")
     lost, absent = digest(os.urandom(10)), digest(os.urandom(11))
+    huge = os.urandom(3 << 20)  # a length past the encoder's short cuts
+    empty512 = digest(b"", DigestFunction.SHA512)  # a digest field over 127 bytes
     digests = [digest(small), absent, empty, digest(mid), lost, digest(big),
-               digest(wide, DigestFunction.SHA512), digest(packed + b"x")]
-    found = {digests[0]: (small, 0), empty: (b"", 0), digests[3]: (mid, 0), digests[5]: (big, 0),
-             digests[6]: (wide, 0), digests[7]: (packed, ZSTD)}
+               digest(wide, DigestFunction.SHA512), digest(packed + b"x"), empty512, digest(huge)]
+    found = {digests[0]: small, empty: b"", digests[3]: mid, digests[5]: big, digests[6]: wide,
+             digests[7]: packed + b"x", empty512: b"", digests[9]: huge}
+    zstd = {digests[7]: packed}
     statuses = {lost: status_pb2.Status(code=code_pb2.DATA_LOSS, message="blob é " + "x" * 300)}
-    encoded = encode_batch_read(digests, found, statuses)
-    want = expected(digests, found, statuses)
+    encoded = encode_batch_read(digests, found, statuses, zstd)
+    want = expected(digests, found, statuses, zstd)
     assert encoded.wire == want.SerializeToString()
     decoded = re_pb2.BatchReadBlobsResponse.FromString(encoded.wire)
     assert decoded == want
     assert [r.status.code for r in decoded.responses] == [
         code_pb2.OK, code_pb2.NOT_FOUND, code_pb2.OK, code_pb2.OK, code_pb2.DATA_LOSS, code_pb2.OK, code_pb2.OK,
-        code_pb2.OK]
+        code_pb2.OK, code_pb2.OK, code_pb2.OK]
     assert decoded.responses[4].status.message.startswith("blob é")
-    assert encoded.payload_bytes == sum(len(data) for data, _ in found.values())
+    assert decoded.responses[7].compressor == ZSTD and decoded.responses[7].data == packed
+    assert encoded.payload_bytes == sum(len(zstd.get(d, data)) for d, data in found.items())
     assert _batch_read_bytes(encoded) == _batch_read_bytes(want)  # metrics count the same bytes
 
 
