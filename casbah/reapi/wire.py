@@ -5,7 +5,7 @@ from __future__ import annotations
 from casbah.digest import Digest
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -27,14 +27,14 @@ def encode_batch_update(instance: str, digest_function: int, blobs: list[tuple[D
     parts: list[bytes] = []
     if instance:
         name = instance.encode()
-        parts += (b"\x0a", _varint(len(name)), name)
+        parts += (b"\x0a", varint(len(name)), name)
     for digest, data in blobs:
-        body = b"\x0a" + _varint(len(digest.hash)) + digest.hash.encode()
+        body = b"\x0a" + varint(len(digest.hash)) + digest.hash.encode()
         if digest.size:
-            body += b"\x10" + _varint(digest.size)
-        digest_field = b"\x0a" + _varint(len(body)) + body
-        data_field = (b"\x12" + _varint(len(data))) if data else b""
-        parts += (b"\x12", _varint(len(digest_field) + len(data_field) + len(data)), digest_field, data_field, data)
+            body += b"\x10" + varint(digest.size)
+        digest_field = b"\x0a" + varint(len(body)) + body
+        data_field = (b"\x12" + varint(len(data))) if data else b""
+        parts += (b"\x12", varint(len(digest_field) + len(data_field) + len(data)), digest_field, data_field, data)
     if digest_function:
-        parts += (b"\x28", _varint(digest_function))
+        parts += (b"\x28", varint(digest_function))
     return b"".join(parts)

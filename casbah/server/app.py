@@ -23,7 +23,6 @@ from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as r
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.casbah.admin.v1 import admin_pb2_grpc as admin_grpc
-from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.server.action_cache import ActionCacheService
 from casbah.server.admin import AdminService
 from casbah.server.admission import Admission
@@ -40,6 +39,7 @@ from casbah.server.interceptor import MetricsInterceptor
 from casbah.server.observability import Observability
 from casbah.server.references import ReferenceStorageService
 from casbah.server.upkeep import Reloader, TlsFiles, cancel, purge_assets
+from casbah.server.wire import add_bytestream_servicer, add_cas_servicer
 from casbah.storage.action_cache import build_action_cache
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
@@ -196,9 +196,9 @@ async def create_server(config: ServerConfig, reuse_port: bool = False, worker: 
                              interceptors=[MalformedRequests(), MetricsInterceptor(observability, admission)])
     bytestream = ByteStreamService(instances)
     re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), server)
-    re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), server)
+    add_cas_servicer(CasService(instances), server)  # BatchReadBlobs answers pre-encoded bytes
     re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(instances), server)
-    bs_grpc.add_ByteStreamServicer_to_server(bytestream, server)
+    add_bytestream_servicer(bytestream, server)  # Read answers pre-encoded bytes
     fetch = FetchService(instances)
     ra_grpc.add_FetchServicer_to_server(fetch, server)
     ra_grpc.add_PushServicer_to_server(PushService(instances, fetch.trees), server)

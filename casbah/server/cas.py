@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
 
-from google.rpc import code_pb2, status_pb2
+from google.rpc import status_pb2
 
 from casbah import compression
 from casbah.cdc import FastCdcParams
@@ -30,6 +30,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.server.audit import note_write_outcome
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
+from casbah.server.wire import encode_batch_read
 from casbah.storage.base import Storage, read_many_partial
 from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC, SplicedStorage
 from casbah.storage.splitting import splice, split
@@ -193,32 +194,19 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         function = instance.digest_function(request.digest_function, _first_hash(request.digests))
         digests = digests_from(request.digests, function)
         self._check_batch_size(sum(d.size for d in digests), "BatchReadBlobs request")
-        zstd = _ZSTD in request.acceptable_compressors
         stored = [d for d in digests if not is_empty_blob(d)]
         # Blobs that failed verification (an upstream or a store that lies) answer
         # DATA_LOSS alone; the others of the batch are served.
         found, lost = await read_many_partial(cas, stored) if stored else ({}, {})
-        response = re_pb2.BatchReadBlobsResponse()
-        add = response.responses.add  # in place: no intermediate Response and Digest copies
-        for digest in digests:
-            data = b"" if is_empty_blob(digest) else found.get(digest)
-            if data is None:
-                entry = add(digest=re_pb2.Digest(hash=digest.hash, size_bytes=digest.size))
-                error = lost.get(digest) if lost else None
-                if error is None:
-                    entry.status.code = code_pb2.NOT_FOUND
-                else:
-                    entry.status.CopyFrom(error_status(error))
-                continue
-            compressor = _IDENTITY
-            if zstd and len(data) >= 256:
-                packed = compression.compress(data)
-                if len(packed) < len(data):
-                    data, compressor = packed, _ZSTD
-            entry = add(data=data, compressor=compressor)
-            entry.digest.hash = digest.hash
-            entry.digest.size_bytes = digest.size
-        return response
+        if len(stored) < len(digests):  # the empty blob is served whether stored or not
+            found = {**found, **{d: b"" for d in digests if is_empty_blob(d)}}
+        packed: dict[Digest, bytes] = {}
+        if _ZSTD in request.acceptable_compressors:
+            for digest, data in found.items():
+                if len(data) >= 256 and len(smaller := compression.compress(data)) < len(data):
+                    packed[digest] = smaller
+        statuses = {digest: error_status(error) for digest, error in lost.items()} if lost else {}
+        return encode_batch_read(digests, found, statuses, packed)
 
     @rpc_stream
     async def GetTree(self, request, context) -> AsyncIterator:

@@ -66,11 +66,13 @@ def _batch_update_bytes(request: Any) -> int:
 
 
 def _batch_read_bytes(response: Any) -> int:
-    return sum(len(r.data) for r in response.responses)
+    counted = getattr(response, "payload_bytes", None)  # pre-encoded (server/wire.py)
+    return counted if counted is not None else sum(len(r.data) for r in response.responses)
 
 
 def _data_bytes(message: Any) -> int:
-    return len(message.data)
+    counted = getattr(message, "payload_bytes", None)  # pre-encoded (server/wire.py)
+    return counted if counted is not None else len(message.data)
 
 
 def _fmb_hits(request: Any, response: Any, code: grpc.StatusCode) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 MiB = 1 << 20
 READERS = 100
 IDLE = 4.0
-#: Per stalled reader: one 1 MiB storage chunk plus the copies of one 256 KiB message.
+#: Per stalled reader: one 1 MiB storage chunk plus the copies of one 512 KiB message.
 PER_READER = 2.5 * MiB
 
 

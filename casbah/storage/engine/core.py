@@ -153,11 +153,12 @@ class Engine(Upkeep):
 
     def lookup(self, digest: Digest) -> Record | None:
         key = key_of(digest)
-        with self.env.meta_env.begin(db=self.env.meta) as txn:
-            value = txn.get(key)
-        if value is None:
-            return None
-        self.touched.add(key)
+        with self.env.begin() as txn:
+            value = txn.get(key, db=self.env.meta)
+            if value is None:
+                return None
+            if _seq_in(value, 8)[0] <= self._boundary(txn):
+                self.touched.add(key)
         return Record.unpack(value)
 
     def get_inline(self, digests: Sequence[Digest]) -> tuple[dict[Digest, bytes], list[Digest], list[Digest]]:
@@ -178,13 +179,16 @@ class Engine(Upkeep):
         """One snapshot's pass of `get_inline`; returns the records whose entry it did not find."""
         env = self.env
         gaps: list[Digest] = []
+        old: list[bytes] = []
         with env.begin() as txn:
+            boundary = self._boundary(txn)
             for digest in digests:
                 key = key_of(digest)
                 value = txn.get(key, db=env.meta)
                 if value is None:
                     continue
-                self.touched.add(key)
+                if _seq_in(value, 8)[0] <= boundary:  # only blobs about to be evicted need a refresh
+                    old.append(key)
                 if value[-1] != INLINE:
                     files.append(digest)
                     continue
@@ -196,6 +200,8 @@ class Engine(Upkeep):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
+        if old:
+            self.touched.update(old)
         return gaps
 
     def _inline_data(self, txn: Txn, key: bytes, record: Record) -> bytes | None:
