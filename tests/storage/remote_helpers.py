@@ -28,13 +28,15 @@ import grpc
 
 from casbah.config import ServerConfig
 from casbah.digest import Digest
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from casbah.protos.google.bytestream import bytestream_pb2 as bs_pb2
 from casbah.server.action_cache import ActionCacheService
 from casbah.server.app import build_instances, create_server
 from casbah.server.bytestream import ByteStreamService
 from casbah.server.capabilities import CapabilitiesService
 from casbah.server.cas import CasService
+from casbah.server.wire import add_bytestream_servicer, add_cas_servicer
 from casbah.storage.base import Storage
 from casbah.storage.loader import StorageLoader, load_builtin_kinds
 
@@ -141,6 +143,21 @@ def hang() -> Wrap:
     return wrap
 
 
+def as_message(response: Any, cls: Any) -> Any:
+    """The protobuf message of a response: casbah's servicers hand gRPC the blob-carrying
+    responses already encoded (`casbah.server.wire.Encoded`), which fault wrappers that
+    look into them decode first."""
+    return cls.FromString(response.wire) if hasattr(response, "wire") else response
+
+
+def read_response(response: Any) -> bs_pb2.ReadResponse:
+    return as_message(response, bs_pb2.ReadResponse)
+
+
+def batch_read_response(response: Any) -> re_pb2.BatchReadBlobsResponse:
+    return as_message(response, re_pb2.BatchReadBlobsResponse)
+
+
 @dataclass
 class DropRead:
     """ByteStream.Read that, on its first call only, stops after `after` bytes: with
@@ -160,6 +177,7 @@ class DropRead:
             first = len(self.offsets) == 1
             sent = 0
             async for response in handler.unary_stream(request, context):
+                response = read_response(response)
                 if first and sent + len(response.data) >= self.after:
                     cut = response.__class__(data=response.data[: self.after - sent])
                     yield cut
@@ -188,6 +206,7 @@ class DropRead:
                 return getattr(self.context, name)
 
             async def write(self, response) -> None:
+                response = read_response(response)
                 if self.sent + len(response.data) >= drop.after:
                     await self.context.write(response.__class__(data=response.data[: drop.after - self.sent]))
                     raise Cut
@@ -239,9 +258,9 @@ async def casbah_in_process(faults: Faults | None = None, tls: TLS | None = None
             ("grpc.so_reuseport", 0)])
         bytestream = ByteStreamService(instances)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(instances), grpc_server)
-        re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(instances), grpc_server)
+        add_cas_servicer(CasService(instances), grpc_server)  # as `create_server`: pre-encoded responses
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(instances), grpc_server)
-        bs_grpc.add_ByteStreamServicer_to_server(bytestream, grpc_server)
+        add_bytestream_servicer(bytestream, grpc_server)
         closers = [bytestream.close, *(s.close for s in loader.all())]
     if tls is None:
         port = grpc_server.add_insecure_port("127.0.0.1:0")

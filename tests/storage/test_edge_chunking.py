@@ -19,7 +19,16 @@ from typing import Any
 
 import grpc
 import pytest
-from remote_helpers import Faults, build_node, casbah_in_process, memory_config, pieces, read_all
+from remote_helpers import (
+    Faults,
+    batch_read_response,
+    build_node,
+    casbah_in_process,
+    memory_config,
+    pieces,
+    read_all,
+    read_response,
+)
 
 from casbah.cdc import FastCdcParams, cut_buffer
 from casbah.digest import Digest
@@ -91,7 +100,7 @@ class Wire:
     def _batch_read(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         async def call(request, context):
             response = await handler.unary_unary(request, context)
-            self.sent_down += sum(len(r.data) for r in response.responses)
+            self.sent_down += sum(len(r.data) for r in batch_read_response(response).responses)
             return response
 
         return grpc.unary_unary_rpc_method_handler(call, **self._kwargs(handler))
@@ -108,6 +117,7 @@ class Wire:
                 return getattr(self.context, name)
 
             async def write(self, response) -> None:
+                response = read_response(response)
                 wire.sent_down += len(response.data)
                 if self.corrupt and response.data:
                     response = response.__class__(data=bytes([response.data[0] ^ 1]) + response.data[1:])
