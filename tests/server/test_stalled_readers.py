@@ -64,25 +64,29 @@ def test_stalled_readers_hold_about_one_chunk_each_and_are_ended(start_server, t
         for i in range(READERS):
             call = bs_grpc.ByteStreamStub(channels[i % 10]).Read(
                 bs_pb2.ReadRequest(resource_name=f"blobs/{digest}/{len(data)}"), timeout=60)
-            await call.read()  # one message, then nothing
-            calls.append(call)
+            first = len((await call.read()).data)  # one message, then nothing
+            calls.append((call, first))
         started = time.monotonic()
         await asyncio.sleep(1.5)
         stalled = rss(server.pid)
         await asyncio.sleep(IDLE * 1.5)  # stalled past the idle timeout
 
-        async def drain(call) -> tuple[grpc.StatusCode, str]:
-            """What was buffered, then the status the server ended the stream with."""
+        async def drain(call, first: int) -> tuple[grpc.StatusCode, str]:
+            """What was buffered, then the status the server ended the stream with.  A
+            stream may end OK only if the client's transport had taken the whole blob
+            into its own buffers (HTTP/2 windows grow on loopback): then it was never
+            stalled on the server's side."""
             received = 0
             try:
                 while (message := await call.read()) is not grpc.aio.EOF:
                     received += len(message.data)
+                assert received == len(data) - first, received
                 return grpc.StatusCode.OK, ""
             except grpc.aio.AioRpcError as exc:
                 assert received < len(data)
                 return exc.code(), exc.details() or ""
 
-        outcomes = await asyncio.gather(*(drain(call) for call in calls))
+        outcomes = await asyncio.gather(*(drain(call, first) for call, first in calls))
         ended = time.monotonic() - started
         for ch in channels:
             await ch.close()
@@ -91,7 +95,9 @@ def test_stalled_readers_hold_about_one_chunk_each_and_are_ended(start_server, t
     before, stalled, outcomes, ended = asyncio.run(main())
     growth = stalled - before
     assert growth < READERS * PER_READER, f"{growth / MiB:.0f} MiB for {READERS} stalled readers"
-    assert {code for code, _ in outcomes} == {grpc.StatusCode.DEADLINE_EXCEEDED}, outcomes[:3]
-    assert all(f"the client took nothing for {IDLE:.0f}s; closing the stalled stream" in d for _, d in outcomes)
+    ended_by_server = [d for code, d in outcomes if code != grpc.StatusCode.OK]
+    assert {code for code, _ in outcomes} <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OK}, outcomes[:3]
+    assert len(ended_by_server) >= READERS // 2, f"only {len(ended_by_server)} of {READERS} readers were stalled"
+    assert all(f"the client took nothing for {IDLE:.0f}s; closing the stalled stream" in d for d in ended_by_server)
     assert ended >= IDLE * 0.8
     assert "Traceback" not in server.log()

@@ -23,8 +23,10 @@ def blob(size: int) -> tuple[Digest, bytes]:
 
 def seq(storage: DiskStorage, digest: Digest) -> int:
     env = storage.engine.env
-    with env.env.begin() as txn:
-        return Record.unpack(txn.get(key_of(digest), db=env.meta)).seq
+    with env.begin() as txn:
+        value = txn.get(key_of(digest), db=env.meta)
+        assert value is not None
+        return Record.unpack(value).seq
 
 
 def test_reads_of_recent_blobs_record_nothing_and_old_ones_are_refreshed(tmp_path: Path) -> None:
