@@ -29,6 +29,7 @@ from casbah.client.download import download_file
 from casbah.client.remote import RemoteClient
 from casbah.digest import Digest
 from casbah.reapi.channel import RemoteSpec
+from casbah.streams import file_chunks
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,13 +62,7 @@ def _bytes(metrics_port: int) -> tuple[int, int]:
 
 
 def _file_chunks(path: Path):
-    async def reopen(offset: int):
-        with open(path, "rb") as f:  # noqa: ASYNC230 (a benchmark's upload source; local disk)
-            f.seek(offset)
-            while piece := f.read(MIB):
-                yield piece
-
-    return reopen
+    return lambda offset: file_chunks(path, offset)
 
 
 def _digest(path: Path) -> Digest:

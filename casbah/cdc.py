@@ -73,30 +73,6 @@ def cut_buffer(buf: memoryview | bytes, params: FastCdcParams, function: DigestF
     return cuts
 
 
-class MappedFile:
-    """A read-only mmap of an open file (an empty file maps to an empty view, which
-    mmap itself refuses)."""
-
-    def __init__(self, fd: int) -> None:
-        size = os.fstat(fd).st_size
-        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
-        self.view = memoryview(self._map) if self._map is not None else memoryview(b"")
-
-    def close(self) -> None:
-        try:
-            self.view.release()
-            if self._map is not None:
-                self._map.close()
-        except BufferError:
-            pass  # a chunk view still refers to it: the mapping goes with the last reference
-
-    def __enter__(self) -> MappedFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 #: Bytes of a file mapped at once while it is chunked.
 WINDOW = 64 << 20
 

@@ -7,6 +7,8 @@ verifies what it downloads, with the same `Verifier`.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import NoReturn
 
@@ -145,3 +147,23 @@ async def verified_range(chunks: AsyncIterable[bytes], verifier: Verifier, offse
         verifier.finish()  # a source that ended short: a mismatch, whatever the source said
         if held is not None:
             yield held  # only without verification (a _NoVerifier finishes quietly)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """`os.write` until every byte is written (a write to a file or pipe may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def file_chunks(path: str | os.PathLike, offset: int = 0, size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+    """A local file as a byte stream from `offset`, each read in a thread (the event
+    loop never waits on the disk); with an offset, a resumable upload's source."""
+    f = await asyncio.to_thread(open, path, "rb", buffering=0)
+    try:
+        if offset:
+            f.seek(offset)
+        while chunk := await asyncio.to_thread(f.read, size):
+            yield chunk
+    finally:
+        f.close()

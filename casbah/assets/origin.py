@@ -20,7 +20,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from casbah.assets.origin_http import HTTP_SCHEMES, download, make_opener
@@ -34,7 +33,8 @@ from casbah.errors import (
     Unavailable,
     echo,
 )
-from casbah.storage.base import CHUNK_SIZE, Storage
+from casbah.storage.base import Storage
+from casbah.streams import file_chunks
 from casbah.tree import TreeBuild, build_tree
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,6 @@ def parse_sri(value: str) -> tuple[str, bytes]:
     if best is None:
         raise InvalidArgument(f"checksum.sri {echo(value)}: no sha256/sha384/sha512 hash")
     return best
-
-
-async def file_chunks(path: str | os.PathLike) -> AsyncIterator[bytes]:
-    f = await asyncio.to_thread(open, path, "rb", buffering=0)
-    try:
-        while chunk := await asyncio.to_thread(f.read, CHUNK_SIZE):
-            yield chunk
-    finally:
-        f.close()
 
 
 async def upload_tree(cas: Storage, build: TreeBuild) -> None:

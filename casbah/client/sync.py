@@ -25,6 +25,7 @@ from casbah.digest import Digest
 from casbah.errors import AssetNotFound, BlobNotFound, InvalidArgument, Unsupported
 from casbah.local import LocalCache
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.streams import write_all
 from casbah.tree import first_missing_directory
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def download_tree(client: RemoteClient, root: Digest, dest: str | os.PathLike,
             fd = tree.new_file(index, name, mode)
             try:
                 for chunk in chunks:
-                    _write_all(fd, chunk)
+                    write_all(fd, chunk)
                 for index, name, mode in others:
                     copy = tree.new_file(index, name, mode)
                     try:
@@ -277,7 +278,3 @@ def download_tree(client: RemoteClient, root: Digest, dest: str | os.PathLike,
     return summary
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

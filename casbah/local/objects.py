@@ -27,6 +27,7 @@ from casbah.client.materialise import LINK_FALLBACK
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import BlobNotFound, DigestMismatch, InvalidArgument, NotFound
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casbah.streams import write_all
 
 _READ = 1024 * 1024
 FN = DigestFunction.SHA256
@@ -282,12 +283,6 @@ class ObjectStore:
                     continue
                 name = entry.name.removesuffix(".x")
                 yield entry.path, (name if len(name) == 64 else None), size
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def hash_fileobj(f: BinaryIO) -> Digest:

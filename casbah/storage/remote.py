@@ -58,6 +58,7 @@ from casbah.reapi.retry import RetryPolicy
 from casbah.registry import KindOptions
 from casbah.storage.base import BlobInfo, Storage, check_range, found_or_lost
 from casbah.storage.loader import NodeOptions, register
+from casbah.streams import file_chunks, write_all
 
 
 class RemoteStorage(Storage):
@@ -112,11 +113,11 @@ class RemoteStorage(Storage):
             verifier = self.verifier(digest)
             async for piece in chunks:
                 verifier.update(piece)
-                await asyncio.to_thread(_write_all, spool.fileno(), piece)
+                await asyncio.to_thread(write_all, spool.fileno(), piece)
             verifier.finish()  # a wrong upload is refused before anything reaches the remote
             path = Path(spool.name)
             if await chunked.upload_chunked(self.client, digest, path) is None:
-                await self.client.write_reopenable(digest, lambda offset: _file_chunks(path, offset))
+                await self.client.write_reopenable(digest, lambda offset: file_chunks(path, offset))
         finally:
             await asyncio.to_thread(spool.close)
 
@@ -143,22 +144,6 @@ class RemoteStorage(Storage):
 
     async def close(self) -> None:
         await self.client.close()
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-async def _file_chunks(path: Path, offset: int) -> AsyncIterator[bytes]:
-    f = await asyncio.to_thread(open, path, "rb", buffering=0)
-    try:
-        f.seek(offset)
-        while piece := await asyncio.to_thread(f.read, 1 << 20):
-            yield piece
-    finally:
-        f.close()
 
 
 class RemoteConnectionOptions(KindOptions):

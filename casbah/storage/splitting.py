@@ -34,6 +34,7 @@ from casbah.digest import Digest, is_empty_blob
 from casbah.errors import AlreadyExists, BlobNotFound, CasbahError, DigestMismatch, InvalidArgument
 from casbah.storage.base import Verifier
 from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, SplicedStorage, SplitRecord
+from casbah.streams import write_all
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ async def _split_whole(store: SplicedStorage, blob: Digest, params: FastCdcParam
     with tempfile.TemporaryFile(dir=spool_dir) as spool:
         fd = spool.fileno()
         async for piece in await store.inner.read(blob):
-            await asyncio.to_thread(_write_all, fd, piece)
+            await asyncio.to_thread(write_all, fd, piece)
         if os.fstat(fd).st_size != blob.size:
             raise BlobNotFound(blob, "the stored blob changed while it was split")
         cuts = await asyncio.to_thread(cut_fd, fd, params, blob.function)
@@ -167,12 +168,6 @@ async def _write_group(store: SplicedStorage, group: list[tuple[Digest, bytes]])
     for error in await store.inner.write_many(group):
         if error is not None:
             raise error
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 __all__ = ["CHUNKING_UNKNOWN", "FAST_CDC_2020", "splice", "split"]
