@@ -31,11 +31,13 @@ from casbah.storage.base import (
     BlobsLost,
     ReadVerifier,
     Storage,
+    Verifier,
     check_range,
     empty_stream,
     verified_range,
 )
 from casbah.storage.engine import Engine
+from casbah.storage.engine.check import ChecksumVerifier
 from casbah.storage.engine.core import TOUCH_BATCH, corrupt_error
 from casbah.storage.engine.files import OpenFile, run_to_end, stream_file
 from casbah.storage.engine.index import FILE, key_of
@@ -120,6 +122,13 @@ class DiskStorage(Storage):
         if record.where != FILE:
             data = await self._read_inline(digest)
             return _one(data[offset:offset + count])
+        checked = engine.file_check(digest)
+        if checked is None:
+            raise BlobNotFound(digest)
+        record, check = checked
+        if record.length != size:  # an ActionCache entry rewritten meanwhile: serve the new one whole
+            size = record.length
+            count = check_range(digest, size, offset, limit)
         key = key_of(digest)
         engine.pin(key)
         fd = engine.open_file(digest)
@@ -128,18 +137,29 @@ class DiskStorage(Storage):
             await asyncio.to_thread(engine.drop, [digest])
             raise BlobNotFound(digest, "its file was removed behind casbah's back")
         handle = OpenFile(fd, lambda: engine.unpin(key))
-        verifier = ReadVerifier(digest, self.describe()) if self.verify else self.verifier(digest)
-        stream = stream_file(handle, size, verifier)
-        if not self.verify:
-            return _sliced(stream, offset, count)
-        return self._dropping(digest, verified_range(stream, verifier, offset, count, hashed=True))
+        verifier: Verifier
+        if check is not None:  # the checksum stored at write (check.py); the ActionCache's entries too
+            verifier = ChecksumVerifier(digest, record.length, check, self.describe())
+        elif self.verify:  # an entry older code wrote: the digest function
+            verifier = ReadVerifier(digest, self.describe())
+        else:
+            return _sliced(stream_file(handle, size, self.verifier(digest)), offset, count)
+        stream = stream_file(handle, record.length, verifier)
+        return self._dropping(digest, verified_range(stream, verifier, offset, count, hashed=True), check)
 
-    async def _dropping(self, digest: Digest, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass a verified stream on; a mismatch drops the blob before DATA_LOSS reaches the client."""
+    async def _dropping(self, digest: Digest, stream: AsyncIterator[bytes],
+                        check: bytes | None = None) -> AsyncIterator[bytes]:
+        """Pass a verified stream on; a mismatch drops the blob before DATA_LOSS reaches the client.
+        An ActionCache entry (whose content may change under one key) is dropped only if
+        it still has the checksum the read used: one rewritten meanwhile is not corrupt."""
         try:
             async for chunk in stream:
                 yield chunk
         except DataLoss:
+            if not self.verify and check is not None:
+                now = await asyncio.to_thread(self.engine.file_check, digest)
+                if now is not None and now[1] != check:
+                    raise
             await asyncio.to_thread(self.engine.drop, [digest])
             raise corrupt_error(digest, self.name) from None
 

@@ -27,6 +27,7 @@ import lmdb
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss, ResourceExhausted, from_os_error
+from casbah.storage.engine.check import checksum, intact
 from casbah.storage.engine.files import FileArea, TmpFile
 from casbah.storage.engine.index import (
     FILE,
@@ -40,7 +41,7 @@ from casbah.storage.engine.index import (
     map_error,
     order_value,
     seq_key,
-    split_order_value,
+    split_checked,
 )
 from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
 from casbah.storage.engine.upkeep import Upkeep, matches
@@ -192,11 +193,14 @@ class Engine(Upkeep):
                 if value[-1] != INLINE:
                     files.append(digest)
                     continue
-                data = self._inline_data(txn, key, Record.unpack(value))
-                if data is None:
+                entry = self._inline_entry(txn, key, Record.unpack(value))
+                if entry is None:
                     gaps.append(digest)
                     continue
-                if self.verify and not matches(digest, data):
+                check, data = entry
+                # The checksum stored at write when there is one (every store, the ActionCache
+                # too); an entry older code wrote: the digest function, where it names the bytes.
+                if not (intact(data, check) if check is not None else not self.verify or matches(digest, data)):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
@@ -206,11 +210,33 @@ class Engine(Upkeep):
 
     def _inline_data(self, txn: Txn, key: bytes, record: Record) -> bytes | None:
         """The bytes the record points at, or None when its `order` entry is gone."""
+        entry = self._inline_entry(txn, key, record)
+        return None if entry is None else entry[1]
+
+    def _inline_entry(self, txn: Txn, key: bytes, record: Record) -> tuple[bytes | None, bytes] | None:
+        """(stored checksum or None, bytes) of the entry the record points at, or None
+        when its `order` entry is gone."""
         value = txn.get(seq_key(record.seq), db=self.env.order)
         if value is None:
             return None
-        stored_key, data = split_order_value(value)
-        return data if stored_key == key else None
+        stored_key, check, data = split_checked(value)
+        return (check, data) if stored_key == key else None
+
+    def file_check(self, digest: Digest) -> tuple[Record, bytes | None] | None:
+        """A file blob's record and stored checksum (None: an entry older code wrote), or
+        None when it is gone.  Every entry of one blob has the same checksum (it is a
+        function of the content), so a re-upload racing this read changes nothing."""
+        key = key_of(digest)
+        with self.env.begin() as txn:
+            value = txn.get(key, db=self.env.meta)
+            if value is None:
+                return None
+            record = Record.unpack(value)
+            entry = txn.get(seq_key(record.seq), db=self.env.order)
+        if entry is None:
+            return None
+        stored_key, check, _data = split_checked(entry[:128])
+        return (record, check) if stored_key == key else None
 
     def open_file(self, digest: Digest) -> int | None:
         try:
@@ -327,7 +353,8 @@ class Engine(Upkeep):
                     continue
             if tmp is not None:
                 self.area.publish(tmp, self.file_path_of_key(key))
-            seq = self._append(txn, key, data)
+            check = checksum(data) if data is not None else tmp.check.digest() if tmp is not None else None
+            seq = self._append(txn, key, data, check)
             txn.put(key, Record(length, seq, charge, where).pack(), db=env.meta)
             charged += charge
             objects += 1
@@ -376,10 +403,10 @@ class Engine(Upkeep):
 
         return self._write(body, "removing blobs")
 
-    def _append(self, txn: Txn, key: bytes, data: bytes | None) -> int:
+    def _append(self, txn: Txn, key: bytes, data: bytes | None, check: bytes | None) -> int:
         seq = self.env.counter(txn, b"seq") + 1
         self.env.set_counter(txn, b"seq", seq)
-        txn.put(seq_key(seq), order_value(key, data), db=self.env.order, append=True)
+        txn.put(seq_key(seq), order_value(key, data, check), db=self.env.order, append=True)
         return seq
 
     def _verifier(self, digest: Digest) -> Verifier:

@@ -20,6 +20,7 @@ from typing import Any
 
 from casbah.digest import Digest
 from casbah.storage.base import CHUNK_SIZE, Verifier
+from casbah.storage.engine.check import new_hasher
 
 
 class FileArea:
@@ -106,7 +107,7 @@ class TmpFile:
     file after it has been closed and unlinked.
     """
 
-    __slots__ = ("blocks", "committed", "done", "fd", "fsync", "lock", "path", "started", "verifier")
+    __slots__ = ("blocks", "check", "committed", "done", "fd", "fsync", "lock", "path", "started", "verifier")
 
     def __init__(self, path: str, verifier: Verifier, fsync: bool) -> None:
         self.path = path
@@ -118,6 +119,7 @@ class TmpFile:
         self.done = False
         self.committed = False
         self.blocks = 0
+        self.check = new_hasher()  # the checksum reads verify against (check.py), in the same pass
 
     def _write(self, chunks: list[bytes]) -> None:
         if self.done:
@@ -128,6 +130,7 @@ class TmpFile:
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.verifier.update(data)
+        self.check.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]

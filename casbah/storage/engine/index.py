@@ -10,8 +10,9 @@ in the page cache instead of being evicted with the data pages, docs/storage-eng
 
 `<path>/index/` (the bulk: inline blob data):
 
-- `order`: position (8 bytes, big-endian, from a counter) -> key length, key, and the
-  bytes of a small blob (a large blob's entry holds only its key).  Always appended
+- `order`: position (8 bytes, big-endian, from a counter) -> key length, key, the
+  blob's checksum (XXH3-64, check.py; absent in entries older code wrote), and the
+  bytes of a small blob (a large blob's entry holds only its key and checksum).  Always appended
   at the end (LMDB's append mode: pages filled completely, written sequentially),
   evicted from the start: the oldest entries go first, whole pages at a time.  A blob
   used while in the oldest quarter is copied to the end (Buildbarn's "refresh"), so
@@ -103,14 +104,33 @@ def seq_of(value: bytes | memoryview) -> int:
     return _U64.unpack(value)[0]
 
 
-def order_value(key: bytes, data: bytes | None) -> bytes:
-    return bytes((len(key),)) + key + (data or b"")
+#: In an `order` entry's key-length byte: an 8-byte checksum (check.py) follows the key.
+#: Keys are at most 73 bytes (function, SHA-512 hash, size), so the bit is free; entries
+#: written before it existed have it clear and are verified by the digest function.
+CHECKED = 0x80
+_KEY_LEN = 0x7F
+
+
+def order_value(key: bytes, data: bytes | None, check: bytes | None = None) -> bytes:
+    """An `order` entry: key length (| CHECKED), key, [checksum], inline data."""
+    if check is None:
+        return bytes((len(key),)) + key + (data or b"")
+    return bytes((len(key) | CHECKED,)) + key + check + (data or b"")
 
 
 def split_order_value(value: bytes | memoryview) -> tuple[bytes, bytes]:
     """(key, inline data) of an `order` entry."""
-    n = value[0]
-    return bytes(value[1:1 + n]), bytes(value[1 + n:])
+    key, _check, data = split_checked(value)
+    return key, data
+
+
+def split_checked(value: bytes | memoryview) -> tuple[bytes, bytes | None, bytes]:
+    """(key, checksum or None for an entry written without one, inline data)."""
+    head = value[0]
+    n = head & _KEY_LEN
+    if head & CHECKED:
+        return bytes(value[1:1 + n]), bytes(value[1 + n:9 + n]), bytes(value[9 + n:])
+    return bytes(value[1:1 + n]), None, bytes(value[1 + n:])
 
 
 def _open_env(path: Path, map_size: int, durable: bool, readahead: bool) -> lmdb.Environment:

@@ -16,7 +16,11 @@ nothing left to import for the files already moved; the old tree is removed at t
 end, and the layout mark written, so later opens do not look again (O(1) startup).
 
 Files whose names are not keys, or whose size differs from their key's size (in a
-verifying store), were never servable and are removed.
+verifying store), were never servable and are removed.  Small blobs are hashed on the
+way in (a verifying store): their index entry gets the checksum reads verify against
+(check.py), which must not bless bytes that rotted in the old tree.  Large files are
+renamed without reading them: their entries carry no checksum and reads verify them
+by the digest function, as before.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING
 import lmdb
 
 from casbah.storage.engine.index import LAYOUT, key_of, layout_mark
+from casbah.storage.engine.upkeep import matches
 from casbah.storage.keys import parse_key
 
 if TYPE_CHECKING:
@@ -169,6 +174,8 @@ def _import_one(engine: Engine, entry: os.DirEntry, pos: int) -> tuple[Entry, in
             with open(entry.path, "rb") as f:
                 data = f.read()
             os.unlink(entry.path)
+            if engine.verify and not matches(digest, data):
+                return None  # rotted since it was written: the checksum added now must not bless it
             return (pos, key_of(digest), data, 0, None), len(data)
         final = engine.area.path(digest)
         os.makedirs(os.path.dirname(final), exist_ok=True)

@@ -34,6 +34,7 @@ _FILL = 0.45
 #: `order` is appended to and evicted from its start: its pages are full.
 _FILL_ORDER = 0.95
 _RECORD = 25
+_CHECK = 8  # the checksum in an `order` entry (check.py)
 
 
 def _meta(key_len: int) -> float:
@@ -41,7 +42,7 @@ def _meta(key_len: int) -> float:
 
 
 def charge_inline(key_len: int, length: int) -> int:
-    value = 1 + key_len + length
+    value = 1 + key_len + _CHECK + length
     if value <= LEAF_MAX:
         return int(_meta(key_len) + (8 + value + _NODE) / _FILL_ORDER) + 1
     pages = -(-(value + 16) // PAGE)
@@ -49,7 +50,7 @@ def charge_inline(key_len: int, length: int) -> int:
 
 
 def charge_file(key_len: int, blocks: int) -> int:
-    return int(_meta(key_len) + (8 + 1 + key_len + _NODE) / _FILL_ORDER) + 1 + blocks
+    return int(_meta(key_len) + (8 + 1 + key_len + _CHECK + _NODE) / _FILL_ORDER) + 1 + blocks
 
 
 def remove_entry(env: Env, txn: Txn, key: bytes, record: Record,
