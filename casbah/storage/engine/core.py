@@ -37,6 +37,7 @@ from casbah.storage.engine.index import (
     Record,
     Txn,
     digest_of,
+    inline_of,
     key_of,
     map_error,
     order_value,
@@ -177,30 +178,39 @@ class Engine(Upkeep):
 
     def _get_inline(self, digests: Sequence[Digest], found: dict[Digest, bytes], corrupt: list[Digest],
                     files: list[Digest]) -> list[Digest]:
-        """One snapshot's pass of `get_inline`; returns the records whose entry it did not find."""
+        """One snapshot's pass of `get_inline`; returns the records whose entry it did not
+        find.  Hot (BatchReadBlobs, in the event loop): LMDB's own calls, `order` values
+        read as views into the map and only the data copied out (measured:
+        docs/storage-engine.md, "Verification and repair")."""
         env = self.env
+        meta, order = env.meta, env.order
+        verify = self.verify
         gaps: list[Digest] = []
         old: list[bytes] = []
-        with env.begin() as txn:
+        with env.begin(buffers=True) as txn:
             boundary = self._boundary(txn)
+            get_record = txn.meta_txn.get
+            get_entry = txn.data_txn.get
             for digest in digests:
                 key = key_of(digest)
-                value = txn.get(key, db=env.meta)
+                value = get_record(key, None, meta)
                 if value is None:
                     continue
-                if _seq_in(value, 8)[0] <= boundary:  # only blobs about to be evicted need a refresh
+                seq = _seq_in(value, 8)[0]
+                if seq <= boundary:  # only blobs about to be evicted need a refresh
                     old.append(key)
                 if value[-1] != INLINE:
                     files.append(digest)
                     continue
-                entry = self._inline_entry(txn, key, Record.unpack(value))
-                if entry is None:
+                entry = get_entry(_seq_key(seq), None, order)
+                parsed = inline_of(entry, key) if entry is not None else None
+                if parsed is None:
                     gaps.append(digest)
                     continue
-                check, data = entry
+                check, data = parsed
                 # The checksum stored at write when there is one (every store, the ActionCache
                 # too); an entry older code wrote: the digest function, where it names the bytes.
-                if not (intact(data, check) if check is not None else not self.verify or matches(digest, data)):
+                if not (intact(data, check) if check is not None else not verify or matches(digest, data)):
                     corrupt.append(digest)
                     continue
                 found[digest] = data
@@ -413,6 +423,7 @@ class Engine(Upkeep):
         return Verifier(digest) if self.verify else NoVerifier(digest)
 
 
+_seq_key = struct.Struct(">Q").pack  # seq_key, without the call
 _seq_in = struct.Struct("<Q").unpack_from  # a record's position, without unpacking it whole
 
 

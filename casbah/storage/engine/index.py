@@ -124,6 +124,18 @@ def split_order_value(value: bytes | memoryview) -> tuple[bytes, bytes]:
     return key, data
 
 
+def inline_of(entry: bytes | memoryview, key: bytes) -> tuple[bytes | None, bytes] | None:
+    """Hot (every inline read): (checksum or None, the data copied out) of an `order`
+    entry, which may be a view into the map; None when the entry holds another key."""
+    head = entry[0]
+    n = head & _KEY_LEN
+    if entry[1:1 + n] != key:
+        return None
+    if head & CHECKED:
+        return bytes(entry[1 + n:9 + n]), bytes(entry[9 + n:])
+    return None, bytes(entry[1 + n:])
+
+
 def split_checked(value: bytes | memoryview) -> tuple[bytes, bytes | None, bytes]:
     """(key, checksum or None for an entry written without one, inline data)."""
     head = value[0]
@@ -188,8 +200,10 @@ class Env:
                 self.data_env.close()
                 self.meta_env.close()
 
-    def begin(self, write: bool = False) -> Txn:
-        return Txn(self, write)
+    def begin(self, write: bool = False, buffers: bool = False) -> Txn:
+        """`buffers`: a read whose `index` values are views into the map (valid until the
+        transaction ends), for a reader that copies only the part it keeps."""
+        return Txn(self, write, buffers)
 
     def sync(self) -> None:
         self.data_env.sync(True)
@@ -226,11 +240,12 @@ class Txn:
     `order` snapshot, taken later and only when needed, is at least as new, so an entry
     a record points at is there unless it was deleted since (then: missing)."""
 
-    __slots__ = ("_data", "_env", "_meta", "_retired", "_write")
+    __slots__ = ("_buffers", "_data", "_env", "_meta", "_retired", "_write")
 
-    def __init__(self, env: Env, write: bool) -> None:
+    def __init__(self, env: Env, write: bool, buffers: bool = False) -> None:
         self._env = env
         self._write = write
+        self._buffers = buffers
         self._data: lmdb.Transaction | None = None
         self._retired: list[bytes] = []
         if write:
@@ -247,12 +262,16 @@ class Txn:
         if db is self._env.meta or db is self._env.info:
             return self._meta
         if self._data is None:
-            self._data = self._env.data_env.begin()
+            self._data = self._env.data_env.begin(buffers=self._buffers)
         return self._data
 
     @property
     def meta_txn(self) -> lmdb.Transaction:
         return self._meta
+
+    @property
+    def data_txn(self) -> lmdb.Transaction:
+        return self._txn(self._env.order)
 
     def get(self, key: bytes, db: lmdb._Database) -> bytes | None:
         return cast("bytes | None", self._txn(db).get(key, db=db))  # no `buffers=True`: always bytes
