@@ -88,6 +88,7 @@ class Upkeep:
         env = self.env
         boundary = self._boundary(txn)
         moved = 0
+        seq = env.counter(txn, b"seq")  # handed out here, stored once at the end
         for key in list(touched):  # a copy: the event loop may still add to the old set
             value = txn.get(key, db=env.meta)
             if value is None:
@@ -100,9 +101,13 @@ class Upkeep:
             if entry is None:
                 continue
             txn.retire(old)  # after the record's new position is visible
-            record.seq = self._append_raw(txn, entry)
+            seq += 1
+            txn.put(seq_key(seq), entry, db=env.order, append=True)  # the checksum moves with it
+            record.seq = seq
             txn.put(key, record.pack(), db=env.meta)
             moved += 1
+        if moved:
+            env.set_counter(txn, b"seq", seq)
         return moved
 
     def _drop_dangling(self: Engine, txn: Txn, unlinks: list[str]) -> int:
@@ -130,12 +135,6 @@ class Upkeep:
         env.set_counter(txn, b"charged", charged)
         env.set_counter(txn, b"objects", objects)
         return removed
-
-    def _append_raw(self: Engine, txn: Txn, entry: bytes | memoryview) -> int:
-        seq = self.env.counter(txn, b"seq") + 1
-        self.env.set_counter(txn, b"seq", seq)
-        txn.put(seq_key(seq), entry, db=self.env.order, append=True)
-        return seq
 
     def evict_to(self: Engine, target: int) -> int:
         """Evict least recently used blobs until at most `target` bytes are charged."""
