@@ -54,7 +54,7 @@ class ChecksumVerifier(Verifier):
     def __init__(self, digest: Digest, length: int, check: bytes, source: str) -> None:
         self.shown = digest
         self.digest = Digest(digest.hash, length, digest.function)
-        self._hasher = new_hasher()  # type: ignore[assignment] # same update/digest interface
+        self._hasher = new_hasher()  # the same update/digest interface as hashlib
         self.received = 0
         self.check = check
         self.source = source

@@ -262,7 +262,8 @@ class Txn:
         if db is self._env.meta or db is self._env.info:
             return self._meta
         if self._data is None:
-            self._data = self._env.data_env.begin(buffers=self._buffers)
+            data_env = self._env.data_env
+            self._data = data_env.begin(buffers=True) if self._buffers else data_env.begin()
         return self._data
 
     @property
