@@ -167,3 +167,26 @@ def test_the_flag_bit_is_free_for_every_key_length() -> None:
     key, check, data = split_checked(order_value(longest, b"xyz", b"12345678"))
     assert (key, check, data) == (longest, b"12345678", b"xyz")
 
+
+
+def test_scrub_of_an_action_cache_store_checks_the_checksums(tmp_path: Path) -> None:
+    """Before the checksum a `verify: false` store had nothing to scrub against: a scrub
+    checked nothing.  Now rotted entries are found and dropped, intact ones stay."""
+
+    async def main() -> None:
+        storage = DiskStorage(path=tmp_path, verify=False)
+        actions = [blob(10 + i)[0] for i in range(4)]
+        entries = [os.urandom(2000), os.urandom(2000), os.urandom(300 * KiB), os.urandom(300 * KiB)]
+        for action, entry in zip(actions, entries, strict=True):
+            await storage.write(action, stream(entry))
+        flip_inline(storage, actions[1])
+        flip_file(storage, actions[3], 1000)
+        checked, done, corrupt = await asyncio.to_thread(storage.engine.scrub)
+        assert checked == 4 and done == sum(map(len, entries))
+        assert sorted(corrupt) == sorted([actions[1], actions[3]])
+        assert await storage.find_missing(actions) == [actions[1], actions[3]]
+        assert await storage.read_bytes(actions[0]) == entries[0]
+        assert await storage.read_bytes(actions[2]) == entries[2]
+        await storage.close()
+
+    asyncio.run(main())

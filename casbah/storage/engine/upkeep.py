@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import ResourceExhausted
+from casbah.storage.engine.check import intact, new_hasher
 from casbah.storage.engine.index import INLINE, Record, Txn, digest_of, key_of, seq_key, seq_of, split_order_value
 from casbah.storage.engine.quota import evict, remove_entry
 from casbah.storage.keys import parse_key
@@ -257,8 +258,6 @@ class Upkeep:
         crash between the two commits of a write), are removed too."""
         self.sweep_orphans()
         self.sweep_files()
-        if not self.verify:
-            return 0, 0, []
         checked = done = 0
         corrupt: list[Digest] = []
         started = time.monotonic()
@@ -328,28 +327,36 @@ class Upkeep:
         return removed
 
     def _check(self: Engine, digest: Digest, record: Record) -> tuple[bool, int]:
-        """(matches, bytes read); bytes -1 when the entry is gone."""
+        """(matches, bytes read); bytes -1 when the entry is gone or cannot be checked.
+        A verifying store re-hashes with the digest function (which also catches a forged
+        checksum); a `verify: false` store (the ActionCache) checks the stored checksum,
+        where the entry has one."""
         key = key_of(digest)
         with self.env.begin() as txn:
             if txn.get(key, db=self.env.meta) is None:
                 return True, -1  # evicted or deleted meanwhile
-            data = self._inline_data(txn, key, record)
-        if data is None:  # a record without its `order` entry: dropped by the next flush
+            entry = self._inline_entry(txn, key, record)
+        if entry is None:  # a record without its `order` entry: dropped by the next flush
             self.dangling.add(key)
             return True, -1
+        check, data = entry
+        if not self.verify and check is None:
+            return True, -1  # nothing to check it against
         if record.where == INLINE:
-            return matches(digest, data), len(data)
+            return (matches(digest, data) if self.verify else intact(data, check or b"")), len(data)
         try:
             f = open(self.area.path(digest), "rb", buffering=0)
         except FileNotFoundError:
             return (False, 0) if self.missing([digest]) == [] else (True, -1)
-        hasher = digest.function.hasher(digest.size)
+        hasher = digest.function.hasher(digest.size) if self.verify else new_hasher()
         size = 0
         with f:
             while chunk := f.read(1 << 20):
                 hasher.update(chunk)
                 size += len(chunk)
-        return size == digest.size and hasher.hexdigest() == digest.hash, size
+        if self.verify:
+            return size == digest.size and hasher.hexdigest() == digest.hash, size
+        return size == record.length and hasher.digest() == check, size
 
 
 
