@@ -16,11 +16,12 @@ Entries written by older code have none: those are verified by the digest functi
 
 from __future__ import annotations
 
+import hashlib
 from typing import NoReturn
 
 import xxhash
 
-from casbah.digest import Digest
+from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss
 from casbah.streams import Verifier
 
@@ -34,6 +35,17 @@ _digest = xxhash.xxh3_64_digest
 def checksum(data: bytes | memoryview) -> bytes:
     """The stored checksum of `data` (8 bytes)."""
     return _digest(data)
+
+
+def matches(digest: Digest, data: bytes) -> bool:
+    """Hot: every inline blob read is hashed (SHA-256 straight from hashlib, the common case)."""
+    if len(data) != digest.size:
+        return False
+    if digest.function is DigestFunction.SHA256:
+        return hashlib.sha256(data).hexdigest() == digest.hash
+    hasher = digest.function.hasher(digest.size)
+    hasher.update(data)
+    return hasher.hexdigest() == digest.hash
 
 
 def intact(data: bytes | memoryview, check: bytes) -> bool:

@@ -27,7 +27,7 @@ import lmdb
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss, ResourceExhausted, from_os_error
-from casbah.storage.engine.check import checksum, intact
+from casbah.storage.engine.check import checksum
 from casbah.storage.engine.files import FileArea, TmpFile
 from casbah.storage.engine.index import (
     FILE,
@@ -37,15 +37,14 @@ from casbah.storage.engine.index import (
     Record,
     Txn,
     digest_of,
-    inline_of,
     key_of,
     map_error,
     order_value,
     seq_key,
-    split_checked,
 )
 from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
-from casbah.storage.engine.upkeep import Upkeep, matches
+from casbah.storage.engine.reads import Reads
+from casbah.storage.engine.upkeep import Upkeep
 from casbah.streams import NoVerifier, Verifier
 
 _T = TypeVar("_T")
@@ -66,7 +65,7 @@ SYNC_INTERVAL = 1.0
 MAP_HEADROOM = 0.85
 
 
-class Engine(Upkeep):
+class Engine(Reads, Upkeep):
     def __init__(self, root: str | os.PathLike, *, max_bytes: int = 0, durable: bool = False,
                  inline_max: int = INLINE_MAX, map_size: int = 0, verify: bool = True,
                  clear_tmp: bool = False, name: str = "") -> None:
@@ -162,91 +161,6 @@ class Engine(Upkeep):
             if _seq_in(value, 8)[0] <= self._boundary(txn):
                 self.touched.add(key)
         return Record.unpack(value)
-
-    def get_inline(self, digests: Sequence[Digest]) -> tuple[dict[Digest, bytes], list[Digest], list[Digest]]:
-        """Inline blobs verified (when this store verifies): (found, corrupt, stored as files).
-        A record whose `order` entry is gone is missing (not corrupt: no bytes were read)
-        and goes to `dangling`, for the next flush to drop."""
-        found: dict[Digest, bytes] = {}
-        corrupt: list[Digest] = []
-        files: list[Digest] = []
-        gaps = self._get_inline(digests, found, corrupt, files)
-        if gaps:  # moved since our `meta` snapshot (its old entry retired): look again, once
-            for digest in self._get_inline(gaps, found, corrupt, files):
-                self.dangling.add(key_of(digest))
-        return found, corrupt, files
-
-    def _get_inline(self, digests: Sequence[Digest], found: dict[Digest, bytes], corrupt: list[Digest],
-                    files: list[Digest]) -> list[Digest]:
-        """One snapshot's pass of `get_inline`; returns the records whose entry it did not
-        find.  Hot (BatchReadBlobs, in the event loop): LMDB's own calls, `order` values
-        read as views into the map and only the data copied out (measured:
-        docs/storage-engine.md, "Verification and repair")."""
-        env = self.env
-        meta, order = env.meta, env.order
-        verify = self.verify
-        gaps: list[Digest] = []
-        old: list[bytes] = []
-        with env.begin(buffers=True) as txn:
-            boundary = self._boundary(txn)
-            get_record = txn.meta_txn.get
-            get_entry = txn.data_txn.get
-            for digest in digests:
-                key = key_of(digest)
-                value = get_record(key, None, meta)
-                if value is None:
-                    continue
-                seq = _seq_in(value, 8)[0]
-                if seq <= boundary:  # only blobs about to be evicted need a refresh
-                    old.append(key)
-                if value[-1] != INLINE:
-                    files.append(digest)
-                    continue
-                entry = get_entry(_seq_key(seq), None, order)
-                parsed = inline_of(entry, key) if entry is not None else None
-                if parsed is None:
-                    gaps.append(digest)
-                    continue
-                check, data = parsed
-                # The checksum stored at write when there is one (every store, the ActionCache
-                # too); an entry older code wrote: the digest function, where it names the bytes.
-                if not (intact(data, check) if check is not None else not verify or matches(digest, data)):
-                    corrupt.append(digest)
-                    continue
-                found[digest] = data
-        if old:
-            self.touched.update(old)
-        return gaps
-
-    def _inline_data(self, txn: Txn, key: bytes, record: Record) -> bytes | None:
-        """The bytes the record points at, or None when its `order` entry is gone."""
-        entry = self._inline_entry(txn, key, record)
-        return None if entry is None else entry[1]
-
-    def _inline_entry(self, txn: Txn, key: bytes, record: Record) -> tuple[bytes | None, bytes] | None:
-        """(stored checksum or None, bytes) of the entry the record points at, or None
-        when its `order` entry is gone."""
-        value = txn.get(seq_key(record.seq), db=self.env.order)
-        if value is None:
-            return None
-        stored_key, check, data = split_checked(value)
-        return (check, data) if stored_key == key else None
-
-    def file_check(self, digest: Digest) -> tuple[Record, bytes | None] | None:
-        """A file blob's record and stored checksum (None: an entry older code wrote), or
-        None when it is gone.  Every entry of one blob has the same checksum (it is a
-        function of the content), so a re-upload racing this read changes nothing."""
-        key = key_of(digest)
-        with self.env.begin() as txn:
-            value = txn.get(key, db=self.env.meta)
-            if value is None:
-                return None
-            record = Record.unpack(value)
-            entry = txn.get(seq_key(record.seq), db=self.env.order)
-        if entry is None:
-            return None
-        stored_key, check, _data = split_checked(entry[:128])
-        return (record, check) if stored_key == key else None
 
     def open_file(self, digest: Digest) -> int | None:
         try:
@@ -423,7 +337,6 @@ class Engine(Upkeep):
         return Verifier(digest) if self.verify else NoVerifier(digest)
 
 
-_seq_key = struct.Struct(">Q").pack  # seq_key, without the call
 _seq_in = struct.Struct("<Q").unpack_from  # a record's position, without unpacking it whole
 
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 
 import lmdb
 
+from casbah.storage.engine.check import matches
 from casbah.storage.engine.index import LAYOUT, key_of, layout_mark
-from casbah.storage.engine.upkeep import matches
 from casbah.storage.keys import parse_key
 
 if TYPE_CHECKING:

@@ -6,7 +6,6 @@ calls tools and benchmarks use (docs/storage-engine.md, "API").
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -14,9 +13,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from casbah.digest import Digest, DigestFunction
+from casbah.digest import Digest
 from casbah.errors import ResourceExhausted
-from casbah.storage.engine.check import intact, new_hasher
+from casbah.storage.engine.check import intact, matches, new_hasher
 from casbah.storage.engine.index import INLINE, Record, Txn, digest_of, key_of, seq_key, seq_of, split_order_value
 from casbah.storage.engine.quota import evict, remove_entry
 from casbah.storage.keys import parse_key
@@ -357,15 +356,3 @@ class Upkeep:
         if self.verify:
             return size == digest.size and hasher.hexdigest() == digest.hash, size
         return size == record.length and hasher.digest() == check, size
-
-
-
-def matches(digest: Digest, data: bytes) -> bool:
-    """Hot: every inline blob read is hashed (SHA-256 straight from hashlib, the common case)."""
-    if len(data) != digest.size:
-        return False
-    if digest.function is DigestFunction.SHA256:
-        return hashlib.sha256(data).hexdigest() == digest.hash
-    hasher = digest.function.hasher(digest.size)
-    hasher.update(data)
-    return hasher.hexdigest() == digest.hash
