@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import resource
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any
 
