@@ -69,7 +69,10 @@ WORDS = 2
 MIN_SLOTS = 1 << 12
 BUILD_LOAD = 0.6
 MAX_LOAD = 0.75
-MAX_PROBE = 48
+MAX_PROBE = 64
+#: Slots a vectorized probe step reads per digest.
+WINDOW = 8
+_STEPS = np.arange(WINDOW, dtype=np.int64)
 #: Keys a background fill inserts per lock hold (a few ms: writers wait at most that).
 FILL_CHUNK = 5000
 _M = (1 << 64) - 1
@@ -211,28 +214,40 @@ class Table:
         return self.get(_USED) + self.get(_TOMBS) > self.slots * MAX_LOAD
 
     def lookup(self, fp: np.ndarray, home: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(found mask, seq of each found, indices the probe limit left to LMDB)."""
+        """(found mask, seq of each found, indices the probe limit left to LMDB).
+
+        Each step reads `WINDOW` consecutive slots of every unresolved digest (two cache
+        lines): a digest is found at its fingerprint before the first empty slot, absent
+        at an empty slot first; at 60 % load nearly all resolve in the first step, where
+        one slot a step took as many steps as the longest run (~50 at 10k keys)."""
         n = len(fp)
         table = self.array
+        fps = table[:, 0]
+        size = self.slots
         with np.errstate(over="ignore"):
-            slot = (((home * np.uint64(self.salt)) >> np.uint64(32)) * np.uint64(self.slots)) >> np.uint64(32)
-        slot = slot.astype(np.int64)
+            start = (((home * np.uint64(self.salt)) >> np.uint64(32)) * np.uint64(size)) >> np.uint64(32)
+        start = start.astype(np.int64)
         found = np.zeros(n, dtype=bool)
         seqs = np.zeros(n, dtype=np.uint64)
         todo = np.arange(n)
-        for _ in range(MAX_PROBE):
-            rows = table[slot]
-            f = rows[:, 0]
-            hit = f == fp
-            if hit.any():
-                found[todo[hit]] = True
-                seqs[todo[hit]] = rows[hit, 1]
-            more = ~(hit | (f == EMPTY))
+        for _ in range(MAX_PROBE // WINDOW):
+            where = start[:, None] + _STEPS
+            where[where >= size] -= size
+            f = fps[where]  # (k, WINDOW)
+            hit = f == fp[:, None]
+            ends = hit | (f == EMPTY)  # the run ends at the key or at an empty slot
+            pos = ends.argmax(axis=1)
+            rows = np.arange(len(pos))
+            got = hit[rows, pos]
+            if got.any():
+                found[todo[got]] = True
+                seqs[todo[got]] = table[where[got, pos[got]], 1]
+            more = ~ends[rows, pos]
             if not more.any():
                 return found, seqs, todo[:0]
             todo, fp = todo[more], fp[more]
-            slot = slot[more] + 1
-            slot[slot == self.slots] = 0
+            start = start[more] + WINDOW
+            start[start >= size] -= size
         return found, seqs, todo
 
 
