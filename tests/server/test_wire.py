@@ -85,7 +85,8 @@ def test_read_responses_encode_as_protobuf_does_from_bytes_and_views() -> None:
     assert encode_read(b"").wire == b""
 
 
-def _fmb(instance: str, digests: list[Digest], function: int = 0, unknown: bytes = b"") -> re_pb2.FindMissingBlobsRequest:
+def _fmb(instance: str, digests: list[Digest], function: int = 0,
+         unknown: bytes = b"") -> re_pb2.FindMissingBlobsRequest:
     request = re_pb2.FindMissingBlobsRequest(instance_name=instance, digest_function=function)
     for d in digests:
         request.blob_digests.add(hash=d.hash, size_bytes=d.size)
