@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import AsyncIterator, Sequence
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 from google.rpc import status_pb2
 
@@ -30,7 +30,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.server.audit import note_write_outcome
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
-from casbah.server.wire import encode_batch_read
+from casbah.server.wire import encode_batch_read, encode_missing
 from casbah.storage.base import Storage, read_many_partial
 from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC, SplicedStorage
 from casbah.storage.splitting import splice, split
@@ -71,6 +71,7 @@ def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
 
 _HASH = attrgetter("hash")
 _SIZE = attrgetter("size_bytes")
+_SIZE_OF = itemgetter(1)
 
 
 def _first_hash(messages: Sequence) -> str | None:
@@ -110,8 +111,12 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         cas = instance.cas
         function = instance.digest_function(request.digest_function, _first_hash(request.blob_digests))
         digests = digests_from(request.blob_digests, function)
-        wanted = [d for d in digests if d.size or not is_empty_blob(d)]
+        wanted = digests if not digests or min(map(_SIZE_OF, digests)) else [
+            d for d in digests if d.size or not is_empty_blob(d)]
         missing = await cas.find_missing(wanted) if wanted else []
+        encoded = encode_missing(request, digests, missing)
+        if encoded is not None:
+            return encoded
         response = re_pb2.FindMissingBlobsResponse()
         add = response.missing_blob_digests.add  # half the cost of building Digest messages first
         for d in missing:

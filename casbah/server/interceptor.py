@@ -78,7 +78,9 @@ def _data_bytes(message: Any) -> int:
 def _fmb_hits(request: Any, response: Any, code: grpc.StatusCode) -> tuple[int, int]:
     if code is not _OK:
         return 0, 0
-    missing = len(response.missing_blob_digests)
+    missing = getattr(response, "missing_count", None)  # pre-encoded (server/wire.py)
+    if missing is None:
+        missing = len(response.missing_blob_digests)
     return len(request.blob_digests) - missing, missing
 
 

@@ -15,9 +15,11 @@ tests/server/test_wire.py compares them with protobuf's own serialization.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import grpc
+import numpy as np
 from google.rpc import status_pb2
 
 from casbah.digest import Digest
@@ -50,11 +52,69 @@ def _len(n: int) -> bytes:
 class Encoded:
     """A serialized response message and the blob bytes it carries (for metrics)."""
 
-    __slots__ = ("payload_bytes", "wire")
+    __slots__ = ("missing_count", "payload_bytes", "wire")
 
-    def __init__(self, wire: bytes, payload_bytes: int) -> None:
+    def __init__(self, wire: bytes, payload_bytes: int, missing_count: int = 0) -> None:
         self.wire = wire
         self.payload_bytes = payload_bytes
+        self.missing_count = missing_count  # FindMissingBlobs: digests reported missing
+
+
+def encode_missing(request: Any, digests: Sequence[Digest], missing: Sequence[Digest]) -> Encoded | None:
+    """A FindMissingBlobsResponse cut out of the request's own bytes, or None where it
+    cannot be (then the caller builds it as protobuf objects).
+
+    `missing_blob_digests` is field 2 of the response as `blob_digests` is of the
+    request, and protobuf's serialization of a Digest is canonical, so the response is
+    the request's digest fields of the missing ones, in order: numpy selects their bytes
+    (no Python call per digest; measured: building 800 Digest messages was ~10 % of the
+    server's CPU in FindMissingBlobs).  `digests` are the request's, in order; `missing`
+    must be those very objects (the storage stack passes them through), else None.
+    """
+    n = len(digests)
+    if not missing or n == 0:
+        return Encoded(b"", 0, 0)
+    chosen = {id(d) for d in missing}
+    flags = np.fromiter((id(d) in chosen for d in digests), dtype=bool, count=n)
+    if int(flags.sum()) != len(missing) or len(chosen) != len(missing):
+        return None
+    raw = request.SerializeToString()
+    start = 0
+    if raw[:1] == b"\x0a":  # instance_name
+        length, start = _read_varint(raw, 1)
+        start += length
+    hex_len = len(digests[0].hash)
+    sizes = np.fromiter(map(_SIZE, digests), dtype=np.uint64, count=n)
+    size_len = np.where(sizes == 0, 0, 2 + np.searchsorted(_VARINT_LIMITS, sizes))  # tag + varint
+    inner = 2 + hex_len + size_len  # hash tag and length byte, hash, size tag and varint
+    if hex_len > 125 or any(len(d.hash) != hex_len for d in missing):
+        return None  # a length that takes two varint bytes: not worth a fast path
+    lengths = 2 + inner
+    ends = np.cumsum(lengths) + start
+    if int(ends[-1]) > len(raw):
+        return None
+    arr = np.frombuffer(raw, dtype=np.uint8)
+    offsets = ends - lengths
+    if not ((arr[offsets] == 0x12).all() and (arr[offsets + 1] == inner).all()):
+        return None  # not the canonical layout (unknown fields inside a digest)
+    body = arr[start:int(ends[-1])][np.repeat(flags, lengths)].tobytes()
+    return Encoded(body, 0, len(missing))
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+#: Sizes from which a varint takes one more byte (2^7, 2^14, ...).
+_VARINT_LIMITS = np.array([1 << (7 * k) for k in range(1, 10)], dtype=np.uint64) - np.uint64(1)
+_SIZE = itemgetter(1)
 
 
 
@@ -126,23 +186,26 @@ class _Collected:
         self.service, self.handlers = service, handlers
 
 
-def _register(add: Any, servicer: Any, server: Any, pre_encoded: str) -> None:
-    """Run the generated `add_..._to_server` against a stand-in, let the method
+def _register(add: Any, servicer: Any, server: Any, *pre_encoded: str) -> None:
+    """Run the generated `add_..._to_server` against a stand-in, let the methods
     `pre_encoded` answer `Encoded` responses too, and register the handlers."""
     collected = _Collected()
     add(servicer, collected)
     handlers = dict(collected.handlers)
-    generated = handlers[pre_encoded]
-    make = grpc.unary_stream_rpc_method_handler if generated.response_streaming else grpc.unary_unary_rpc_method_handler
-    handlers[pre_encoded] = make(getattr(servicer, pre_encoded), request_deserializer=generated.request_deserializer,
-                                 response_serializer=_serialize)
+    for name in pre_encoded:
+        generated = handlers[name]
+        make = (grpc.unary_stream_rpc_method_handler if generated.response_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[name] = make(getattr(servicer, name), request_deserializer=generated.request_deserializer,
+                              response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.service, handlers),))
     server.add_registered_method_handlers(collected.service, handlers)
 
 
 def add_cas_servicer(servicer: Any, server: Any) -> None:
-    """`add_ContentAddressableStorageServicer_to_server`, BatchReadBlobs pre-encoded."""
-    _register(re_grpc.add_ContentAddressableStorageServicer_to_server, servicer, server, "BatchReadBlobs")
+    """`add_ContentAddressableStorageServicer_to_server`, BatchReadBlobs and FindMissingBlobs pre-encoded."""
+    _register(re_grpc.add_ContentAddressableStorageServicer_to_server, servicer, server,
+              "BatchReadBlobs", "FindMissingBlobs")
 
 
 def add_bytestream_servicer(servicer: Any, server: Any) -> None:

@@ -41,6 +41,14 @@ CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC = 0, 1, 2
 #: the default parameters clients chunk from 4 MiB) read the backend first and spare the
 #: index lookup on the hot path, as before.
 ASSEMBLE_FIRST = 1 << 20
+#: Split records are kept only for blobs larger than this; a smaller spliced blob is
+#: assembled and stored whole (it costs at most this much to store, and a split of one
+#: is recomputed on demand).  So FindMissingBlobs asks the split index only about absent
+#: digests this large: most digests it sees are small, and looking each of them up in a
+#: second index cost as much again as the first lookup.  (Records an older casbah kept
+#: for smaller blobs still serve reads; FindMissingBlobs reports those blobs missing, and
+#: the client's re-upload stores them whole.)
+RECORD_MIN = 64 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +121,10 @@ class SplicedStorage(Storage):
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         missing = await self.inner.find_missing(digests)
-        if not missing:
+        large = [d for d in missing if d.size > RECORD_MIN]
+        if not large:
             return missing
-        _, assembled = await self.complete(missing)
+        _, assembled = await self.complete(large)
         return [d for d in missing if d not in assembled] if assembled else missing
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:

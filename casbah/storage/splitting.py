@@ -6,12 +6,14 @@ Both answer with the REAPI's statuses through `casbah.errors`:
   hash to the blob's digest are INVALID_ARGUMENT and nothing is recorded; a blob the
   server already keeps as a different, complete chunk list is ALREADY_EXISTS (the blob
   is present: a client takes it as done).  Otherwise the record is written and the
-  blob is present, stored as its chunks, never copied.
+  blob is present, stored as its chunks, never copied — unless it is no larger than
+  `RECORD_MIN` (64 KiB): such a blob is assembled and stored whole, without a record.
 - split: a spliced blob answers its recorded list while every chunk is present; on an
   edge lacking the blob, the upstream's list (not fetching the blob whole); a blob
   stored whole is cut with FastCDC 2020 at the instance's parameters, every chunk made
   present in CAS, the split recorded and answered; a blob no larger than the minimum
   chunk size is its own single chunk (what FastCDC yields), answered without a record;
+  a blob of at most `RECORD_MIN` is answered its cut but kept whole and not recorded;
   an absent blob, or a spliced one that lost a chunk and is not stored whole, is NOT_FOUND.
 
 A split spools the blob to a temporary file and chunks it through a sliding mmap window
@@ -33,7 +35,7 @@ from casbah.cdc import Cut, FastCdcParams, cut_fd, read_at
 from casbah.digest import Digest, is_empty_blob
 from casbah.errors import AlreadyExists, BlobNotFound, CasbahError, DigestMismatch, InvalidArgument
 from casbah.storage.base import Verifier
-from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, SplicedStorage, SplitRecord
+from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, RECORD_MIN, SplicedStorage, SplitRecord
 from casbah.streams import write_all
 
 log = logging.getLogger(__name__)
@@ -61,15 +63,21 @@ async def splice(store: SplicedStorage, blob: Digest, chunks: Sequence[Digest], 
     if existing is not None and existing.chunks == record.chunks:
         return  # verified when it was recorded
     verifier = Verifier(blob)
+    whole: list[bytes] | None = [] if blob.size <= RECORD_MIN else None
     try:
         for chunk in stored:
             async for piece in await store.inner.read(chunk):
                 verifier.update(piece)
+                if whole is not None:
+                    whole.append(piece)
         verifier.finish()
     except DigestMismatch as exc:
         raise InvalidArgument(f"the concatenation of the {len(chunks)} chunks is not blob {blob}: {exc}") from None
     except BlobNotFound as exc:
         raise BlobNotFound(blob, f"a chunk of the splice vanished while it was verified: {exc}") from None
+    if whole is not None:  # small: stored whole, no record (spliced.RECORD_MIN says why)
+        await store.inner.write_bytes(blob, b"".join(whole))
+        return
     await _forward(store, blob, stored)
     await store.put_record(blob, record)
 
@@ -114,6 +122,8 @@ async def split(store: SplicedStorage, blob: Digest, params: FastCdcParams,
         return [blob], FAST_CDC_2020  # FastCDC yields the blob itself; nothing to record
     cuts = await _split_whole(store, blob, params, spool_dir)
     chunks = [c.digest for c in cuts]
+    if blob.size <= RECORD_MIN:
+        return chunks, FAST_CDC_2020  # kept whole, not recorded (spliced.RECORD_MIN): cut again when asked
     await store.put_record(blob, SplitRecord(FAST_CDC_2020, tuple(chunks), params.avg, params.seed))
     await _drop_whole(store, blob)
     return chunks, FAST_CDC_2020

@@ -15,6 +15,7 @@ from casbah.digest import Digest, DigestFunction
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.google.bytestream import bytestream_pb2, bytestream_pb2_grpc
+from casbah.storage.spliced import RECORD_MIN
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 IMAGE = DATA / "SekienAkashita.jpg"
@@ -178,7 +179,7 @@ def test_splice_wrong_concatenation_is_invalid_argument_and_stores_nothing(cas):
 
 def test_splice_of_a_blob_kept_as_another_chunk_list_is_already_exists(cas):
     stub = cas[0]
-    data = os.urandom(3000)
+    data = os.urandom(RECORD_MIN + 3000)
     first = upload(stub, [data[:1000], data[1000:]])
     second = upload(stub, [data[:2000], data[2000:]])
     blob = Digest.of(data)
@@ -187,6 +188,21 @@ def test_splice_of_a_blob_kept_as_another_chunk_list_is_already_exists(cas):
     with pytest.raises(grpc.RpcError) as err:
         splice(stub, blob, second)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_small_spliced_blob_is_stored_whole_and_found_without_a_record(cas):
+    """At most RECORD_MIN bytes: assembled and stored whole (FindMissingBlobs never asks
+    the split index about such digests); another correct chunk list is then simply OK."""
+    stub = cas[0]
+    data = os.urandom(3000)
+    first = upload(stub, [data[:1000], data[1000:]])
+    second = upload(stub, [data[:2000], data[2000:]])
+    blob = Digest.of(data)
+    splice(stub, blob, first)
+    splice(stub, blob, second)  # stored whole: any correct list is fine
+    assert missing(stub, [blob]) == set()
+    response = stub.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[_d(blob)]))
+    assert response.responses[0].data == data
 
 
 def test_split_of_an_absent_blob_is_not_found(cas):

@@ -14,7 +14,7 @@ from google.rpc import code_pb2, status_pb2
 from casbah.digest import Digest, DigestFunction
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.server.interceptor import _batch_read_bytes
-from casbah.server.wire import encode_batch_read, encode_read
+from casbah.server.wire import encode_batch_read, encode_missing, encode_read
 
 ZSTD = re_pb2.Compressor.ZSTD
 
@@ -83,3 +83,46 @@ def test_read_responses_encode_as_protobuf_does_from_bytes_and_views() -> None:
         assert bs_pb2.ReadResponse.FromString(encoded.wire).data == bytes(piece)
         assert encoded.payload_bytes == len(piece)
     assert encode_read(b"").wire == b""
+
+
+def _fmb(instance: str, digests: list[Digest], function: int = 0,
+         unknown: bytes = b"") -> re_pb2.FindMissingBlobsRequest:
+    request = re_pb2.FindMissingBlobsRequest(instance_name=instance, digest_function=function)
+    for d in digests:
+        request.blob_digests.add(hash=d.hash, size_bytes=d.size)
+    if unknown:
+        request.blob_digests[0].MergeFromString(unknown)
+    return request
+
+
+def test_a_findmissing_response_cut_from_the_request_is_what_protobuf_serializes() -> None:
+    """Instance names or none, sizes of every varint length (0 too), functions with other
+    hash lengths, the digest_function field after the digests, any subset missing."""
+    sizes = [0, 1, 127, 128, 16383, 16384, (1 << 21) + 5, 1 << 40]
+    for function, hex_len in ((DigestFunction.SHA256, 64), (DigestFunction.SHA1, 40), (DigestFunction.MD5, 32),
+                              (DigestFunction.SHA384, 96)):
+        digests = [Digest(hashlib.sha512(b"%d" % i).hexdigest()[:hex_len], sizes[i % len(sizes)], function)
+                   for i in range(40)]
+        for instance, pick in (("", lambda i: i % 3 != 0), ("some/instance" * 11, lambda i: True),
+                               ("x", lambda i: i in (5, 39))):
+            missing = [d for i, d in enumerate(digests) if pick(i)]
+            request = _fmb(instance, digests, function.proto_value)
+            encoded = encode_missing(re_pb2.FindMissingBlobsRequest.FromString(request.SerializeToString()),
+                                     digests, missing)
+            want = re_pb2.FindMissingBlobsResponse(
+                missing_blob_digests=[re_pb2.Digest(hash=d.hash, size_bytes=d.size) for d in missing])
+            assert encoded is not None
+            assert encoded.wire == want.SerializeToString()
+            assert encoded.missing_count == len(missing)
+
+
+def test_a_findmissing_response_is_built_as_protobuf_where_it_cannot_be_cut() -> None:
+    digests = [digest(b"%d" % i) for i in range(5)]
+    # an unknown field inside a digest: not the canonical layout
+    assert encode_missing(_fmb("", digests, unknown=b"\x18\x01"), digests, digests[1:]) is None
+    # missing digests that are not the request's own objects (a backend built new ones)
+    assert encode_missing(_fmb("", digests), digests, [Digest(*d) for d in digests[1:]]) is None
+    # SHA-512: a hash length that takes two varint bytes
+    long = [digest(b"%d" % i, DigestFunction.SHA512) for i in range(3)]
+    assert encode_missing(_fmb("", long), long, long[:1]) is None
+    assert encode_missing(_fmb("", digests), digests, []).wire == b""

@@ -205,7 +205,7 @@ def test_a_large_find_missing_after_a_fault_runs_beside_the_event_loop(tmp_path:
 
     async def main() -> None:
         await storage.write_many(stored)
-        storage._faulting_until = float("inf")
+        storage._faulting = True
         ticks = 0
 
         async def tick() -> None:
@@ -220,7 +220,7 @@ def test_a_large_find_missing_after_a_fault_runs_beside_the_event_loop(tmp_path:
         assert await storage.find_missing([d for d, _ in stored] + absent) == absent
         assert ticks > before  # the loop ran while the lookups did
         ticker.cancel()
-        storage._faulting_until = 0.0
+        storage._faulting = False
         assert await storage.find_missing(absent + [d for d, _ in stored]) == absent
         await storage.close()
 

@@ -20,10 +20,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from itertools import compress
 from pathlib import Path
 from typing import TypeVar
 
 import lmdb
+import numpy as np
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss, ResourceExhausted, from_os_error
@@ -42,6 +44,7 @@ from casbah.storage.engine.index import (
     order_value,
     seq_key,
 )
+from casbah.storage.engine.presence import digest_fingerprints
 from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
 from casbah.storage.engine.reads import Reads
 from casbah.storage.engine.upkeep import Upkeep
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 #: the sealed temporary file to publish or None).
 Entry = tuple[int, bytes, "bytes | None", int, "TmpFile | None"]
 
+#: Batches at least this large use the presence table (numpy's per-call cost beats
+#: LMDB's per-key cost from about here; smaller ones look up in `meta`).
+PRESENCE_MIN = 16
 #: Blobs up to this size live inline in LMDB; larger ones are files (measured: docs/storage-engine.md).
 INLINE_MAX = 16 * 1024
 #: Default map size: address space only (the file grows as pages are written).
@@ -89,6 +95,7 @@ class Engine(Reads, Upkeep):
         if clear_tmp:
             self.area.clear_tmp()
         self._check_layout()
+        self.presence = self.env.open_presence()
 
     def _check_layout(self) -> None:
         with self.env.begin() as txn:
@@ -126,7 +133,27 @@ class Engine(Reads, Upkeep):
     # -- reads ---------------------------------------------------------------------
 
     def missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        """The absent ones, in order; the present ones are touched."""
+        """The absent ones, in order; the present ones are touched.  Batches are answered
+        by the presence table when it is complete (presence.py), else by `meta`."""
+        table = self.presence.check() if len(digests) >= PRESENCE_MIN else None
+        fps = digest_fingerprints(digests) if table is not None else None
+        if table is None or fps is None:
+            return self._missing_in_meta(digests)
+        found, seqs, left = table.lookup(*fps)
+        with self.env.begin() as txn:
+            boundary = self._boundary(txn)
+        if len(left):  # a long probe run: ask `meta`
+            rest = [digests[i] for i in left.tolist()]
+            absent = set(self._missing_in_meta(rest))
+            for i, digest in zip(left.tolist(), rest, strict=True):
+                found[i] = digest not in absent
+                seqs[i] = boundary + 1  # touched (if needed) by that lookup
+        old = np.flatnonzero(found & (seqs <= boundary))
+        if len(old):  # only blobs about to be evicted need a refresh
+            self.touched.update(key_of(digests[i]) for i in old.tolist())
+        return list(compress(digests, (~found).tolist()))
+
+    def _missing_in_meta(self, digests: Sequence[Digest]) -> list[Digest]:
         out = []
         present = []
         meta = self.env.meta

@@ -50,6 +50,7 @@ import lmdb
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import ResourceExhausted, from_os_error
+from casbah.storage.engine.presence import Presence
 
 INLINE = 0
 FILE = 1
@@ -177,6 +178,8 @@ class Env:
         except BaseException:
             self.data_env.close()
             raise
+        #: The presence table (`presence.py`), opened by the engine once the layout is current.
+        self.presence: Presence | None = None
         self.order = self.data_env.open_db(b"order")
         self.seqs = self.data_env.open_db(b"info")
         self.meta = self.meta_env.open_db(b"meta")
@@ -197,6 +200,9 @@ class Env:
             self.refs -= 1
             if self.refs == 0:
                 del self._open[str(self.path)]
+                if self.presence is not None:
+                    self.presence.close()
+                    self.presence = None
                 self.data_env.close()
                 self.meta_env.close()
 
@@ -204,6 +210,31 @@ class Env:
         """`buffers`: a read whose `index` values are views into the map (valid until the
         transaction ends), for a reader that copies only the part it keeps."""
         return Txn(self, write, buffers)
+
+    def open_presence(self) -> Presence:
+        """The store's presence table (one per environment; made and filled if absent)."""
+        with self._lock:
+            if self.presence is None:
+                self.presence = Presence(self.path / "meta", self._keys_after, self._objects)
+            return self.presence
+
+    def _keys_after(self, after: bytes, n: int) -> list[tuple[bytes, int]]:
+        """Up to `n` (key, position in `order`) of `meta` after `after`, one read transaction."""
+        rows: list[tuple[bytes, int]] = []
+        with self.meta_env.begin(db=self.meta) as txn:
+            cursor = txn.cursor()
+            ok = cursor.set_range(after) if after else cursor.first()
+            if ok and after and cursor.key() == after:
+                ok = cursor.next()
+            while ok and len(rows) < n:
+                rows.append((cursor.key(), _LE64.unpack_from(cursor.value(), 8)[0]))
+                ok = cursor.next()
+        return rows
+
+    def _objects(self) -> int:
+        with self.meta_env.begin(db=self.info) as txn:
+            value = txn.get(b"objects")
+        return _LE64.unpack(value)[0] if value is not None else 0
 
     def sync(self) -> None:
         self.data_env.sync(True)
@@ -240,7 +271,7 @@ class Txn:
     `order` snapshot, taken later and only when needed, is at least as new, so an entry
     a record points at is there unless it was deleted since (then: missing)."""
 
-    __slots__ = ("_buffers", "_data", "_env", "_meta", "_retired", "_write")
+    __slots__ = ("_added", "_buffers", "_data", "_env", "_held", "_meta", "_removed", "_retired", "_write")
 
     def __init__(self, env: Env, write: bool, buffers: bool = False) -> None:
         self._env = env
@@ -248,15 +279,32 @@ class Txn:
         self._buffers = buffers
         self._data: lmdb.Transaction | None = None
         self._retired: list[bytes] = []
+        self._held: Presence | None = None
         if write:
-            self._data = env.data_env.begin(write=True)
+            # The presence table's lock before LMDB's write locks, held until the table
+            # matches what `meta` committed (presence.py: why it stays exact).
+            self._added: dict[bytes, int] = {}
+            self._removed: list[bytes] = []
+            self._held = env.presence
+            if self._held is not None:
+                self._held.acquire()
             try:
-                self._meta = env.meta_env.begin(write=True)
+                self._data = env.data_env.begin(write=True)
+                try:
+                    self._meta = env.meta_env.begin(write=True)
+                except BaseException:
+                    self._data.abort()
+                    raise
             except BaseException:
-                self._data.abort()
+                self._unlock()
                 raise
         else:
             self._meta = env.meta_env.begin()
+
+    def _unlock(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
 
     def _txn(self, db: lmdb._Database) -> lmdb.Transaction:
         if db is self._env.meta or db is self._env.info:
@@ -278,9 +326,14 @@ class Txn:
         return cast("bytes | None", self._txn(db).get(key, db=db))  # no `buffers=True`: always bytes
 
     def put(self, key: bytes, value: bytes | memoryview, db: lmdb._Database, append: bool = False) -> bool:
+        if db is self._env.meta:
+            self._added[key] = _LE64.unpack_from(value, 8)[0]  # the record's position in `order`
         return self._txn(db).put(key, value, db=db, append=append)
 
     def delete(self, key: bytes, db: lmdb._Database) -> bool:
+        if db is self._env.meta:
+            self._added.pop(key, None)
+            self._removed.append(key)
         return self._txn(db).delete(key, db=db)
 
     def cursor(self, db: lmdb._Database) -> lmdb.Cursor:
@@ -297,13 +350,21 @@ class Txn:
         self._retired.append(skey)
 
     def commit(self) -> None:
+        presence = self._held
         try:
-            if self._data is not None:
-                self._data.commit()
-        except BaseException:
-            self._meta.abort()
-            raise
-        self._meta.commit()
+            try:
+                if self._data is not None:
+                    self._data.commit()
+            except BaseException:
+                self._meta.abort()
+                raise
+            if presence is not None and self._removed:
+                presence.removed(self._removed)  # before `meta` forgets them
+            self._meta.commit()
+            if presence is not None and self._added:
+                presence.added(self._added.items())  # once `meta` holds them
+        finally:
+            self._unlock()
         if self._retired:
             self._delete_retired()
 
@@ -320,9 +381,12 @@ class Txn:
             pass
 
     def abort(self) -> None:
-        if self._data is not None:
-            self._data.abort()
-        self._meta.abort()
+        try:
+            if self._data is not None:
+                self._data.abort()
+            self._meta.abort()
+        finally:
+            self._unlock()
 
     def __enter__(self) -> Txn:
         return self
