@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from casbah.digest import Digest
-from casbah.storage.engine import Engine
+from casbah.storage.engine import Engine, hashtable
 from casbah.storage.engine import presence as presence_mod
-from casbah.storage.engine.presence import COMPLETE, Table
+from casbah.storage.engine.hashtable import COMPLETE, Table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def agree(engine: Engine, digests: list[Digest]) -> list[Digest]:
 def test_the_table_answers_like_meta_through_writes_deletes_evictions_and_growth(tmp_path: Path) -> None:
     engine = Engine(tmp_path, max_bytes=15_000_000)  # ~311 B charged a blob: evictions start past ~48k
     table = engine.presence.check()
-    assert table is not None and table.slots == presence_mod.MIN_SLOTS  # a new store: complete at once
+    assert table is not None and table.slots == hashtable.MIN_SLOTS  # a new store: complete at once
     stored: list[tuple[Digest, bytes]] = []
     for n in range(60):
         batch = blobs(1000, tag=b"%d" % n)
@@ -76,7 +76,7 @@ def test_a_store_without_its_table_answers_from_meta_then_rebuilds_it(tmp_path: 
         digests = [d for d, _ in stored[::7]] + [d for d, _ in blobs(100, tag=b"absent")]
         assert len(agree(engine, digests)) == 100  # while the table fills: from meta
         table = wait_complete(engine)
-        assert table.get(presence_mod._USED) == 12000
+        assert table.get(hashtable.USED) == 12000
         more = blobs(50, tag=b"late")
         engine.put_many(more)
         assert agree(engine, digests + [d for d, _ in more]) == digests[-100:]
@@ -147,5 +147,5 @@ def test_a_key_the_table_lost_reads_missing_and_a_reupload_restores_it(tmp_path:
     engine.put_many([victim])
     assert agree(engine, digests) == []
     table = engine.presence.check()
-    assert table is not None and table.get(presence_mod._STATE) == COMPLETE
+    assert table is not None and table.get(hashtable.STATE) == COMPLETE
     engine.close()

@@ -31,6 +31,7 @@ from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss, ResourceExhausted, from_os_error
 from casbah.storage.engine.check import checksum
 from casbah.storage.engine.files import FileArea, TmpFile
+from casbah.storage.engine.hashtable import digest_fingerprints
 from casbah.storage.engine.index import (
     FILE,
     INLINE,
@@ -44,7 +45,6 @@ from casbah.storage.engine.index import (
     order_value,
     seq_key,
 )
-from casbah.storage.engine.presence import digest_fingerprints
 from casbah.storage.engine.quota import charge_file, charge_inline, evict, remove_entry
 from casbah.storage.engine.reads import Reads
 from casbah.storage.engine.upkeep import Upkeep
