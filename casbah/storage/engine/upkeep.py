@@ -41,25 +41,27 @@ class Upkeep:
         return head + (self.env.counter(txn, b"seq") - head) // 4
 
     def warm_index(self: Engine, wait: bool = False) -> None:
-        """Ask the kernel to read the `meta` environment into the page cache (readahead
-        in the kernel: no CPU here), so FindMissingBlobs does not fault page by page
-        after a restart.  In a thread unless `wait`: submitting the reads of a large
-        file blocks for a while.  One call per `WARM_CHUNK`: Linux reads ahead at most
-        its readahead window per call (one call on the whole file read 8 MiB of it)."""
-        path = self.root / "meta" / "data.mdb"
+        """Ask the kernel to read the presence table and the `meta` environment into the
+        page cache (readahead in the kernel: no CPU here), so FindMissingBlobs does not
+        fault page by page after a restart.  In a thread unless `wait`: submitting the
+        reads of a large file blocks for a while.  One call per `WARM_CHUNK`: Linux reads
+        ahead at most its readahead window per call (one call on the whole file read 8 MiB
+        of it)."""
+        paths = [self.root / "meta" / "presence", self.root / "meta" / "data.mdb"]
 
         def advise() -> None:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return
-            try:
-                for offset in range(0, os.fstat(fd).st_size, WARM_CHUNK):
-                    os.posix_fadvise(fd, offset, WARM_CHUNK, os.POSIX_FADV_WILLNEED)
-            except OSError as exc:  # a filesystem without it: only slower lookups
-                log.debug("disk storage %s: no readahead of %s: %s", self.name, path, exc)
-            finally:
-                os.close(fd)
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    for offset in range(0, os.fstat(fd).st_size, WARM_CHUNK):
+                        os.posix_fadvise(fd, offset, WARM_CHUNK, os.POSIX_FADV_WILLNEED)
+                except OSError as exc:  # a filesystem without it: only slower lookups
+                    log.debug("disk storage %s: no readahead of %s: %s", self.name, path, exc)
+                finally:
+                    os.close(fd)
 
         if wait:
             advise()
