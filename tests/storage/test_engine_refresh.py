@@ -56,3 +56,24 @@ def test_reads_of_recent_blobs_record_nothing_and_old_ones_are_refreshed(tmp_pat
         await storage.close()
 
     asyncio.run(main())
+
+
+def test_a_store_under_half_its_quota_refreshes_nothing(tmp_path: Path) -> None:
+    """No eviction is near: reads, FindMissingBlobs included, record no use at all; past
+    half the quota the oldest quarter is refreshed again."""
+    async def main() -> None:
+        storage = DiskStorage(path=tmp_path)
+        blobs = [blob(KiB) for _ in range(40)]
+        await storage.write_many(blobs)
+        digests = [d for d, _ in blobs]
+        used = (await storage.stats())["bytes"]
+        storage.engine.max_bytes = 2 * used + 1
+        assert await storage.read_many(digests[:10]) == dict(blobs[:10])
+        assert await storage.find_missing(digests) == []
+        assert storage.engine.touched == set()
+        storage.engine.max_bytes = 2 * used
+        assert await storage.find_missing(digests) == []
+        assert storage.engine.touched == {key_of(d) for d in digests[:10]}
+        await storage.close()
+
+    asyncio.run(main())

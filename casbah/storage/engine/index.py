@@ -16,7 +16,8 @@ in the page cache instead of being evicted with the data pages, docs/storage-eng
   at the end (LMDB's append mode: pages filled completely, written sequentially),
   evicted from the start: the oldest entries go first, whole pages at a time.  A blob
   used while in the oldest quarter is copied to the end (Buildbarn's "refresh"), so
-  what is used stays; the order is LRU-like without a write per use.
+  what is used stays; the order is LRU-like without a write per use (no refresh while
+  the store is under half its quota: `Upkeep._boundary`).
 - `info`: `seq`, the last position handed out (kept with `order`, so a crash between
   the two commits can never hand out a position twice).
 

