@@ -149,3 +149,26 @@ def test_a_key_the_table_lost_reads_missing_and_a_reupload_restores_it(tmp_path:
     table = engine.presence.check()
     assert table is not None and table.get(hashtable.STATE) == COMPLETE
     engine.close()
+
+
+def test_a_rebuild_its_builder_died_in_is_done_again(tmp_path: Path) -> None:
+    """A process killed while it built the next table leaves it half filled and the
+    table marked growing: the next process builds it anew and swaps it in."""
+    engine = Engine(tmp_path)
+    stored = blobs(3000)
+    engine.put_many(stored)
+    engine.close()
+    meta = tmp_path / "meta"
+    Table.create(meta / "presence.next", 10_000, hashtable.BUILDING)  # empty: its builder died at once
+    table = Table(meta / "presence")
+    table.set(hashtable.GROWING, 1)
+    table.close()
+    engine = Engine(tmp_path)
+    more = blobs(20, tag=b"more")
+    engine.put_many(more)  # written to both tables while the new one is built
+    table = wait_complete(engine)
+    assert not table.get(hashtable.GROWING) and table.get(hashtable.USED) == 3020
+    assert not (meta / "presence.next").exists()
+    absent = [d for d, _ in blobs(30, tag=b"absent")]
+    assert agree(engine, [d for d, _ in stored + more] + absent) == absent
+    engine.close()

@@ -36,6 +36,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class Presence:
         self.table: Table | None = None
         self.next: Table | None = None
         self._filler: threading.Thread | None = None
+        self._next_try = 0.0
         self._closed = False
         with self.locked():
             self._open()
@@ -180,6 +182,8 @@ class Presence:
             return
         if table.get(STATE) == COMPLETE and not table.crowded() and not table.get(GROWING):
             return
+        if time.monotonic() < self._next_try:
+            return  # another process is building: do not start a thread per write to find that out
         self._filler = threading.Thread(target=self._fill, name="casbah-presence", daemon=True)
         self._filler.start()
 
@@ -193,12 +197,14 @@ class Presence:
             try:
                 fcntl.flock(build_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
+                self._next_try = time.monotonic() + 1.0
                 return  # another process builds
             with self.locked():
                 table = self.table
                 if table is None:
                     return
-                if table.get(STATE) == COMPLETE and not table.crowded():
+                # (With the build lock held, a GROWING mark is a dead builder's: build anew.)
+                if table.get(STATE) == COMPLETE and not table.crowded() and not table.get(GROWING):
                     return
                 if table.get(STATE) == BUILDING and not table.crowded() and not table.get(GROWING):
                     target = table  # fill in place
