@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import AsyncIterator, Sequence
-from operator import attrgetter, itemgetter
+from itertools import repeat
+from operator import add, attrgetter, itemgetter
 
 from google.rpc import status_pb2
 
@@ -52,9 +53,9 @@ def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
     hex digit pairs, plus whitespace and upper case, which the other checks
     exclude); only a failing request pays the per-digest path that names the culprit.
     """
-    hashes = list(map(_HASH, messages))
-    sizes = list(map(_SIZE, messages))
-    n = len(hashes)
+    pairs = list(map(_HASH_SIZE, messages))  # one pass over the messages (each access builds a wrapper)
+    n = len(pairs)
+    hashes, sizes = zip(*pairs, strict=True) if pairs else ((), ())
     width = function.hex_length
     joined = "".join(hashes)
     try:
@@ -63,14 +64,12 @@ def digests_from(messages: Sequence, function: DigestFunction) -> list[Digest]:
     except ValueError:
         ok = False
     if not ok:
-        for h, size in zip(hashes, sizes, strict=True):
+        for h, size in pairs:
             make_digest(h, size, function)  # raises, naming the culprit
-    new = tuple.__new__
-    return [new(Digest, (h, size, function)) for h, size in zip(hashes, sizes, strict=True)]
+    return list(map(tuple.__new__, repeat(Digest, n), map(add, pairs, repeat((function,), n))))
 
 
-_HASH = attrgetter("hash")
-_SIZE = attrgetter("size_bytes")
+_HASH_SIZE = attrgetter("hash", "size_bytes")
 _SIZE_OF = itemgetter(1)
 
 

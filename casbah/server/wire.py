@@ -74,9 +74,9 @@ def encode_missing(request: Any, digests: Sequence[Digest], missing: Sequence[Di
     n = len(digests)
     if not missing or n == 0:
         return Encoded(b"", 0, 0)
-    chosen = {id(d) for d in missing}
-    flags = np.fromiter((id(d) in chosen for d in digests), dtype=bool, count=n)
-    if int(flags.sum()) != len(missing) or len(chosen) != len(missing):
+    chosen = np.fromiter(map(id, missing), dtype=np.int64, count=len(missing))
+    flags = np.isin(np.fromiter(map(id, digests), dtype=np.int64, count=n), chosen)
+    if int(flags.sum()) != len(missing) or len(np.unique(chosen)) != len(missing):
         return None
     raw = request.SerializeToString()
     start = 0

@@ -64,12 +64,15 @@ def key_fingerprint(key: bytes) -> tuple[int, int]:
     return fp, int.from_bytes(key[9:17], "little")
 
 
+_FUNCTION = itemgetter(2)
+
+
 def digest_fingerprints(digests: Sequence[Digest]) -> tuple[np.ndarray, np.ndarray] | None:
     """(fingerprints, home words) of a batch of one digest function, as `key_fingerprint`
     computes them from keys; None for a mixed batch."""
     n = len(digests)
     function = digests[0].function
-    if any(d.function is not function for d in digests):
+    if len(set(map(_FUNCTION, digests))) != 1:
         return None
     raw = bytes.fromhex("".join(map(itemgetter(0), digests)))
     h = np.frombuffer(raw, dtype=np.uint8).reshape(n, len(raw) // n)[:, :16].copy().view("<u8")
