@@ -23,6 +23,7 @@ from casbah.protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as r
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
 from casbah.protos.casbah.admin.v1 import admin_pb2_grpc as admin_grpc
+from casbah.server import allocator
 from casbah.server.action_cache import ActionCacheService
 from casbah.server.admin import AdminService
 from casbah.server.admission import Admission
@@ -274,6 +275,7 @@ def _listen(server: grpc.aio.Server, listener: ListenerConfig, tls: list[TlsFile
 
 
 async def serve(config: ServerConfig, reuse_port: bool = False, worker: int | None = None) -> None:
+    allocator.tune()  # each worker process: before any MiB-sized buffer is allocated
     server = await create_server(config, reuse_port, worker)
     _warn_quota(config)
     metrics_url = None

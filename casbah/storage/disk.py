@@ -62,7 +62,7 @@ class DiskStorage(Storage):
 
     def __init__(self, *, path: str | os.PathLike, max_bytes: int = 0, fsync: bool = False,
                  maintenance: bool = False, inline_max: int | None = None, map_size: int = 0,
-                 **kwargs: Any) -> None:
+                 write_behind: bool = False, **kwargs: Any) -> None:
         """`maintenance`: opened beside a live server (admin commands): leave its tmp/ alone."""
         kwargs.pop("journal", None)
         super().__init__(**kwargs)
@@ -76,6 +76,7 @@ class DiskStorage(Storage):
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self.engine.area.write_behind = write_behind
         if not maintenance:
             self.engine.warm_index()  # a server: read the index into the page cache in the background
         _share_lock(self._lock_fd)
@@ -379,6 +380,8 @@ class DiskOptions(NodeOptions):
     fsync: bool = Field(default=False, description="durable mode: sync every transaction and file")
     map_size: int | str = Field(default=0, alias="map-size",
                                 description="bound of the LMDB index file (0 = 256 GiB of address space)")
+    write_behind: bool = Field(default=False, alias="write-behind",
+                               description="drop large uploads from the page cache as they are written out")
 
 
 @register("disk", DiskOptions)
@@ -386,4 +389,5 @@ def _build(options: DiskOptions, loader: StorageLoader, path: str) -> DiskStorag
     return DiskStorage(
         path=options.path, max_bytes=parse_size(options.max_size), fsync=options.fsync,
         map_size=parse_size(options.map_size), verify=options.verify, name=path, maintenance=loader.maintenance,
+        write_behind=options.write_behind,
     )

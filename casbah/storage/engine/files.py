@@ -21,6 +21,7 @@ from typing import Any
 from casbah.digest import Digest
 from casbah.storage.base import CHUNK_SIZE, Verifier
 from casbah.storage.engine.check import new_hasher
+from casbah.storage.engine.writeback import WriteBehind
 
 
 class FileArea:
@@ -31,6 +32,8 @@ class FileArea:
         self.files = root / "files"
         self.tmp = root / "tmp"
         self.durable = durable
+        #: Drop large files from the page cache as they are written (engine/writeback.py).
+        self.write_behind = False
         self._counter = itertools.count()
         self.files.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -39,7 +42,8 @@ class FileArea:
         return f"{self.files}/{digest.hash[:2]}/{digest.key}"
 
     def new_tmp(self, digest: Digest, verifier: Verifier) -> TmpFile:
-        return TmpFile(f"{self.tmp}/{digest.key}.{os.getpid()}.{next(self._counter)}", verifier, self.durable)
+        return TmpFile(f"{self.tmp}/{digest.key}.{os.getpid()}.{next(self._counter)}", verifier, self.durable,
+                       self.write_behind)
 
     def publish(self, tmp: TmpFile, final: str) -> None:
         """Rename a sealed temporary file into place (inside the indexing transaction)."""
@@ -107,9 +111,10 @@ class TmpFile:
     file after it has been closed and unlinked.
     """
 
-    __slots__ = ("blocks", "check", "committed", "done", "fd", "fsync", "lock", "path", "started", "verifier")
+    __slots__ = ("behind", "blocks", "check", "committed", "done", "fd", "fsync", "lock", "path", "started",
+                 "verifier")
 
-    def __init__(self, path: str, verifier: Verifier, fsync: bool) -> None:
+    def __init__(self, path: str, verifier: Verifier, fsync: bool, write_behind: bool = False) -> None:
         self.path = path
         self.verifier = verifier
         self.fsync = fsync
@@ -120,6 +125,7 @@ class TmpFile:
         self.committed = False
         self.blocks = 0
         self.check = new_hasher()  # the checksum reads verify against (check.py), in the same pass
+        self.behind = WriteBehind() if write_behind else None
 
     def _write(self, chunks: list[bytes]) -> None:
         if self.done:
@@ -134,6 +140,8 @@ class TmpFile:
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]
+        if self.behind is not None:
+            self.behind.wrote(self.fd, self.verifier.received)
 
     def append(self, chunks: list[bytes]) -> None:
         with self.lock:
