@@ -36,7 +36,8 @@ STATE, BOOT, USED, TOMBS, RETIRED, GROWING = 32, 40, 56, 64, 72, 80  # byte offs
 BUILDING, COMPLETE = 0, 1
 EMPTY, TOMB = 0, 2
 WORDS = 2
-MIN_SLOTS = 1 << 12
+#: 1 MiB of file, allocated as slots are used: a growing store's first rebuilds come later.
+MIN_SLOTS = 1 << 16
 BUILD_LOAD = 0.6
 MAX_LOAD = 0.75
 MAX_PROBE = 64
@@ -172,6 +173,35 @@ class Table:
         words[w + 1] = seq
         words[w] = fp  # last: a reader sees the slot used once it is whole
         self.set(USED, self.get(USED) + 1)
+        return True
+
+    def fill(self, keys: Sequence[bytes], seqs: Sequence[int]) -> bool:
+        """Insert or update many keys: the keys whose first slot is empty, one per slot, are
+        written by numpy at once — a key whose first slot is empty cannot already be in
+        the table, so nothing is written twice; all positions are written before any
+        fingerprint, so a concurrent lookup never sees half a slot — and the rest one by
+        one.  False: no room."""
+        n = len(keys)
+        if n == 0:
+            return True
+        h = np.frombuffer(b"".join([k[1:17] for k in keys]), dtype="<u8").reshape(n, 2)
+        sizes = np.frombuffer(b"".join([k[-8:] for k in keys]), dtype=">u8").astype(np.uint64)
+        functions = np.frombuffer(bytes([k[0] for k in keys]), dtype=np.uint8).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            fp = (h[:, 0] ^ (sizes * np.uint64(_K_SIZE)) ^ (functions * np.uint64(_K_FUNC))) | np.uint64(1)
+            start = ((((h[:, 1] * np.uint64(self.salt)) >> np.uint64(32)) * np.uint64(self.slots))
+                     >> np.uint64(32)).astype(np.int64)
+        _, first = np.unique(start, return_index=True)
+        free = np.zeros(n, dtype=bool)
+        free[first] = True
+        free &= self.array[start, 0] == EMPTY
+        at = start[free]
+        self.array[at, 1] = np.asarray(seqs, dtype=np.uint64)[free]
+        self.array[at, 0] = fp[free]
+        self.set(USED, self.get(USED) + int(free.sum()))
+        for i in np.flatnonzero(~free).tolist():
+            if not self.insert(keys[i], seqs[i]):
+                return False
         return True
 
     def remove(self, key: bytes) -> None:

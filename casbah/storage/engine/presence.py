@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from casbah.storage.engine.hashtable import (
+    BUILD_LOAD,
     BUILDING,
     COMPLETE,
     GROWING,
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Keys a background fill inserts per lock hold (a few ms: writers wait at most that).
 FILL_CHUNK = 5000
+#: Keys a commit adds from which numpy inserts them (`Table.fill`) rather than one at a time.
+FILL_MIN = 32
 
 
 class Presence:
@@ -163,12 +166,12 @@ class Presence:
             for key in keys:
                 table.remove(key)
 
-    def added(self, items: Iterable[tuple[bytes, int]]) -> None:
+    def added(self, items: dict[bytes, int]) -> None:
+        keys, seqs = list(items), list(items.values())
         for table in self._tables():
-            for key, seq in items:
-                if not table.insert(key, seq):
-                    table.set(STATE, BUILDING)  # incomplete until the next table replaces it
-                    break
+            if not (table.fill(keys, seqs) if len(keys) >= FILL_MIN else
+                    all(table.insert(key, seq) for key, seq in zip(keys, seqs, strict=True))):
+                table.set(STATE, BUILDING)  # incomplete until the next table replaces it
         self._maybe_fill()
 
     def _tables(self) -> list[Table]:
@@ -209,7 +212,10 @@ class Presence:
                 if table.get(STATE) == BUILDING and not table.crowded() and not table.get(GROWING):
                     target = table  # fill in place
                 else:
-                    Table.create(self.next_path, slots_for(self._count()), BUILDING)
+                    slots = slots_for(self._count())
+                    if table.get(USED) > table.slots * BUILD_LOAD:  # growing, not clearing tombstones:
+                        slots = max(slots, table.slots * 3 // 2)  # rebuilds O(log n) times, ~3n inserts in all
+                    Table.create(self.next_path, slots, BUILDING)
                     table.set(GROWING, 1)
                     self._open_next()
                     target = None
@@ -227,9 +233,8 @@ class Presence:
                 if table is None:
                     return
                 rows = self._keys(after, FILL_CHUNK)
-                for key, seq in rows:
-                    if not table.insert(key, seq):
-                        raise RuntimeError("presence table full while being filled")
+                if not table.fill([k for k, _ in rows], [q for _, q in rows]):
+                    raise RuntimeError("presence table full while being filled")
                 if len(rows) == FILL_CHUNK:
                     after = rows[-1][0]
                     continue

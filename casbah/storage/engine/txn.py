@@ -114,7 +114,7 @@ class Txn:
                 presence.removed(self._removed)  # before `meta` forgets them
             self._meta.commit()
             if presence is not None and self._added:
-                presence.added(self._added.items())  # once `meta` holds them
+                presence.added(self._added)  # once `meta` holds them
         finally:
             self._unlock()
         if self._retired:
