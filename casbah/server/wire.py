@@ -74,9 +74,12 @@ def encode_missing(request: Any, digests: Sequence[Digest], missing: Sequence[Di
     n = len(digests)
     if not missing or n == 0:
         return Encoded(b"", 0, 0)
-    chosen = np.fromiter(map(id, missing), dtype=np.int64, count=len(missing))
-    flags = np.isin(np.fromiter(map(id, digests), dtype=np.int64, count=n), chosen)
-    if int(flags.sum()) != len(missing) or len(np.unique(chosen)) != len(missing):
+    chosen = np.sort(np.fromiter(map(id, missing), dtype=np.int64, count=len(missing)))
+    ids = np.fromiter(map(id, digests), dtype=np.int64, count=n)
+    at = np.searchsorted(chosen, ids)
+    at[at == len(chosen)] = 0
+    flags = chosen[at] == ids
+    if int(flags.sum()) != len(missing) or (chosen[1:] == chosen[:-1]).any():
         return None
     raw = request.SerializeToString()
     start = 0
