@@ -181,19 +181,6 @@ def test_a_full_map_is_resource_exhausted_and_reads_keep_working(tmp_path: Path)
     asyncio.run(main())
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_filesystem_is_resource_exhausted_on_every_write_path(small_tmpfs: Path) -> None:
     """ENOSPC under LMDB (inline batches) and under files (streamed large blobs): the
     writes fail RESOURCE_EXHAUSTED naming the store, reads keep working, and writes

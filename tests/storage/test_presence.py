@@ -215,3 +215,32 @@ def test_sigkill_mid_write_never_leaves_the_table_claiming_an_absent_blob(tmp_pa
         assert by_table >= by_meta  # never present in the table and absent in meta
         assert not {Digest.of(b"%d-%d-%d" % (round_, n, i)) for n in range(acked) for i in range(8, 64)} & by_meta
         engine.close()
+
+
+def test_a_full_filesystem_leaves_the_store_without_a_table_not_crashed(small_tmpfs: Path) -> None:
+    """The table's blocks are allocated when it is made: on a full filesystem making it
+    fails cleanly (a write into a hole of a mapped file would be SIGBUS), and the store
+    answers from `meta`."""
+    root = small_tmpfs / "cas"
+    engine = Engine(root)
+    stored = blobs(300)
+    engine.put_many(stored)
+    engine.close()
+    (root / "meta" / "presence").unlink()
+    with open(small_tmpfs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    engine = Engine(root)
+    assert engine.presence.check() is None
+    absent = [d for d, _ in blobs(20, tag=b"absent")]
+    assert engine.missing([d for d, _ in stored] + absent) == absent
+    engine.close()
+    (small_tmpfs / "filler").unlink()
+    engine = Engine(root)
+    assert wait_complete(engine) is not None
+    assert agree(engine, [d for d, _ in stored] + absent) == absent
+    engine.close()

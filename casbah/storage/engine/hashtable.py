@@ -106,12 +106,22 @@ class Table:
 
     @staticmethod
     def create(path: Path, slots: int, state: int) -> None:
-        """A new empty table at `path` (written aside and renamed: never seen half made)."""
+        """A new empty table at `path` (written aside and renamed: never seen half made).
+
+        Its blocks are allocated now (`posix_fallocate`): a store on a full filesystem
+        gets an OSError here, where a write through the mapping into a hole would kill
+        the process with SIGBUS."""
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.truncate(HEADER + WORDS * 8 * slots)  # sparse: blocks come as slots are used
-            f.write(_HDR.pack(MAGIC, VERSION, 0, slots, secrets.randbits(64) | 1, state, this_boot(), 0, 0, 0, 0))
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                size = HEADER + WORDS * 8 * slots
+                f.truncate(size)
+                os.posix_fallocate(f.fileno(), 0, size)
+                f.write(_HDR.pack(MAGIC, VERSION, 0, slots, secrets.randbits(64) | 1, state, this_boot(), 0, 0, 0, 0))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def close(self) -> None:
         """Unmap now, or — while a lookup in another thread still reads it — when that

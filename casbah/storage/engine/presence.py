@@ -117,8 +117,13 @@ class Presence:
             table = None
         if table is None:
             count = self._count()
-            Table.create(self.path, slots_for(count), COMPLETE if count == 0 else BUILDING)
-            table = Table(self.path)
+            try:
+                Table.create(self.path, slots_for(count), COMPLETE if count == 0 else BUILDING)
+                table = Table(self.path)
+            except OSError as exc:  # a full disk: the store works without it, lookups in `meta`
+                log.warning("presence table %s cannot be made (%s): FindMissingBlobs reads the index until "
+                            "the next start", self.path, exc)
+                return
         self.table = table
         self._open_next()
         self._maybe_fill()
@@ -220,6 +225,12 @@ class Presence:
                     self._open_next()
                     target = None
             self._copy_meta(target)
+        except OSError as exc:  # a full disk: the current table stays (crowded, or incomplete: then `meta`)
+            log.warning("presence table %s: no room for a larger one (%s)", self.path, exc)
+            self._next_try = time.monotonic() + 60.0
+            with self.locked():
+                if self.table is not None and self.next is None:
+                    self.table.set(GROWING, 0)
         except Exception:  # a failed build only leaves lookups on LMDB
             log.exception("presence table %s: rebuilding failed; FindMissingBlobs reads the index", self.path)
         finally:

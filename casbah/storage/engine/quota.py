@@ -9,7 +9,7 @@ transactions as the entries:
   each, a 16-byte header);
 - a file takes its blocks (`st_blocks * 512`, measured after the write);
 - every entry also has its `meta` record, in a B+tree of random keys whose pages are
-  about half full under churn.
+  about half full under churn, and its slot in the presence table.
 
 `stats()` reports the estimate and LMDB's own page counts side by side (`db_bytes`),
 and tests/storage/test_engine_quota.py measures the whole directory with `du`.
@@ -37,8 +37,12 @@ _RECORD = 25
 _CHECK = 8  # the checksum in an `order` entry (check.py)
 
 
+#: A key's slot in the presence table (16 bytes at 50-75 % load, presence.py).
+_PRESENCE = 26
+
+
 def _meta(key_len: int) -> float:
-    return (key_len + _RECORD + _NODE) / _FILL
+    return (key_len + _RECORD + _NODE) / _FILL + _PRESENCE
 
 
 def charge_inline(key_len: int, length: int) -> int:
