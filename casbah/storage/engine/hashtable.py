@@ -1,14 +1,15 @@
 """The presence table's file: an open-addressing hash table of engine keys, mapped.
 
-A 4 KiB header, then slots of two little-endian u64: `fp` and `seq`.  The
-fingerprint is the hash's first 8 bytes mixed with the size and the digest function (bit 0
-set marks a used slot: 63 bits); the slot a key starts probing at comes from the next 8
-bytes of the hash times a per-table random odd number, so the fingerprint is independent
-of where it sits and two keys compared on one probe run share it with odds of 2^-63 — a
-false "present" expected once in ~10^19 lookups of absent digests — and clients cannot aim
-digests at one run of slots.  `seq` is the key's position in `order` (FindMissingBlobs
-refreshes a blob from the oldest quarter).  Open addressing, linear probing, 16 bytes a
-slot, sized for 60 % load (any slot count, not a power of two: ~27 bytes a key on disk).
+A 4 KiB header, then a little-endian u64 `fp` per slot, then a u64 `seq` per slot (kept
+apart, so a probe of 8 slots reads one or two cache lines of fingerprints, and lookups
+touch half the pages).  The fingerprint is the hash's first 8 bytes mixed with the size
+and the digest function (bit 0 set marks a used slot: 63 bits); the slot a key starts
+probing at comes from the next 8 bytes of the hash times a per-table random odd number,
+so the fingerprint is independent of where it sits and two keys compared on one probe run
+share it with odds of 2^-63 — a false "present" expected once in ~10^19 lookups of absent
+digests — and clients cannot aim digests at one run of slots.  `seq` is the key's
+position in `order` (FindMissingBlobs refreshes a blob from the oldest quarter).  Linear
+probing, 16 bytes a slot, sized for 60 % load (any slot count, not a power of two).
 
 `presence.py` keeps it exact and says why it exists.
 """
@@ -29,8 +30,9 @@ from casbah.digest import Digest
 
 HEADER = 4096
 MAGIC = b"CASBAHPT"
-VERSION = 1
-#: magic, version, (unused), slots, salt, state, boot id, used, tombstones, retired, growing
+VERSION = 2
+#: magic, version (2: fingerprints and positions apart; 1 interleaved them), (unused), slots, salt,
+#: state, boot id, used, tombstones, retired, growing
 _HDR = struct.Struct("<8sIIQQQ16sQQQQ")
 STATE, BOOT, USED, TOMBS, RETIRED, GROWING = 32, 40, 56, 64, 72, 80  # byte offsets in the header
 BUILDING, COMPLETE = 0, 1
@@ -102,7 +104,10 @@ class Table:
         self.salt = salt
         self._view = memoryview(self.mm)
         self.words = self._view.cast("Q")  # header words first (HEADER // 8 of them)
-        self.array = np.frombuffer(self.mm, dtype=np.uint64, offset=HEADER).reshape(slots, WORDS)
+        #: Fingerprints, then positions: a probe of 8 slots reads one or two cache lines of `fps`.
+        self.fps = np.frombuffer(self.mm, dtype=np.uint64, count=slots, offset=HEADER)
+        self.seqs = np.frombuffer(self.mm, dtype=np.uint64, count=slots, offset=HEADER + 8 * slots)
+        self._seq_base = HEADER // 8 + slots
 
     @staticmethod
     def create(path: Path, slots: int, state: int) -> None:
@@ -126,7 +131,7 @@ class Table:
     def close(self) -> None:
         """Unmap now, or — while a lookup in another thread still reads it — when that
         lookup lets go (the mapping lives as long as an array over it)."""
-        self.array = np.empty((0, WORDS), dtype=np.uint64)
+        self.fps = self.seqs = np.empty(0, dtype=np.uint64)
         try:
             self.words.release()
             self._view.release()
@@ -156,7 +161,7 @@ class Table:
         i = self._start(home)
         base = HEADER // 8
         for _ in range(slots):
-            f = words[base + i * WORDS]
+            f = words[base + i]
             if f == EMPTY:
                 return -1, i if free < 0 else free
             if f == TOMB:
@@ -173,14 +178,14 @@ class Table:
         at, free = self._find(fp, home)
         words, base = self.words, HEADER // 8
         if at >= 0:
-            words[base + at * WORDS + 1] = seq
+            words[self._seq_base + at] = seq
             return True
         if free < 0:
             return False
-        w = base + free * WORDS
+        w = base + free
         if words[w] == TOMB:
             self.set(TOMBS, max(self.get(TOMBS) - 1, 0))
-        words[w + 1] = seq
+        words[self._seq_base + free] = seq
         words[w] = fp  # last: a reader sees the slot used once it is whole
         self.set(USED, self.get(USED) + 1)
         return True
@@ -204,10 +209,10 @@ class Table:
         _, first = np.unique(start, return_index=True)
         free = np.zeros(n, dtype=bool)
         free[first] = True
-        free &= self.array[start, 0] == EMPTY
+        free &= self.fps[start] == EMPTY
         at = start[free]
-        self.array[at, 1] = np.asarray(seqs, dtype=np.uint64)[free]
-        self.array[at, 0] = fp[free]
+        self.seqs[at] = np.asarray(seqs, dtype=np.uint64)[free]
+        self.fps[at] = fp[free]
         self.set(USED, self.get(USED) + int(free.sum()))
         for i in np.flatnonzero(~free).tolist():
             if not self.insert(keys[i], seqs[i]):
@@ -217,7 +222,7 @@ class Table:
     def remove(self, key: bytes) -> None:
         at, _ = self._find(*key_fingerprint(key))
         if at >= 0:
-            self.words[HEADER // 8 + at * WORDS] = TOMB
+            self.words[HEADER // 8 + at] = TOMB
             self.set(USED, max(self.get(USED) - 1, 0))
             self.set(TOMBS, self.get(TOMBS) + 1)
 
@@ -227,13 +232,12 @@ class Table:
     def lookup(self, fp: np.ndarray, home: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found mask, seq of each found, indices the probe limit left to LMDB).
 
-        Each step reads `WINDOW` consecutive slots of every unresolved digest (two cache
-        lines): a digest is found at its fingerprint before the first empty slot, absent
+        Each step reads `WINDOW` consecutive fingerprints of every unresolved digest (one
+        or two cache lines): a digest is found at its fingerprint before the first empty slot, absent
         at an empty slot first; at 60 % load nearly all resolve in the first step, where
         one slot a step took as many steps as the longest run (~50 at 10k keys)."""
         n = len(fp)
-        table = self.array
-        fps = table[:, 0]
+        fps, positions = self.fps, self.seqs
         size = self.slots
         with np.errstate(over="ignore"):
             start = (((home * np.uint64(self.salt)) >> np.uint64(32)) * np.uint64(size)) >> np.uint64(32)
@@ -252,7 +256,7 @@ class Table:
             got = hit[rows, pos]
             if got.any():
                 found[todo[got]] = True
-                seqs[todo[got]] = table[where[got, pos[got]], 1]
+                seqs[todo[got]] = positions[where[got, pos[got]]]
             more = ~ends[rows, pos]
             if not more.any():
                 return found, seqs, todo[:0]
