@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from itertools import repeat
 from operator import add, attrgetter, itemgetter
 
+import grpc
 from google.rpc import status_pb2
 
 from casbah import compression
@@ -83,7 +84,10 @@ def _first_hash(messages: Sequence) -> str | None:
 def error_status(exc: BaseException) -> status_pb2.Status:
     if is_no_space(exc):  # a store that did not say which it was: at least say it is CAS
         exc = from_os_error(exc, "CAS storage")
-    return status_pb2.Status(code=code_to_int(status_code(exc)), message=bounded(str(exc)))
+    code = status_code(exc)
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):  # a bug: the operator needs the trace
+        log.error("a blob of a batch failed with an unexpected error: %r", exc, exc_info=exc)
+    return status_pb2.Status(code=code_to_int(code), message=bounded(str(exc)))
 
 
 def _batch_outcome(statuses: list) -> str:

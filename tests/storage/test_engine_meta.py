@@ -301,3 +301,25 @@ def test_a_blob_rewritten_or_refreshed_while_read_never_reads_as_missing(tmp_pat
     engine.sweep_orphans()
     assert engine.stats()["objects"] == 50
     engine.close()
+
+
+def test_an_io_error_under_lmdb_is_resource_exhausted_on_a_full_disk_else_unavailable(tmp_path: Path,
+                                                                                     small_tmpfs: Path) -> None:
+    """LMDB's commit on a filesystem that filled up under it can report EIO (seen in the
+    soak): never INTERNAL — RESOURCE_EXHAUSTED when the filesystem has no room left,
+    UNAVAILABLE otherwise.  The LMDB error is made here (EIO cannot be caused on demand)."""
+    from casbah.errors import Unavailable
+
+    failure = lmdb.Error("mdb_txn_commit: Input/output error")
+    roomy = map_error(failure, "disk storage cas", tmp_path)
+    assert isinstance(roomy, Unavailable) and roomy.__cause__ is failure
+    with open(small_tmpfs / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    full = map_error(failure, "disk storage cas", small_tmpfs)
+    assert isinstance(full, ResourceExhausted) and "disk storage cas" in str(full)
+    assert isinstance(full.__cause__, OSError) and full.__cause__.__cause__ is failure

@@ -212,7 +212,7 @@ class Engine(Reads, Upkeep):
                 self._synced = time.monotonic()
                 self.env.sync()
         except lmdb.Error as exc:
-            raise map_error(exc, f"disk storage {self.name} ({what})")  # noqa: B904 - keeps the OSError cause
+            raise map_error(exc, f"disk storage {self.name} ({what})", self.root)  # noqa: B904 - keeps the cause
         return result
 
     def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[Exception | None]:

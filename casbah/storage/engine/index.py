@@ -49,7 +49,7 @@ from pathlib import Path
 import lmdb
 
 from casbah.digest import Digest, DigestFunction
-from casbah.errors import ResourceExhausted, from_os_error
+from casbah.errors import ResourceExhausted, Unavailable, from_os_error
 from casbah.storage.engine.presence import Presence
 from casbah.storage.engine.txn import Txn
 
@@ -263,10 +263,13 @@ class Env:
         return self.data_env.info()["map_size"]
 
 
-def map_error(exc: Exception, what: str) -> Exception:
+def map_error(exc: Exception, what: str, root: Path | None = None) -> Exception:
     """A full map or filesystem under LMDB is RESOURCE_EXHAUSTED naming its cause (the
-    LMDB error, or the OS error LMDB got, as `__cause__` and in the message); anything
-    else stays."""
+    LMDB error, or the OS error LMDB got, as `__cause__` and in the message).  An I/O
+    error (EIO: LMDB's commit on a filesystem that filled up under it reports that, seen
+    in the soak on a full tmpfs) is RESOURCE_EXHAUSTED when `root`'s filesystem has no
+    room left, else UNAVAILABLE (the disk failed; nothing was committed).  Anything else
+    stays."""
     if isinstance(exc, lmdb.MapFullError):
         err = ResourceExhausted(f"{what} is full: its LMDB map size is reached (the `map-size` option "
                                 "sets it; deleting blobs frees pages)")
@@ -278,10 +281,28 @@ def map_error(exc: Exception, what: str) -> Exception:
                         os.strerror(code if code in _NO_SPACE else errno.ENOSPC))
         cause.__cause__ = exc
         return from_os_error(cause, what)
+    if isinstance(exc, lmdb.Error) and (code == errno.EIO or "Input/output error" in str(exc)):
+        if root is not None and _full(root):
+            cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            cause.__cause__ = exc
+            return from_os_error(cause, what)
+        failed = Unavailable(f"{what}: the disk reported an I/O error ({exc}); nothing was written, retry later")
+        failed.__cause__ = exc
+        return failed
     return exc
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+#: Free bytes under which a filesystem counts as full (LMDB needs whole pages, files whole blocks).
+_FULL_BELOW = 1 << 20
+
+
+def _full(root: Path) -> bool:
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_BELOW
 
 
 def _is_no_space(exc: Exception) -> bool:
