@@ -19,3 +19,4 @@ def small_tmpfs(tmp_path: Path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+

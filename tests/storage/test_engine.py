@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from space_helpers import fill_up
 
 from casbah.digest import Digest, DigestFunction
 from casbah.errors import DataLoss, ResourceExhausted
@@ -190,14 +191,7 @@ def test_a_full_filesystem_is_resource_exhausted_on_every_write_path(small_tmpfs
         storage = DiskStorage(path=small_tmpfs / "cas", name="cas")
         kept = [blob(2000) for _ in range(10)]
         assert await storage.write_many(kept) == [None] * 10
-        filler = small_tmpfs / "filler"
-        with open(filler, "wb") as f:  # noqa: ASYNC230 - filling the disk is the point
-            try:
-                while True:
-                    f.write(b"\0" * MiB)
-                    f.flush()
-            except OSError:
-                pass
+        filler = fill_up(small_tmpfs)  # filling the disk is the point
         big, big_data = blob(2 * MiB)
         with pytest.raises(ResourceExhausted, match="cas"):
             await storage.write(big, stream(big_data))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from space_helpers import fill_up
 
 from casbah.digest import Digest
 from casbah.errors import BlobNotFound, ResourceExhausted
@@ -313,13 +314,7 @@ def test_an_io_error_under_lmdb_is_resource_exhausted_on_a_full_disk_else_unavai
     failure = lmdb.Error("mdb_txn_commit: Input/output error")
     roomy = map_error(failure, "disk storage cas", tmp_path)
     assert isinstance(roomy, Unavailable) and roomy.__cause__ is failure
-    with open(small_tmpfs / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError:
-            pass
+    fill_up(small_tmpfs)
     full = map_error(failure, "disk storage cas", small_tmpfs)
     assert isinstance(full, ResourceExhausted) and "disk storage cas" in str(full)
     assert isinstance(full.__cause__, OSError) and full.__cause__.__cause__ is failure

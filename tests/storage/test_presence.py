@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from space_helpers import fill_up
+
 from casbah.digest import Digest
 from casbah.storage.engine import Engine, hashtable
 from casbah.storage.engine import presence as presence_mod
@@ -227,13 +229,7 @@ def test_a_full_filesystem_leaves_the_store_without_a_table_not_crashed(small_tm
     engine.put_many(stored)
     engine.close()
     (root / "meta" / "presence").unlink()
-    with open(small_tmpfs / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError:
-            pass
+    fill_up(small_tmpfs)
     engine = Engine(root)
     assert engine.presence.check() is None
     absent = [d for d, _ in blobs(20, tag=b"absent")]
