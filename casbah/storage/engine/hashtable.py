@@ -38,7 +38,7 @@ STATE, BOOT, USED, TOMBS, RETIRED, GROWING = 32, 40, 56, 64, 72, 80  # byte offs
 BUILDING, COMPLETE = 0, 1
 EMPTY, TOMB = 0, 2
 WORDS = 2
-#: 1 MiB of file, allocated as slots are used: a growing store's first rebuilds come later.
+#: The first table: 1 MiB of file, so a growing store's first rebuilds come later.
 MIN_SLOTS = 1 << 16
 BUILD_LOAD = 0.6
 MAX_LOAD = 0.75
@@ -49,7 +49,6 @@ _STEPS = np.arange(WINDOW, dtype=np.int64)
 _M = (1 << 64) - 1
 _K_SIZE = 0x9E3779B97F4A7C15
 _K_FUNC = 0xC2B2AE3D27D4EB4F
-_U64 = struct.Struct("<Q")
 
 
 def this_boot() -> bytes:
