@@ -1,4 +1,5 @@
-"""Hand-encoded protobuf for the one message where it pays: BatchUpdateBlobsRequest."""
+"""Hand-encoded protobuf for the one message where it pays (BatchUpdateBlobsRequest),
+and the varint codec the server's hand-cut responses share."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ def varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it (the inverse of `varint`)."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
 
 def encode_batch_update(instance: str, digest_function: int, blobs: list[tuple[Digest, bytes]]) -> bytes:

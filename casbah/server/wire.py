@@ -25,7 +25,7 @@ from google.rpc import status_pb2
 from casbah.digest import Digest
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from casbah.reapi.wire import varint
+from casbah.reapi.wire import read_varint, varint
 
 #: Varints of the small values (lengths of hashes and short fields), looked up, not built.
 _SMALL = [bytes([n]) for n in range(0x80)]
@@ -84,7 +84,7 @@ def encode_missing(request: Any, digests: Sequence[Digest], missing: Sequence[Di
     raw = request.SerializeToString()
     start = 0
     if raw[:1] == b"\x0a":  # instance_name
-        length, start = _read_varint(raw, 1)
+        length, start = read_varint(raw, 1)
         start += length
     hex_len = len(digests[0].hash)
     sizes = np.fromiter(map(_SIZE, digests), dtype=np.uint64, count=n)
@@ -102,17 +102,6 @@ def encode_missing(request: Any, digests: Sequence[Digest], missing: Sequence[Di
         return None  # not the canonical layout (unknown fields inside a digest)
     body = arr[start:int(ends[-1])][np.repeat(flags, lengths)].tobytes()
     return Encoded(body, 0, len(missing))
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
 
 
 #: Sizes from which a varint takes one more byte (2^7, 2^14, ...).
