@@ -134,14 +134,14 @@ async def missing_outputs(cas: Storage, result, function: DigestFunction) -> lis
     """
     blobs, trees, roots = _referenced(result, function)
     wanted = {d for d in (*blobs, *trees) if not is_empty_blob(d)}
-    missing = await cas.find_missing(list(wanted)) if wanted else []
+    missing = list(await cas.find_missing(list(wanted))) if wanted else []
     if missing:
         return missing
     files: set[Digest] = set()
     absent = await _read_output_trees(cas, trees, roots, function, files)
     if absent:
         return absent
-    return await cas.find_missing(list(files)) if files else []
+    return list(await cas.find_missing(list(files))) if files else []
 
 
 async def check_output_trees(cas: Storage, result, function: DigestFunction) -> None:

@@ -15,6 +15,7 @@ from google.rpc import status_pb2
 from casbah import compression
 from casbah.cdc import FastCdcParams
 from casbah.digest import INFERABLE_LENGTHS, Digest, DigestFunction, is_empty_blob, make_digest
+from casbah.digest_batch import DigestArray
 from casbah.errors import (
     InvalidArgument,
     InvalidTree,
@@ -32,7 +33,7 @@ from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_g
 from casbah.server.audit import note_write_outcome
 from casbah.server.auth import digest_list
 from casbah.server.base import Instances, bounded, no_space, rpc, rpc_stream
-from casbah.server.wire import encode_batch_read, encode_missing
+from casbah.server.wire import FindMissingRequest, encode_batch_read, encode_missing
 from casbah.storage.base import Storage, read_many_partial
 from casbah.storage.spliced import CHUNKING_UNKNOWN, FAST_CDC_2020, REP_MAX_CDC, SplicedStorage
 from casbah.storage.splitting import splice, split
@@ -81,6 +82,14 @@ def _first_hash(messages: Sequence) -> str | None:
     return next((m.hash for m in messages if len(m.hash) in INFERABLE_LENGTHS), None)
 
 
+def _missing_response(missing: Sequence[Digest]) -> re_pb2.FindMissingBlobsResponse:
+    response = re_pb2.FindMissingBlobsResponse()
+    add = response.missing_blob_digests.add  # half the cost of building Digest messages first
+    for d in missing:
+        add(hash=d.hash, size_bytes=d.size)
+    return response
+
+
 def error_status(exc: BaseException) -> status_pb2.Status:
     if is_no_space(exc):  # a store that did not say which it was: at least say it is CAS
         exc = from_os_error(exc, "CAS storage")
@@ -112,19 +121,22 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     async def FindMissingBlobs(self, request, context):
         instance = self._instance(request.instance_name, context, "FindMissingBlobs")
         cas = instance.cas
+        if isinstance(request, FindMissingRequest):  # parsed from its bytes (server/wire.py)
+            function = instance.digest_function(request.digest_function, request.first_hash)
+            array = request.digests(function)
+            if array is not None:
+                missing = await cas.find_missing(array)
+                if isinstance(missing, DigestArray):
+                    return request.respond(missing)
+                digests: Sequence[Digest] = array.items()  # a backend that built a list of them
+                return encode_missing(request, digests, missing) or _missing_response(missing)
+            request = request.parsed()
         function = instance.digest_function(request.digest_function, _first_hash(request.blob_digests))
         digests = digests_from(request.blob_digests, function)
         wanted = digests if not digests or min(map(_SIZE_OF, digests)) else [
             d for d in digests if d.size or not is_empty_blob(d)]
         missing = await cas.find_missing(wanted) if wanted else []
-        encoded = encode_missing(request, digests, missing)
-        if encoded is not None:
-            return encoded
-        response = re_pb2.FindMissingBlobsResponse()
-        add = response.missing_blob_digests.add  # half the cost of building Digest messages first
-        for d in missing:
-            add(hash=d.hash, size_bytes=d.size)
-        return response
+        return encode_missing(request, digests, missing) or _missing_response(missing)
 
     def _check_batch_size(self, total: int, what: str) -> None:
         limit = self.instances.max_batch_size

@@ -81,7 +81,10 @@ def _fmb_hits(request: Any, response: Any, code: grpc.StatusCode) -> tuple[int, 
     missing = getattr(response, "missing_count", None)  # pre-encoded (server/wire.py)
     if missing is None:
         missing = len(response.missing_blob_digests)
-    return len(request.blob_digests) - missing, missing
+    total = getattr(request, "count", None)  # parsed from its bytes (server/wire.py)
+    if total is None:
+        total = len(request.blob_digests)
+    return total - missing, missing
 
 
 def _found_hits(request: Any, response: Any, code: grpc.StatusCode) -> tuple[int, int]:
@@ -136,8 +139,10 @@ def describe(full: str, handler: grpc.RpcMethodHandler) -> Method:
 
 
 def _request_type(handler: grpc.RpcMethodHandler) -> Any:
-    """The request message class, recovered from the generated deserializer (`Msg.FromString`)."""
-    owner = getattr(handler.request_deserializer, "__self__", None)
+    """The request message class, recovered from the generated deserializer (`Msg.FromString`)
+    or named by casbah's own (`message_type`, server/wire.py)."""
+    deserializer = handler.request_deserializer
+    owner = getattr(deserializer, "message_type", None) or getattr(deserializer, "__self__", None)
     return owner if isinstance(owner, type) and hasattr(owner, "DESCRIPTOR") else None
 
 

@@ -21,8 +21,11 @@ from typing import Any
 import grpc
 import numpy as np
 from google.rpc import status_pb2
+from numpy.lib.stride_tricks import sliding_window_view
 
-from casbah.digest import Digest
+from casbah.digest import INFERABLE_LENGTHS, Digest, DigestFunction
+from casbah.digest_batch import DigestArray
+from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casbah.protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casbah.protos.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from casbah.reapi.wire import read_varint, varint
@@ -110,6 +113,134 @@ _SIZE = itemgetter(1)
 
 
 
+class FindMissingRequest:
+    """A FindMissingBlobsRequest kept as its bytes, its digests found by numpy.
+
+    The layout protobuf writes (fields in number order, each digest `0x12 len 0x0a
+    width HASH [0x10 SIZE]`) is parsed without a Python object per digest: every
+    position where a digest's header could start is found at once, and the parse is
+    accepted only if those positions chain exactly, each record ending where the next
+    begins, from the first digest to the end of the field.  A hex character or a
+    varint continuation byte can never look like a header, so a request protobuf wrote
+    always chains; one that does not (unknown fields, another layout) is parsed by
+    protobuf instead (`parse_find_missing`).  The hashes are validated here as
+    `make_digest` would; what needs the function (the width) and the empty blob (size
+    0) is checked by `digests`, which sends the rest to the general path.
+    """
+
+    __slots__ = ("_arr", "_hexes", "_lengths", "_prefix", "_sizes", "count", "digest_function", "first_hash",
+                 "instance_name", "raw")
+
+    def __init__(self, raw: bytes, instance_name: str, digest_function: int, arr: np.ndarray,
+                 lengths: np.ndarray, hexes: np.ndarray, sizes: np.ndarray, prefix: np.ndarray) -> None:
+        self.raw = raw
+        self.instance_name = instance_name
+        self.digest_function = digest_function
+        self._arr = arr  # the digests field's bytes
+        self._lengths = lengths
+        self._hexes = hexes
+        self._sizes = sizes
+        self._prefix = prefix
+        self.count = len(sizes)
+        first = hexes[0].tobytes().decode()
+        #: What an unset digest_function is inferred from (as `_first_hash` in server/cas.py).
+        self.first_hash = first if len(first) in INFERABLE_LENGTHS else None
+
+    def digests(self, function: DigestFunction) -> DigestArray | None:
+        """The digests as `function`'s, or None where the general path must decide (a
+        hash of another width is an error it names; a size 0 may be the empty blob)."""
+        if self._hexes.shape[1] != function.hex_length or not self._sizes.all():
+            return None
+        return DigestArray(function, self._hexes, self._sizes, self._prefix, np.arange(self.count))
+
+    def respond(self, missing: DigestArray) -> Encoded:
+        """The response: the request's records of the `missing` ones, in order."""
+        if not len(missing):
+            return Encoded(b"", 0, 0)
+        flags = np.zeros(self.count, dtype=bool)
+        flags[missing.positions] = True
+        return Encoded(self._arr[np.repeat(flags, self._lengths)].tobytes(), 0, len(missing))
+
+    def parsed(self) -> Any:
+        return re_pb2.FindMissingBlobsRequest.FromString(self.raw)
+
+    def SerializeToString(self) -> bytes:  # the protobuf method `encode_missing` calls
+        return self.raw
+
+
+class FindMissingParser:
+    """The FindMissingBlobs request deserializer: a `FindMissingRequest` where the fast
+    parse applies, else protobuf's message.  `message_type` tells the interceptor what
+    the request is (server/interceptor.py)."""
+
+    message_type = re_pb2.FindMissingBlobsRequest
+
+    def __call__(self, raw: bytes) -> Any:
+        try:
+            request = _parse_find_missing(raw)
+        except (IndexError, UnicodeDecodeError, ValueError):
+            request = None
+        return request if request is not None else re_pb2.FindMissingBlobsRequest.FromString(raw)
+
+
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def _parse_find_missing(raw: bytes) -> FindMissingRequest | None:
+    pos, instance, end, function = 0, "", len(raw), 0
+    if raw[:1] == b"\x0a":  # instance_name = 1
+        length, pos = read_varint(raw, 1)
+        instance = raw[pos:pos + length].decode()
+        pos += length
+    if end - pos >= 2 and raw[-2] == 0x18 and raw[-1] < 0x80:  # digest_function = 3, last
+        function, end = raw[-1], end - 2
+    if end - pos < 36 or raw[pos] != 0x12 or raw[pos + 2] != 0x0A:
+        return None
+    width = raw[pos + 3]
+    if width < 32 or width >= 0x80 or width % 2:
+        return None
+    arr = np.frombuffer(raw, dtype=np.uint8, count=end - pos, offset=pos)
+    starts = np.flatnonzero(arr[:-3] == 0x12)
+    starts = starts[(arr[starts + 2] == 0x0A) & (arr[starts + 3] == width)]
+    lengths = arr[starts + 1].astype(np.int64) + 2
+    ends = starts + lengths
+    if starts[0] != 0 or ends[-1] != len(arr) or not np.array_equal(ends[:-1], starts[1:]):
+        return None  # not one chain of digests: another layout, or unknown fields
+    if (lengths < width + 4).any():
+        return None  # a record shorter than its hash
+    hexes = sliding_window_view(arr, width)[starts + 4]  # a row copy per digest
+    if hexes.tobytes().translate(None, _HEX_DIGITS):
+        return None  # not lowercase hex: the general path names the digest
+    prefix = np.frombuffer(bytes.fromhex(hexes[:, :32].tobytes().decode()), dtype="<u8").reshape(-1, 2)
+    sizes = _sizes(arr, starts, lengths - (width + 4), width)
+    return None if sizes is None else FindMissingRequest(
+        raw, instance, function, arr, lengths, hexes, sizes, prefix)
+
+
+def _sizes(arr: np.ndarray, starts: np.ndarray, rest: np.ndarray, width: int) -> np.ndarray | None:
+    """Each record's size_bytes from the `rest` bytes after its hash (none, or the tag
+    0x10 and a varint of at most 9 bytes), or None if any is not that.  All varints
+    are decoded at once, as rows of a window over the bytes."""
+    vlen = rest - 1  # -1: no size field
+    has = rest > 0
+    if ((vlen == 0) | (vlen > 9)).any():
+        return None
+    longest = int(vlen.max())
+    if longest <= 0:
+        return np.zeros(len(starts), dtype=np.uint64)
+    at = starts + 4 + width
+    if (arr[at[has]] != 0x10).any():
+        return None
+    padded = np.concatenate((arr, np.zeros(longest, dtype=np.uint8)))
+    rows = sliding_window_view(padded, longest)[at + 1]
+    k = np.arange(longest)
+    inside = k < vlen[:, None]
+    if (inside & ((rows >= 0x80) != (k < (vlen - 1)[:, None]))).any():
+        return None  # a continuation bit where a varint ends, or none before
+    values = (rows & np.uint8(0x7F)).astype(np.uint64) << (7 * k).astype(np.uint64)
+    return np.where(inside, values, np.uint64(0)).sum(axis=1, dtype=np.uint64)
+
+
 def encode_batch_read(digests: Sequence[Digest], found: Mapping[Digest, bytes],
                       statuses: Mapping[Digest, status_pb2.Status],
                       packed: Mapping[Digest, bytes] | None = None) -> Encoded:
@@ -178,9 +309,11 @@ class _Collected:
         self.service, self.handlers = service, handlers
 
 
-def _register(add: Any, servicer: Any, server: Any, *pre_encoded: str) -> None:
+def _register(add: Any, servicer: Any, server: Any, *pre_encoded: str,
+              deserializers: dict[str, Any] | None = None) -> None:
     """Run the generated `add_..._to_server` against a stand-in, let the methods
-    `pre_encoded` answer `Encoded` responses too, and register the handlers."""
+    `pre_encoded` answer `Encoded` responses too (and read their requests with
+    `deserializers`, where given), and register the handlers."""
     collected = _Collected()
     add(servicer, collected)
     handlers = dict(collected.handlers)
@@ -188,7 +321,8 @@ def _register(add: Any, servicer: Any, server: Any, *pre_encoded: str) -> None:
         generated = handlers[name]
         make = (grpc.unary_stream_rpc_method_handler if generated.response_streaming
                 else grpc.unary_unary_rpc_method_handler)
-        handlers[name] = make(getattr(servicer, name), request_deserializer=generated.request_deserializer,
+        deserializer = (deserializers or {}).get(name, generated.request_deserializer)
+        handlers[name] = make(getattr(servicer, name), request_deserializer=deserializer,
                               response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.service, handlers),))
     server.add_registered_method_handlers(collected.service, handlers)
@@ -197,7 +331,7 @@ def _register(add: Any, servicer: Any, server: Any, *pre_encoded: str) -> None:
 def add_cas_servicer(servicer: Any, server: Any) -> None:
     """`add_ContentAddressableStorageServicer_to_server`, BatchReadBlobs and FindMissingBlobs pre-encoded."""
     _register(re_grpc.add_ContentAddressableStorageServicer_to_server, servicer, server,
-              "BatchReadBlobs", "FindMissingBlobs")
+              "BatchReadBlobs", "FindMissingBlobs", deserializers={"FindMissingBlobs": FindMissingParser()})
 
 
 def add_bytestream_servicer(servicer: Any, server: Any) -> None:

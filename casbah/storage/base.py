@@ -64,7 +64,7 @@ class Storage(abc.ABC):
     # -- the abstract operations ---------------------------------------------------
 
     @abc.abstractmethod
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         """Digests from `digests` that are absent, in input order."""
 
     @abc.abstractmethod

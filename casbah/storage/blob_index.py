@@ -75,7 +75,7 @@ class BlobIndexStorage(Storage):
 
         await self.db.run(q)
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         await self._ready()
         keys = [d.key for d in digests]
 

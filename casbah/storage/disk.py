@@ -87,7 +87,7 @@ class DiskStorage(Storage):
 
     # -- existence -----------------------------------------------------------------
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         if len(digests) < FMB_THREAD_MIN:
             missing = self.engine.missing(digests)
         elif self._faulting:
@@ -319,8 +319,8 @@ def _major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
 
 
-def _counting_faults(missing: Callable[[Sequence[Digest]], list[Digest]],
-                     digests: Sequence[Digest]) -> tuple[list[Digest], bool]:
+def _counting_faults(missing: Callable[[Sequence[Digest]], Sequence[Digest]],
+                     digests: Sequence[Digest]) -> tuple[Sequence[Digest], bool]:
     """`missing(digests)` and whether it took a major page fault (counted in the thread it runs in)."""
     faults = _major_faults()
     out = missing(digests)

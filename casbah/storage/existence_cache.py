@@ -45,7 +45,7 @@ class ExistenceCacheStorage(Storage):
         while len(seen) > self.max_entries:
             seen.popitem(last=False)
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         horizon = time.monotonic() - self.ttl
         seen = self._seen
         # `seen.get(d, horizon)`: an unknown digest is unknown even when the monotonic

@@ -30,7 +30,7 @@ class MemoryStorage(Storage):
         self._size = 0
         self.evictions = 0
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         blobs = self._blobs
         missing = []
         for digest in digests:

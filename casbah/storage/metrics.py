@@ -49,7 +49,7 @@ class MetricsStorage(Storage):
         (self._ok if ok else self._err)[op].inc()
         self._lat[op].observe(time.perf_counter() - started)
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         started = time.perf_counter()
         try:
             missing = await self.inner.find_missing(digests)

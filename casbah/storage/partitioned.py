@@ -41,7 +41,7 @@ class PartitionedStorage(Storage):
             groups.setdefault(self.part_index(d), []).append(d)
         return groups
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         groups = self._group(digests)
         results = await asyncio.gather(*(self.parts[i].find_missing(g) for i, g in groups.items()))
         missing = {d for r in results for d in r}

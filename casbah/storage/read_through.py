@@ -49,7 +49,7 @@ class ReadThroughStorage(Storage):
     def children(self) -> Iterable[Storage]:
         return (self.fast, self.slow)
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         not_fast = await self.fast.find_missing(digests)
         if not not_fast:
             return []

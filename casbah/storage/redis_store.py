@@ -45,7 +45,7 @@ class RedisStorage(Storage):
         return self.prefix + digest.key
 
     @translated
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         if not digests:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:

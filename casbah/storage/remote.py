@@ -75,7 +75,7 @@ class RemoteStorage(Storage):
     def describe(self) -> str:
         return f"remote({self.remote.describe()})"
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         return await self.client.find_missing(digests)
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:

@@ -65,10 +65,10 @@ class ReplicatedStorage(Storage):
     def children(self) -> Iterable[Storage]:
         return self.replicas
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         """Missing only where every replica that answered lacks it; if none answered,
         the error (reporting everything missing would make clients upload in vain)."""
-        missing = list(digests)
+        missing: Sequence[Digest] = list(digests)
         answered = False
         error: CasbahError | None = None
         for replica in self.replicas:

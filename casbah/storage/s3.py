@@ -141,7 +141,7 @@ class S3Storage(Storage):
         except botocore.exceptions.ClientError:
             return False
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         present = await asyncio.gather(*(self._exists(d) for d in digests))
         return [d for d, ok in zip(digests, present, strict=True) if not ok]
 

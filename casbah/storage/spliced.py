@@ -31,6 +31,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
 from casbah.digest import Digest, DigestFunction
+from casbah.digest_batch import larger_than, without
 from casbah.errors import BlobNotFound, CasbahError, DataLoss
 from casbah.storage.base import BlobInfo, ReadVerifier, Storage, check_range, found_or_lost, verified_range
 
@@ -119,13 +120,13 @@ class SplicedStorage(Storage):
 
     # -- the storage interface -------------------------------------------------------
 
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    async def find_missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         missing = await self.inner.find_missing(digests)
-        large = [d for d in missing if d.size > RECORD_MIN]
+        large = larger_than(missing, RECORD_MIN)
         if not large:
             return missing
-        _, assembled = await self.complete(large)
-        return [d for d in missing if d not in assembled] if assembled else missing
+        _, assembled = await self.complete(list(large))
+        return without(missing, assembled)
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
         if not offset and not limit and digest.size > ASSEMBLE_FIRST:

@@ -186,3 +186,26 @@ def test_capabilities_advertise_exactly_the_instance_functions(channel) -> None:
     assert functions("all") == [f.proto_value for f in ALL]
     f = re_pb2.DigestFunction
     assert functions("") == [f.SHA256, f.SHA384, f.SHA512, f.SHA256TREE, f.BLAKE3, f.GITSHA1]
+
+
+@pytest.mark.parametrize("function", ALL, ids=str)
+def test_a_large_find_missing_batch_answers_exactly(channel, function: DigestFunction) -> None:
+    """Batches of 16 and more take the server's array path (request parsed from its bytes,
+    the presence table, the response cut from the request: server/wire.py), which every
+    function's width must survive; sizes cover 1- to 5-byte varints."""
+    blobs = [rand(1 + i * 37) for i in range(40)]
+    present = [Digest.of(b, function) for b in blobs]
+    cas(channel).BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
+        instance_name="all", digest_function=function.proto_value,
+        requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=proto(d), data=b) for d, b in zip(present, blobs,
+                                                                                                   strict=True)]))
+    absent = [Digest.of(rand(64), function)._replace(size=size)
+              for size in (1, 127, 128, 16_383, 16_384, 1 << 21, 1 << 28, 1 << 34) * 20]
+    query = [d for pair in zip(absent, present + absent[40:], strict=False) for d in pair]
+    for value in {function.proto_value, 0 if function in INFERABLE else function.proto_value}:
+        assert find_missing(channel, query, value) == [(d.hash, d.size) for d in query if d in set(absent)]
+        # the same digests under an instance that does not serve the function: refused whole
+        if function in (DigestFunction.MD5, DigestFunction.SHA1):
+            with pytest.raises(grpc.RpcError) as err:
+                find_missing(channel, query, value, instance="")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -18,6 +18,7 @@ import pytest
 from contract import FACTORIES, Body, Factory, run_on
 
 from casbah.digest import Digest, DigestFunction
+from casbah.digest_batch import DigestArray
 from casbah.errors import BlobNotFound, DigestMismatch, InvalidArgument, OutOfRange, ResourceExhausted
 from casbah.storage.base import CHUNK_SIZE, Storage
 from casbah.storage.memory import MemoryStorage
@@ -452,3 +453,23 @@ def test_memory_refuses_a_blob_larger_than_the_store_and_keeps_the_rest() -> Non
         assert (await storage.stats())["evictions"] == 0
 
     asyncio.run(main())
+
+
+def test_find_missing_takes_a_digest_array(on_storage) -> None:
+    """The server hands FindMissingBlobs to storage as a `DigestArray` (digest_batch.py):
+    every backend answers it as it answers a list, whatever it returns."""
+    async def body(storage: Storage) -> None:
+        present = [blob(100 + n) for n in range(12)]
+        absent = [blob(100 + n)[0] for n in range(28)]
+        for digest, data in present:
+            await storage.write_bytes(digest, data)
+        query = [d for pair in zip(absent, [d for d, _ in present] + absent[12:], strict=False) for d in pair]
+        query = list(dict.fromkeys(query))
+        expected = [d for d in query if d in set(absent)]
+        array = DigestArray.of(query, DigestFunction.SHA256)
+        missing = await storage.find_missing(array)
+        assert list(missing) == expected
+        if isinstance(missing, DigestArray):  # positions into the request, for the response
+            assert [query[i] for i in missing.positions.tolist()] == expected
+
+    on_storage(body)

@@ -28,6 +28,7 @@ import lmdb
 import numpy as np
 
 from casbah.digest import Digest, DigestFunction
+from casbah.digest_batch import DigestArray
 from casbah.errors import DataLoss, ResourceExhausted, from_os_error
 from casbah.storage.engine.check import checksum
 from casbah.storage.engine.files import FileArea, TmpFile
@@ -132,7 +133,7 @@ class Engine(Reads, Upkeep):
 
     # -- reads ---------------------------------------------------------------------
 
-    def missing(self, digests: Sequence[Digest]) -> list[Digest]:
+    def missing(self, digests: Sequence[Digest]) -> Sequence[Digest]:
         """The absent ones, in order; the present ones are touched.  Batches are answered
         by the presence table when it is complete (presence.py), else by `meta`."""
         table = self.presence.check() if len(digests) >= PRESENCE_MIN else None
@@ -151,6 +152,8 @@ class Engine(Reads, Upkeep):
         old = np.flatnonzero(found & (seqs <= boundary))
         if len(old):  # only blobs about to be evicted need a refresh
             self.touched.update(key_of(digests[i]) for i in old.tolist())
+        if isinstance(digests, DigestArray):
+            return digests.select(~found)  # no `Digest` built for an absent one (digest_batch.py)
         return list(compress(digests, (~found).tolist()))
 
     def _missing_in_meta(self, digests: Sequence[Digest]) -> list[Digest]:

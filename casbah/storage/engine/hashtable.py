@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from casbah.digest import Digest
+from casbah.digest_batch import DigestArray
 
 HEADER = 4096
 MAGIC = b"CASBAHPT"
@@ -73,12 +74,15 @@ def digest_fingerprints(digests: Sequence[Digest]) -> tuple[np.ndarray, np.ndarr
     """(fingerprints, home words) of a batch of one digest function, as `key_fingerprint`
     computes them from keys; None for a mixed batch."""
     n = len(digests)
-    function = digests[0].function
-    if len(set(map(_FUNCTION, digests))) != 1:
-        return None
-    raw = bytes.fromhex("".join(map(itemgetter(0), digests)))
-    h = np.frombuffer(raw, dtype=np.uint8).reshape(n, len(raw) // n)[:, :16].copy().view("<u8")
-    sizes = np.fromiter(map(itemgetter(1), digests), dtype=np.uint64, count=n)
+    if isinstance(digests, DigestArray):  # decoded already, from the request's bytes
+        function, h, sizes = digests.function, digests.prefix, digests.sizes
+    else:
+        function = digests[0].function
+        if len(set(map(_FUNCTION, digests))) != 1:
+            return None
+        raw = bytes.fromhex("".join(map(itemgetter(0), digests)))
+        h = np.frombuffer(raw, dtype=np.uint8).reshape(n, len(raw) // n)[:, :16].copy().view("<u8")
+        sizes = np.fromiter(map(itemgetter(1), digests), dtype=np.uint64, count=n)
     with np.errstate(over="ignore"):
         fp = h[:, 0] ^ (sizes * np.uint64(_K_SIZE)) ^ np.uint64((function.proto_value * _K_FUNC) & _M)
     return fp | np.uint64(1), h[:, 1]
