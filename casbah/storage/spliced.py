@@ -99,10 +99,11 @@ class SplicedStorage(Storage):
         most blobs FindMissingBlobs reports absent have none)."""
         if not digests:
             return {}
-        absent = set(await self.index.find_missing(digests))
-        known = [d for d in digests if d not in absent]
-        if not known:
+        absent = await self.index.find_missing(digests)
+        if len(absent) == len(digests):  # the usual answer, and no Digest built for it (a DigestArray)
             return {}
+        gone = set(absent)
+        known = [d for d in digests if d not in gone]
         found = await self.index.read_many(known)
         return {d: SplitRecord.decode(data, d.function) for d, data in found.items()}
 
@@ -125,7 +126,7 @@ class SplicedStorage(Storage):
         large = larger_than(missing, RECORD_MIN)
         if not large:
             return missing
-        _, assembled = await self.complete(list(large))
+        _, assembled = await self.complete(large)
         return without(missing, assembled)
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:

@@ -250,3 +250,20 @@ def test_split_of_a_whole_blob_under_other_digest_functions(cas, function):
     expected = [Digest.of(image[o:o + n], function) for o, n, _ in vectors()[0]]
     assert [(c.hash, c.size_bytes) for c in response.chunk_digests] == [(d.hash, d.size) for d in expected]
     assert not missing(stub, expected, function=function)
+
+
+def test_spliced_blobs_in_a_large_find_missing_batch(cas):
+    """A batch of 16 and more takes the array path (server/wire.py, digest_batch.py): the
+    spliced blobs among large absent digests are found by their records, in order."""
+    stub, _, _ = cas
+    spliced = []
+    for _ in range(3):
+        parts = [os.urandom(40_000), os.urandom(50_000)]
+        chunks = upload(stub, parts)
+        blob = Digest.of(b"".join(parts))
+        splice(stub, blob, chunks)
+        spliced.append(blob)
+    absent = [Digest.of(os.urandom(32))._replace(size=size) for size in range(100_000, 100_040)]
+    query = absent[:10] + spliced[:2] + absent[10:30] + spliced[2:] + absent[30:]
+    response = stub.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=[_d(d) for d in query]))
+    assert [(d.hash, d.size_bytes) for d in response.missing_blob_digests] == [(d.hash, d.size) for d in absent]
