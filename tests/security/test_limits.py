@@ -139,9 +139,15 @@ def test_calls_over_the_concurrency_limit_wait_and_only_a_full_queue_refuses(lau
 
     started = time.monotonic()
     results = asyncio.run(main())
-    codes = [code for code, _, _ in results]
-    refused = [end - started for code, _, end in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    codes = [(code, details) for code, details, _ in results]
+    # A refused call is a client stream the server ends before the client half-closed it; grpc's
+    # Python client then sometimes reports CANCELLED instead of the server's status
+    # (grpc/grpc#29615, open). The client here never cancels, so a call that ended CANCELLED
+    # before any idle timeout was ended early by the server: counted with the refusals.
+    refused = [end - started for code, _, end in results if code == grpc.StatusCode.RESOURCE_EXHAUSTED
+               or (code == grpc.StatusCode.CANCELLED and end - started < QUEUE_IDLE * 0.5)]
     served = sorted(end - started for code, _, end in results if code == grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert sum(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code, _, _ in results) >= 1, codes
     assert len(refused) == 5, codes
     assert max(refused) < QUEUE_IDLE, refused  # refused at once, not after waiting
     assert len(served) == 55, codes
