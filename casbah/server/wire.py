@@ -123,7 +123,7 @@ class FindMissingRequest:
     begins, from the first digest to the end of the field.  A hex character or a
     varint continuation byte can never look like a header, so a request protobuf wrote
     always chains; one that does not (unknown fields, another layout) is parsed by
-    protobuf instead (`parse_find_missing`).  The hashes are validated here as
+    protobuf instead (`FindMissingParser`).  The hashes are validated here as
     `make_digest` would; what needs the function (the width) and the empty blob (size
     0) is checked by `digests`, which sends the rest to the general path.
     """
