@@ -34,6 +34,7 @@ from bench.common import (
     write_resource,
 )
 from bench.loadgen import JobResult, WorkerContext
+from casbah.reapi.wire import read_varint
 
 _CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
 _BYTESTREAM = "/google.bytestream.ByteStream/"
@@ -543,18 +544,10 @@ class BigReadJob:
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a protobuf varint at `pos`: (value, position after it)."""
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise VerificationError("truncated varint in a response")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise VerificationError("malformed varint in a response")
+    try:
+        return read_varint(buf, pos)
+    except ValueError as exc:
+        raise VerificationError(f"{exc} in a response") from None
 
 
 # --------------------------------------------------------------------------- GetTree

@@ -16,15 +16,20 @@ def varint(value: int) -> bytes:
 
 
 def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at `pos` and the position after it (the inverse of `varint`)."""
+    """The varint at `pos` and the position after it (the inverse of `varint`).
+    Raises ValueError for one cut short or longer than 64 bits' ten bytes."""
     value = shift = 0
     while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             return value, pos
         shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint (over ten bytes)")
 
 
 def encode_batch_update(instance: str, digest_function: int, blobs: list[tuple[Digest, bytes]]) -> bytes:
