@@ -131,3 +131,27 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     with grpc.insecure_channel(server.address, options=options) as ch:
         yield ch
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator:
+    """`tmpfs(size)`: a fresh tmpfs of `size` (mount's syntax, e.g. "12m") under `tmp_path`,
+    unmounted afterwards; skips where mounting is not allowed (it needs root).  The way to
+    cause a full disk for real."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs{len(mounts)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    try:
+        yield mount
+    finally:
+        for where in mounts:
+            subprocess.run(["umount", "-l", str(where)], check=False)
